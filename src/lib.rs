@@ -1,0 +1,26 @@
+//! # Keyhold
+//!
+//! Keyhold is an end-to-end encryption key service. It keeps device public keys and
+//! post-quantum prekeys, draws data-encryption keys (DEKs) for encryption sessions and wraps
+//! them for every recipient device with the hybrid X-Wing KEM (X25519 + ML-KEM-768), escrows
+//! each DEK to a staff key for audited access, and never holds a private key or a plaintext
+//! secret at rest.
+//!
+//! ## How the crate is laid out
+//!
+//! - [`crypto`] is the pure core: keys, X-Wing, envelopes, message encryption, signatures.
+//!   No I/O, no async, no database, no gRPC; device clients and staff tooling use it too.
+//!   Everything else depends on it; it depends on nothing else of ours.
+//!
+//! The byte formats are documented in the module that writes them, precisely enough for a
+//! client in another language; `docs/formats.md` gathers them in one place.
+//!
+//! ## Cargo features
+//!
+//! None yet: the default build is the whole crate.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
+
+pub mod crypto;
