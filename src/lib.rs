@@ -23,4 +23,6 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod auth;
+pub mod config;
 pub mod crypto;

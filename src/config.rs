@@ -1,0 +1,195 @@
+//! Configuration, each setting declared once: its flag, its `KEYHOLD_*` variable, its key in
+//! the optional TOML file, its default and its doc.
+//!
+//! Precedence: command-line flag, then environment variable, then the TOML file named by
+//! `--config` / `KEYHOLD_CONFIG`, then the default. A bad value is reported with every name it
+//! could have come from, so the operator finds it whichever way it was set.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// A setting could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A value did not parse.
+    #[error("invalid value {value:?} for {flag} / {env} / `{key}` in the config file: {reason}")]
+    Invalid {
+        /// The flag.
+        flag: &'static str,
+        /// The environment variable.
+        env: &'static str,
+        /// The TOML key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it was refused.
+        reason: String,
+    },
+    /// The TOML file could not be read or parsed.
+    #[error("config file {path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])*
+        $field:ident: $ty:ty = $default:expr, flag $flag:literal, env $env:literal;
+    )*) => {
+        /// The settings as given on the command line or in the environment (clap reads both).
+        #[derive(clap::Args, Debug, Default, Clone)]
+        pub struct SettingsArgs {
+            /// A TOML file with any of the settings below (by their snake_case names).
+            #[arg(long = "config", env = "KEYHOLD_CONFIG", global = true)]
+            pub config: Option<PathBuf>,
+            $(
+                $(#[doc = $doc])*
+                #[arg(long = $flag, env = $env, global = true)]
+                pub $field: Option<String>,
+            )*
+        }
+
+        /// The resolved settings.
+        #[derive(Debug, Clone)]
+        pub struct Settings {
+            $( $(#[doc = $doc])* pub $field: $ty, )*
+        }
+
+        impl SettingsArgs {
+            /// Resolves every setting: flag or variable, then file, then default.
+            pub fn resolve(&self) -> Result<Settings, ConfigError> {
+                let file = match &self.config {
+                    Some(path) => read_file(path)?,
+                    None => toml::Table::new(),
+                };
+                Ok(Settings {
+                    $( $field: resolve_one::<$ty>(
+                        self.$field.as_deref(),
+                        &file,
+                        concat!("--", $flag),
+                        $env,
+                        stringify!($field),
+                        || $default,
+                    )?, )*
+                })
+            }
+        }
+
+    };
+}
+
+settings! {
+    /// Where records are kept: `sqlite://<path>` (embedded) or `postgres://user:pass@host/db`.
+    database_url: String = "sqlite://data/keyhold.db".to_string(), flag "database-url", env "KEYHOLD_DATABASE_URL";
+    /// The address the gRPC server listens on.
+    listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 50051)), flag "listen", env "KEYHOLD_LISTEN";
+    /// The directory for the development KEK and escrow key pair generated on first start.
+    data_dir: PathBuf = PathBuf::from("data"), flag "data-dir", env "KEYHOLD_DATA_DIR";
+    /// The KEK file (32 bytes, hex); generated in the data directory when absent.
+    kek_file: Option<PathBuf> = None, flag "kek-file", env "KEYHOLD_KEK_FILE";
+    /// The staff escrow public key file (X-Wing encapsulation key, hex), as `keyhold escrow keygen` writes it.
+    escrow_public_key_file: Option<PathBuf> = None, flag "escrow-public-key-file", env "KEYHOLD_ESCROW_PUBLIC_KEY_FILE";
+    /// Most user ids or recipients accepted in one call.
+    max_list_len: usize = 1000, flag "max-list-len", env "KEYHOLD_MAX_LIST_LEN";
+    /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info`, `keyhold=debug`).
+    log: String = "info".to_string(), flag "log", env "KEYHOLD_LOG";
+}
+
+fn read_file(path: &PathBuf) -> Result<toml::Table, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
+    text.parse::<toml::Table>().map_err(|e| ConfigError::File {
+        path: path.clone(),
+        reason: e.to_string(),
+    })
+}
+
+/// A setting's type: parsed from the text of a flag, variable or TOML value.
+pub trait Setting: Sized {
+    /// Parses the text form.
+    fn parse_setting(s: &str) -> Result<Self, String>;
+}
+
+macro_rules! setting_from_str {
+    ($($t:ty),*) => {$(
+        impl Setting for $t {
+            fn parse_setting(s: &str) -> Result<Self, String> {
+                <$t as FromStr>::from_str(s).map_err(|e| e.to_string())
+            }
+        }
+    )*};
+}
+setting_from_str!(String, SocketAddr, PathBuf, usize, u32, bool);
+
+impl<T: Setting> Setting for Option<T> {
+    fn parse_setting(s: &str) -> Result<Self, String> {
+        T::parse_setting(s).map(Some)
+    }
+}
+
+fn resolve_one<T: Setting>(
+    given: Option<&str>,
+    file: &toml::Table,
+    flag: &'static str,
+    env: &'static str,
+    key: &'static str,
+    default: impl FnOnce() -> T,
+) -> Result<T, ConfigError> {
+    let text = match (given, file.get(key)) {
+        (Some(v), _) => v.to_string(),
+        (None, Some(toml::Value::String(s))) => s.clone(),
+        (None, Some(other)) => other.to_string(),
+        (None, None) => return Ok(default()),
+    };
+    T::parse_setting(&text).map_err(|reason| ConfigError::Invalid {
+        flag,
+        env,
+        key,
+        value: text,
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_when_nothing_is_given() {
+        let s = SettingsArgs::default().resolve().unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
+        assert_eq!(s.database_url, "sqlite://data/keyhold.db");
+        assert_eq!(s.kek_file, None);
+    }
+
+    #[test]
+    fn flag_beats_file_and_bad_values_name_every_source() {
+        let dir = std::env::temp_dir().join(format!("keyhold-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("k.toml");
+        std::fs::write(&path, "listen = \"0.0.0.0:1\"\nmax_list_len = 7\n").unwrap();
+        let args = SettingsArgs {
+            config: Some(path.clone()),
+            listen: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:2");
+        assert_eq!(s.max_list_len, 7);
+
+        let bad = SettingsArgs {
+            listen: Some("not an address".into()),
+            ..Default::default()
+        };
+        let err = bad.resolve().unwrap_err().to_string();
+        assert!(err.contains("--listen") && err.contains("KEYHOLD_LISTEN") && err.contains("`listen`"), "{err}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+}
