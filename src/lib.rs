@@ -26,3 +26,4 @@
 pub mod auth;
 pub mod config;
 pub mod crypto;
+pub mod keyfiles;
