@@ -11,6 +11,7 @@
 //! - [`crypto`] is the pure core: keys, X-Wing, envelopes, message encryption, signatures.
 //!   No I/O, no async, no database, no gRPC; device clients and staff tooling use it too.
 //!   Everything else depends on it; it depends on nothing else of ours.
+//! - [`proto`] is the `keyhold.v1` gRPC API generated from `proto/keyhold/v1/` (wire types only).
 //!
 //! The byte formats are documented in the module that writes them, precisely enough for a
 //! client in another language; `docs/formats.md` gathers them in one place.
@@ -27,3 +28,4 @@ pub mod auth;
 pub mod config;
 pub mod crypto;
 pub mod keyfiles;
+pub mod proto;
