@@ -14,48 +14,16 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::CryptoError;
 
-/// What a token may do (see DESIGN.md, "Auth").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Role {
-    /// An app server: acts for any user.
-    App,
-    /// One device of one user: acts as itself only.
-    Device,
-    /// Staff tooling: escrow reads with a reason, audit events.
-    Staff,
-    /// Operators: tokens only.
-    Admin,
-}
+pub use crate::store::tokens::Role;
+use crate::store::tokens::{TokenHash, TokenId};
 
 impl Role {
-    /// The number stored in the database.
-    pub fn to_db(self) -> i16 {
-        match self {
-            Role::App => 1,
-            Role::Device => 2,
-            Role::Staff => 3,
-            Role::Admin => 4,
-        }
-    }
-
-    /// The role a stored number names.
-    pub fn from_db(v: i16) -> Option<Role> {
-        match v {
-            1 => Some(Role::App),
-            2 => Some(Role::Device),
-            3 => Some(Role::Staff),
-            4 => Some(Role::Admin),
-            _ => None,
-        }
-    }
-
-    /// The role's name on the command line.
+    /// The role's name on the command line and in audit events.
     pub fn name(self) -> &'static str {
         match self {
             Role::App => "app",
@@ -85,12 +53,12 @@ pub enum Principal {
     /// An app server token.
     App {
         /// The token's id.
-        token_id: [u8; 16],
+        token_id: TokenId,
     },
     /// A device token, bound to one user's device.
     Device {
         /// The token's id.
-        token_id: [u8; 16],
+        token_id: TokenId,
         /// The device's user.
         user: UserId,
         /// The device.
@@ -99,12 +67,12 @@ pub enum Principal {
     /// A staff token.
     Staff {
         /// The token's id.
-        token_id: [u8; 16],
+        token_id: TokenId,
     },
     /// An admin token.
     Admin {
         /// The token's id.
-        token_id: [u8; 16],
+        token_id: TokenId,
     },
 }
 
@@ -120,7 +88,7 @@ impl Principal {
     }
 
     /// The token's id, as recorded in audit events.
-    pub fn token_id(&self) -> &[u8; 16] {
+    pub fn token_id(&self) -> &TokenId {
         match self {
             Principal::App { token_id }
             | Principal::Device { token_id, .. }
@@ -131,7 +99,7 @@ impl Principal {
 
     /// How the principal appears in audit events: role and token id, never the secret.
     pub fn actor(&self) -> String {
-        let id: String = self.token_id().iter().map(|b| format!("{b:02x}")).collect();
+        let id = hex::encode(self.token_id().as_bytes());
         match self {
             Principal::Device { user, device, .. } => format!("device:{user}/{device}:{id}"),
             other => format!("{}:{id}", other.role().name()),
@@ -145,23 +113,24 @@ const SECRET_LEN: usize = 32;
 /// A freshly issued token: its id and the plaintext, which exists only until it is shown.
 pub struct IssuedToken {
     /// The token's id (kept in the database in the clear).
-    pub token_id: [u8; 16],
+    pub token_id: TokenId,
     /// SHA-256 of the secret part, as stored.
-    pub secret_hash: [u8; 32],
+    pub secret_hash: TokenHash,
     plaintext: Zeroizing<String>,
 }
 
 impl IssuedToken {
     /// Draws a new random token.
     pub fn generate() -> Result<Self, CryptoError> {
-        let mut token_id = [0u8; 16];
-        aws_lc_rs::rand::fill(&mut token_id)?;
+        let mut id = [0u8; 16];
+        aws_lc_rs::rand::fill(&mut id)?;
+        let token_id = TokenId::from_bytes(id);
         let mut secret = Zeroizing::new([0u8; SECRET_LEN]);
         aws_lc_rs::rand::fill(secret.as_mut())?;
-        let plaintext = Zeroizing::new(format!("{PREFIX}{}_{}", hex::encode(token_id), hex::encode(secret.as_ref())));
+        let plaintext = Zeroizing::new(format!("{PREFIX}{}_{}", hex::encode(id), hex::encode(secret.as_ref())));
         Ok(Self {
             token_id,
-            secret_hash: hash_secret(secret.as_ref()),
+            secret_hash: TokenHash::of(secret.as_ref()),
             plaintext,
         })
     }
@@ -174,22 +143,15 @@ impl IssuedToken {
 
 impl fmt::Debug for IssuedToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IssuedToken({}, <redacted>)", hex::encode(self.token_id))
+        write!(f, "IssuedToken({}, <redacted>)", hex::encode(self.token_id.as_bytes()))
     }
-}
-
-fn hash_secret(secret: &[u8]) -> [u8; 32] {
-    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, secret);
-    let mut out = [0u8; 32];
-    out.copy_from_slice(d.as_ref());
-    out
 }
 
 /// A token as presented by a caller, parsed but not yet checked.
 pub struct PresentedToken {
     /// The id part.
-    pub token_id: [u8; 16],
-    secret_hash: [u8; 32],
+    pub token_id: TokenId,
+    secret_hash: TokenHash,
 }
 
 impl PresentedToken {
@@ -203,14 +165,14 @@ impl PresentedToken {
         let mut secret = Zeroizing::new([0u8; SECRET_LEN]);
         hex::decode_to_slice(secret_hex, secret.as_mut()).ok()?;
         Some(Self {
-            token_id,
-            secret_hash: hash_secret(secret.as_ref()),
+            token_id: TokenId::from_bytes(token_id),
+            secret_hash: TokenHash::of(secret.as_ref()),
         })
     }
 
     /// Whether this token's secret matches the stored hash, compared in constant time.
-    pub fn matches(&self, stored_hash: &[u8]) -> bool {
-        stored_hash.len() == 32 && bool::from(self.secret_hash.ct_eq(stored_hash))
+    pub fn matches(&self, stored_hash: &TokenHash) -> bool {
+        self.secret_hash.matches(stored_hash)
     }
 }
 
@@ -324,10 +286,9 @@ mod tests {
         let p = PresentedToken::from_header(&header).unwrap();
         assert_eq!(p.token_id, t.token_id);
         assert!(p.matches(&t.secret_hash));
-        let mut other = t.secret_hash;
+        let mut other = *t.secret_hash.as_bytes();
         other[31] ^= 1;
-        assert!(!p.matches(&other));
-        assert!(!p.matches(&t.secret_hash[..31]));
+        assert!(!p.matches(&TokenHash::from_bytes(other)));
     }
 
     #[test]

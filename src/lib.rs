@@ -12,6 +12,7 @@
 //!   No I/O, no async, no database, no gRPC; device clients and staff tooling use it too.
 //!   Everything else depends on it; it depends on nothing else of ours.
 //! - [`proto`] is the `keyhold.v1` gRPC API generated from `proto/keyhold/v1/` (wire types only).
+//! - [`store`] keeps the records through Diesel on SQLite or PostgreSQL, one module per record.
 //!
 //! The byte formats are documented in the module that writes them, precisely enough for a
 //! client in another language; `docs/formats.md` gathers them in one place.
@@ -25,7 +26,12 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
+pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod keyfiles;
+pub mod ops;
 pub mod proto;
+pub mod server;
+pub mod service;
+pub mod store;

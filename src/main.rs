@@ -1,0 +1,159 @@
+//! The `keyhold` command line. Parsing only: each command calls into the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keyhold::auth::Role;
+use keyhold::config::SettingsArgs;
+use keyhold::crypto::ids::{DeviceId, UserId};
+use keyhold::ops;
+
+/// Keyhold: an end-to-end encryption key service.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(flatten)]
+    settings: SettingsArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the gRPC API.
+    Serve {
+        /// On PostgreSQL, apply pending migrations before serving (SQLite always does).
+        #[arg(long, env = "KEYHOLD_MIGRATE")]
+        migrate: bool,
+    },
+    /// Show or apply database migrations.
+    Migrate {
+        #[command(subcommand)]
+        action: MigrateAction,
+    },
+    /// Manage API tokens directly in the database (for bootstrapping and operators).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+    /// Staff escrow keys and escrowed DEKs.
+    Escrow {
+        #[command(subcommand)]
+        action: EscrowAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum MigrateAction {
+    /// List migrations and whether each is applied.
+    Status,
+    /// Apply pending migrations.
+    Deploy,
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a token and print it once.
+    Create {
+        /// app, device, staff or admin.
+        #[arg(long)]
+        role: Role,
+        /// For device tokens: the user.
+        #[arg(long)]
+        user: Option<String>,
+        /// For device tokens: the device.
+        #[arg(long)]
+        device: Option<String>,
+        /// A label for operators.
+        #[arg(long)]
+        label: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum EscrowAction {
+    /// Generate a staff escrow key pair: the private key file (mode 0600) and the public key
+    /// file to give the service (KEYHOLD_ESCROW_PUBLIC_KEY_FILE).
+    Keygen {
+        /// Where to write the private key (refuses to overwrite).
+        #[arg(long, default_value = "escrow.key")]
+        private_key: PathBuf,
+        /// Where to write the public key.
+        #[arg(long, default_value = "escrow.pub")]
+        public_key: PathBuf,
+    },
+    /// Staff tooling: fetch a session's escrowed DEKs through the Escrow service (the read is
+    /// audited with the reason) and open them with the escrow private key.
+    Open {
+        /// The server, e.g. http://127.0.0.1:50051.
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        endpoint: String,
+        /// A staff token (or KEYHOLD_TOKEN).
+        #[arg(long, env = "KEYHOLD_TOKEN", hide_env_values = true)]
+        token: String,
+        /// The session id.
+        #[arg(long)]
+        session: String,
+        /// Why the key is read (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// The escrow private key file.
+        #[arg(long)]
+        private_key: PathBuf,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match cli.settings.resolve() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("keyhold: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    ops::init_logging(&settings.log);
+    let result = match cli.command {
+        Command::Serve { migrate } => ops::serve(&settings, migrate).await,
+        Command::Migrate { action: MigrateAction::Status } => ops::migrate_status(&settings).await,
+        Command::Migrate { action: MigrateAction::Deploy } => ops::migrate_deploy(&settings).await,
+        Command::Token {
+            action: TokenAction::Create { role, user, device, label },
+        } => {
+            let binding = match (user, device) {
+                (Some(u), Some(d)) => match (UserId::new(u), DeviceId::new(d)) {
+                    (Ok(u), Ok(d)) => Ok(Some((u, d))),
+                    (Err(e), _) | (_, Err(e)) => Err(e.to_string().into()),
+                },
+                (None, None) => Ok(None),
+                _ => Err("--user and --device go together".into()),
+            };
+            match binding {
+                Ok(binding) => ops::token_create(&settings, role, binding, label).await,
+                Err(e) => Err(e),
+            }
+        }
+        Command::Escrow {
+            action: EscrowAction::Keygen { private_key, public_key },
+        } => ops::escrow_keygen(&private_key, &public_key),
+        Command::Escrow {
+            action:
+                EscrowAction::Open {
+                    endpoint,
+                    token,
+                    session,
+                    reason,
+                    private_key,
+                },
+        } => ops::escrow_open(&endpoint, &token, &session, &reason, &private_key).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("keyhold: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! `keyhold serve`: the gRPC server with every service, health and reflection, behind the
+//! authentication layer, until a shutdown signal.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+
+use crate::auth::{AuthLayer, Principal, PresentedToken, Role, TokenLookup};
+use crate::keyfiles::ServiceKeys;
+use crate::proto::keyhold::v1::admin_server::AdminServer;
+use crate::proto::keyhold::v1::escrow_server::EscrowServer;
+use crate::proto::keyhold::v1::key_directory_server::KeyDirectoryServer;
+use crate::proto::keyhold::v1::sessions_server::SessionsServer;
+use crate::service::admin::AdminService;
+use crate::service::escrow::EscrowService;
+use crate::service::key_directory::KeyDirectoryService;
+use crate::service::sessions::SessionsService;
+use crate::service::{store_status, AppState};
+use crate::store::Store;
+
+/// Largest request the server accepts, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
+
+/// Resolves bearer tokens against the `api_tokens` records.
+#[derive(Clone)]
+pub struct StoreTokens(pub Store);
+
+impl TokenLookup for StoreTokens {
+    async fn authenticate(&self, token: PresentedToken) -> Result<Option<Principal>, tonic::Status> {
+        let Some(row) = self.0.find_token(&token.token_id).await.map_err(store_status)? else {
+            return Ok(None);
+        };
+        if row.revoked_at.is_some() || !token.matches(&row.token_hash) {
+            return Ok(None);
+        }
+        let token_id = token.token_id;
+        Ok(match row.role {
+            Role::App => Some(Principal::App { token_id }),
+            Role::Staff => Some(Principal::Staff { token_id }),
+            Role::Admin => Some(Principal::Admin { token_id }),
+            // A device token without its binding is a corrupt row: refuse it.
+            Role::Device => match (row.user, row.device) {
+                (Some(user), Some(device)) => Some(Principal::Device { token_id, user, device }),
+                _ => None,
+            },
+        })
+    }
+}
+
+/// Builds the application state the services share.
+pub fn app_state(store: Store, keys: ServiceKeys, max_list_len: usize) -> AppState {
+    AppState {
+        store,
+        kek: Arc::new(keys.kek),
+        escrow_public_key: Arc::new(keys.escrow_public_key),
+        max_list_len,
+    }
+}
+
+/// Serves every Keyhold service on `listener` until `shutdown` completes; in-flight calls
+/// finish first.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<KeyDirectoryServer<KeyDirectoryService>>().await;
+    health.set_serving::<SessionsServer<SessionsService>>().await;
+    health.set_serving::<EscrowServer<EscrowService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let tokens = StoreTokens(state.store.clone());
+    Server::builder()
+        .layer(AuthLayer::new(tokens))
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(
+            KeyDirectoryServer::new(KeyDirectoryService::new(state.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            SessionsServer::new(SessionsService::new(state.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(EscrowServer::new(EscrowService::new(state.clone())))
+        .add_service(AdminServer::new(AdminService::new(state)))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down: finishing in-flight calls");
+}

@@ -1,0 +1,143 @@
+//! The Admin service: creating and revoking API tokens. Admin role only.
+
+use tonic::{Request, Response, Status};
+
+use super::{invalid, parse_field, require_role, store_status, AppState};
+use crate::auth::{principal, IssuedToken, Role};
+use crate::crypto::ids::{DeviceId, UserId};
+use crate::proto::keyhold::v1 as pb;
+use crate::proto::keyhold::v1::admin_server::Admin;
+use crate::store::audit::NewAuditEvent;
+use crate::store::tokens::{NewApiToken, TokenId};
+use crate::store::Store;
+
+/// Longest token label accepted.
+pub const MAX_LABEL_LEN: usize = 200;
+
+/// The Admin gRPC service.
+#[derive(Clone)]
+pub struct AdminService {
+    state: AppState,
+}
+
+impl AdminService {
+    /// The service over the shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+/// What a valid CreateToken request asks for.
+pub struct TokenRequest {
+    /// The role.
+    pub role: Role,
+    /// For device tokens: the bound user and device.
+    pub binding: Option<(UserId, DeviceId)>,
+    /// A label for operators.
+    pub label: Option<String>,
+}
+
+/// Parses CreateToken's fields, naming the field that is wrong.
+pub fn parse_token_request(req: &pb::CreateTokenRequest) -> Result<TokenRequest, Status> {
+    let role = match pb::Role::try_from(req.role) {
+        Ok(pb::Role::App) => Role::App,
+        Ok(pb::Role::Device) => Role::Device,
+        Ok(pb::Role::Staff) => Role::Staff,
+        Ok(pb::Role::Admin) => Role::Admin,
+        Ok(pb::Role::Unspecified) => return Err(invalid("role", "must be set")),
+        Err(_) => return Err(invalid("role", format!("unknown value {}", req.role))),
+    };
+    let binding = if role == Role::Device {
+        Some((
+            parse_field("user_id", UserId::new(req.user_id.clone()))?,
+            parse_field("device_id", DeviceId::new(req.device_id.clone()))?,
+        ))
+    } else {
+        if !req.user_id.is_empty() {
+            return Err(invalid("user_id", "only device tokens are bound to a user"));
+        }
+        if !req.device_id.is_empty() {
+            return Err(invalid("device_id", "only device tokens are bound to a device"));
+        }
+        None
+    };
+    if req.label.len() > MAX_LABEL_LEN {
+        return Err(invalid("label", format!("at most {MAX_LABEL_LEN} bytes")));
+    }
+    let label = (!req.label.is_empty()).then(|| req.label.clone());
+    Ok(TokenRequest { role, binding, label })
+}
+
+/// Creates a token in the store and records it in the audit log, in one transaction.
+/// Returns the issued token; its plaintext exists only in the returned value.
+pub async fn create_token(store: &Store, actor: String, request: TokenRequest) -> Result<IssuedToken, Status> {
+    let issued = IssuedToken::generate().map_err(super::crypto_internal)?;
+    let (user, device) = match &request.binding {
+        Some((u, d)) => (Some(u.clone()), Some(d.clone())),
+        None => (None, None),
+    };
+    let token = NewApiToken {
+        token_id: issued.token_id,
+        token_hash: issued.secret_hash,
+        role: request.role,
+        user,
+        device,
+        label: request.label,
+    };
+    let event = NewAuditEvent::new(
+        actor,
+        "token.create",
+        format!("token:{}:{}", hex::encode(issued.token_id.as_bytes()), request.role.name()),
+    );
+    store
+        .transaction(async move |tx| {
+            tx.insert_token(&token).await?;
+            tx.append_audit_event(&event).await?;
+            Ok(())
+        })
+        .await
+        .map_err(store_status)?;
+    Ok(issued)
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let caller = principal(&request)?.clone();
+        require_role(&caller, &[Role::Admin])?;
+        let parsed = parse_token_request(request.get_ref())?;
+        let issued = create_token(&self.state.store, caller.actor(), parsed).await?;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: issued.expose_plaintext().to_string(),
+            token_id: hex::encode(issued.token_id.as_bytes()),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let caller = principal(&request)?.clone();
+        require_role(&caller, &[Role::Admin])?;
+        let mut id = [0u8; 16];
+        hex::decode_to_slice(&request.get_ref().token_id, &mut id)
+            .map_err(|_| invalid("token_id", "expected 32 hex digits"))?;
+        let token_id = TokenId::from_bytes(id);
+        let event = NewAuditEvent::new(caller.actor(), "token.revoke", format!("token:{}", hex::encode(id)));
+        self.state
+            .store
+            .transaction(async move |tx| {
+                tx.revoke_token(&token_id).await?;
+                tx.append_audit_event(&event).await
+            })
+            .await
+            .map_err(store_status)?;
+        let token = self.state.store.find_token(&token_id).await.map_err(store_status)?;
+        Ok(Response::new(pb::RevokeTokenResponse {
+            revoked_at: token.and_then(|t| t.revoked_at).map_or(0, |t| t.unix_micros()),
+        }))
+    }
+}

@@ -1,0 +1,117 @@
+//! The gRPC services: each parses its request into domain types, checks the caller's rights,
+//! calls the store or the crypto core, and maps the result. No SQL here, no crypto of its own.
+//!
+//! Errors map to gRPC codes in one place ([`store_status`], [`invalid`]): bad input is
+//! INVALID_ARGUMENT naming the field, unknown is NOT_FOUND, wrong role or owner is
+//! PERMISSION_DENIED, a conflict is ALREADY_EXISTS or ABORTED, an unreachable database is
+//! UNAVAILABLE. Internal details are logged, never sent.
+
+pub mod admin;
+pub mod escrow;
+pub mod key_directory;
+pub mod sessions;
+
+use std::sync::Arc;
+
+use tonic::Status;
+
+use crate::auth::{Principal, Role};
+use crate::crypto::ids::{DeviceId, UserId};
+use crate::crypto::keys::Kek;
+use crate::crypto::xwing::EncapsulationKey;
+use crate::crypto::CryptoError;
+use crate::store::{Store, StoreError};
+
+/// What every service shares: the store, the keys, the limits.
+#[derive(Clone)]
+pub struct AppState {
+    /// The records.
+    pub store: Store,
+    /// The service KEK.
+    pub kek: Arc<Kek>,
+    /// The staff escrow public key every DEK is sealed to.
+    pub escrow_public_key: Arc<EncapsulationKey>,
+    /// Most items accepted in one list (user ids, recipients).
+    pub max_list_len: usize,
+}
+
+/// INVALID_ARGUMENT naming `field`.
+pub fn invalid(field: &str, reason: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(format!("{field}: {reason}"))
+}
+
+/// Parses one field with a crypto-core parser, naming the field on failure.
+pub fn parse_field<T>(field: &str, parsed: Result<T, CryptoError>) -> Result<T, Status> {
+    parsed.map_err(|e| invalid(field, e))
+}
+
+/// Checks a list's length: not empty (when `required`), at most `max`.
+pub fn check_list_len(field: &str, len: usize, max: usize, required: bool) -> Result<(), Status> {
+    if required && len == 0 {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if len > max {
+        return Err(Status::resource_exhausted(format!(
+            "{field}: at most {max} items per call, got {len}"
+        )));
+    }
+    Ok(())
+}
+
+/// Maps a store error to its gRPC status. Internal details are logged here and not sent.
+pub fn store_status(e: StoreError) -> Status {
+    match e {
+        StoreError::NotFound => Status::not_found("not found"),
+        StoreError::AlreadyExists(what) => Status::already_exists(format!("already exists ({what})")),
+        StoreError::VersionConflict(what) => Status::aborted(format!("conflict: {what}; retry")),
+        StoreError::Unavailable(what) => {
+            tracing::warn!(error = %what, "database unavailable");
+            Status::unavailable("database unavailable")
+        }
+        other => {
+            tracing::error!(error = %other, "store failure");
+            Status::internal("internal error")
+        }
+    }
+}
+
+/// Maps a crypto failure on the service's own keys (not the caller's input) to INTERNAL.
+pub fn crypto_internal(e: CryptoError) -> Status {
+    tracing::error!(error = %e, "crypto failure on service keys");
+    Status::internal("internal error")
+}
+
+/// The caller must have one of `roles`.
+pub fn require_role(principal: &Principal, roles: &[Role]) -> Result<(), Status> {
+    if roles.contains(&principal.role()) {
+        Ok(())
+    } else {
+        Err(Status::permission_denied(format!(
+            "role {} may not call this",
+            principal.role().name()
+        )))
+    }
+}
+
+/// The caller acts for `user` (and, when given, `device`): an app server acts for anyone, a
+/// device only for itself. Other roles are refused.
+pub fn require_acts_for(principal: &Principal, user: &UserId, device: Option<&DeviceId>) -> Result<(), Status> {
+    match principal {
+        Principal::App { .. } => Ok(()),
+        Principal::Device {
+            user: own_user,
+            device: own_device,
+            ..
+        } => {
+            if own_user == user && device.is_none_or(|d| d == own_device) {
+                Ok(())
+            } else {
+                Err(Status::permission_denied("a device token acts only for its own device"))
+            }
+        }
+        other => Err(Status::permission_denied(format!(
+            "role {} may not call this",
+            other.role().name()
+        ))),
+    }
+}
