@@ -1,0 +1,484 @@
+//! Keyhold's records, kept through Diesel on SQLite or PostgreSQL.
+//!
+//! [`Store`] is the one door: the services call its async methods with domain types (the ids
+//! of [`crate::crypto::ids`], the records of each module) and never build SQL. Behind it:
+//!
+//! - **Backends**, chosen by the URL scheme ([`Store::open`]): `sqlite://path` (bundled
+//!   SQLite, WAL, the embedded default) and `postgres://…` (diesel-async with a deadpool pool).
+//! - **One module per record**, its queries beside it: [`tokens`] (API tokens),
+//!   [`user_keys`] (device key bundles), [`sessions`] (sessions, their members and wrapped
+//!   keys), [`audit`] (the hash-chained audit log). Each query is
+//!   written once and compiled for both backends by the `db_run!` macro below; where the
+//!   backends must differ (locking, `BEGIN IMMEDIATE`) the macro's two-armed form keeps both
+//!   spellings side by side in the one place that needs them.
+//! - **Transactions**: every store call that writes is one transaction; [`Store::transaction`]
+//!   runs several calls on a [`Tx`] as one (for example an audit event and the read it
+//!   records, so that the read fails if the audit write does).
+//! - **Migrations**, embedded from `migrations/{sqlite,postgres}/`: [`Store::migrate`],
+//!   [`Store::migration_status`], [`Store::pending_migrations`]. On PostgreSQL they run under
+//!   an advisory lock taken with a timeout, so replicas starting together apply each
+//!   migration once.
+//! - **Errors**: [`StoreError`]; every database and pool error is sorted into it in one place
+//!   (`error.rs`).
+//!
+//! Times are unix microseconds ([`Timestamp`]) set by the store, not by callers.
+//!
+//! # SQLite and concurrency
+//!
+//! SQLite lets one writer at a time into a database file. The store therefore keeps a pool of
+//! exactly **one** connection for SQLite: calls queue for it in the process instead of
+//! failing with `SQLITE_BUSY`, and write transactions start with `BEGIN IMMEDIATE` so that a
+//! second process (`keyhold migrate` beside `keyhold serve`) waits up to the busy timeout
+//! rather than failing halfway through a transaction. Reads in WAL mode never block on that
+//! writer from another process. PostgreSQL is the backend for more than one replica.
+//!
+//! Inside [`Store::transaction`] use only the [`Tx`] it hands you: on SQLite a second store
+//! call would wait for the connection the transaction holds, until the acquire timeout.
+
+pub mod audit;
+mod error;
+mod migrations;
+pub mod schema;
+pub mod sessions;
+pub mod tokens;
+pub mod user_keys;
+
+use std::fmt;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use diesel::SqliteConnection;
+use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
+use diesel_async::sync_connection_wrapper::{SyncConnectionWrapper, SyncTransactionManagerWrapper};
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager};
+
+pub use error::StoreError;
+pub use migrations::MigrationStatus;
+
+/// The SQLite connection type: Diesel's sync connection run on tokio's blocking pool.
+pub(crate) type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
+/// The PostgreSQL connection type.
+pub(crate) type PgConn = AsyncPgConnection;
+
+/// Runs one block of Diesel code against whichever backend a [`DbConn`] holds.
+///
+/// `db_run!(conn: { ... })` compiles the block twice, once per backend, with `conn` rebound
+/// to `&mut` the concrete connection; each query is written once. The two-armed form,
+/// `db_run!(conn: sqlite { ... } postgres { ... })`, is for the few places where the SQL must
+/// differ; keep those to locking and transaction control.
+macro_rules! db_run {
+    ($conn:ident: $body:block) => {
+        match $conn {
+            $crate::store::DbConn::Sqlite($conn) => {
+                let $conn: &mut $crate::store::SqliteConn = &mut *$conn;
+                $body
+            }
+            $crate::store::DbConn::Postgres($conn) => {
+                let $conn: &mut $crate::store::PgConn = &mut *$conn;
+                $body
+            }
+        }
+    };
+    ($conn:ident: sqlite $sqlite:block postgres $postgres:block) => {
+        match $conn {
+            // An arm may have nothing to do on its backend.
+            #[allow(unused_variables)]
+            $crate::store::DbConn::Sqlite($conn) => {
+                let $conn: &mut $crate::store::SqliteConn = &mut *$conn;
+                $sqlite
+            }
+            #[allow(unused_variables)]
+            $crate::store::DbConn::Postgres($conn) => {
+                let $conn: &mut $crate::store::PgConn = &mut *$conn;
+                $postgres
+            }
+        }
+    };
+}
+pub(crate) use db_run;
+
+/// SQL functions both backends have that Diesel does not declare.
+mod sql {
+    diesel::define_sql_function! {
+        /// The first of its arguments that is not NULL.
+        fn coalesce<ST: diesel::sql_types::SingleValue>(
+            value: diesel::sql_types::Nullable<ST>,
+            otherwise: ST,
+        ) -> diesel::sql_types::Nullable<ST>;
+    }
+}
+
+/// A point in time as the store keeps it: microseconds since the Unix epoch, UTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(i64);
+
+impl Timestamp {
+    /// The current time of this server (clamped to the epoch if the clock is before it).
+    pub fn now() -> Self {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        Timestamp(micros)
+    }
+
+    /// A time given in microseconds since the Unix epoch.
+    pub fn from_unix_micros(micros: i64) -> Self {
+        Timestamp(micros)
+    }
+
+    /// Microseconds since the Unix epoch.
+    pub fn unix_micros(self) -> i64 {
+        self.0
+    }
+}
+
+/// Which database engine a [`Store`] talks to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// Embedded SQLite (`sqlite://…`).
+    Sqlite,
+    /// PostgreSQL (`postgres://…` or `postgresql://…`).
+    Postgres,
+}
+
+/// Tuning for [`Store::open_with`]; [`StoreOptions::default`] suits a small deployment.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Most PostgreSQL connections the pool opens (SQLite always uses one).
+    pub max_connections: usize,
+    /// How long a call waits for a pooled connection, including opening a new one, before it
+    /// fails with [`StoreError::Unavailable`].
+    pub acquire_timeout: Duration,
+    /// How long [`Store::migrate`] and friends wait on PostgreSQL for another replica's
+    /// migration lock before failing with [`StoreError::Unavailable`].
+    pub migration_lock_timeout: Duration,
+    /// How long SQLite waits for another process's write lock (`PRAGMA busy_timeout`).
+    pub sqlite_busy_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+            migration_lock_timeout: Duration::from_secs(60),
+            sqlite_busy_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Pools {
+    Sqlite(Pool<SqliteConn>),
+    Postgres(Pool<PgConn>),
+}
+
+/// The handle to Keyhold's database. Cheap to clone: clones share one connection pool.
+#[derive(Clone)]
+pub struct Store {
+    pools: Pools,
+    /// Kept for migrations, which run on a connection of their own on PostgreSQL.
+    url: Arc<str>,
+    options: Arc<StoreOptions>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may carry a password: only the backend is shown.
+        f.debug_struct("Store")
+            .field("backend", &self.backend())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connection taken from the pool, of either backend. Queries match on it with `db_run!`.
+// One DbConn lives for the length of one store call and is hardly moved; boxing the larger
+// variant would cost an allocation per call to save stack space nobody is short of.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum DbConn {
+    Sqlite(Object<SqliteConn>),
+    Postgres(Object<PgConn>),
+}
+
+/// An open transaction, handed to the closure given to [`Store::transaction`].
+///
+/// Each record module adds the methods it allows inside a transaction; all of them commit
+/// or roll back together.
+pub struct Tx {
+    conn: DbConn,
+}
+
+impl fmt::Debug for Tx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Tx")
+    }
+}
+
+/// The closures [`Store::transaction`] accepts: an `async` closure taking the [`Tx`].
+///
+/// Implemented for every suitable closure; it exists so that the future the closure returns
+/// can be required to be `Send` (the same device as diesel-async's `transaction`), which an
+/// `AsyncFnOnce` bound alone cannot say on stable Rust.
+pub trait TxFn<T, R>: AsyncFnOnce(T) -> R + FnOnce(T) -> <Self as TxFn<T, R>>::Fut {
+    /// The future the closure returns.
+    type Fut: Future<Output = R>;
+}
+
+impl<F, T, Fut, R> TxFn<T, R> for F
+where
+    F: AsyncFnOnce(T) -> R + FnOnce(T) -> Fut,
+    Fut: Future<Output = R>,
+{
+    type Fut = Fut;
+}
+
+/// SQLite connection setup, run on every new connection (pragmas are per connection).
+fn sqlite_pragmas(busy_timeout: Duration) -> String {
+    format!(
+        "PRAGMA journal_mode = WAL;\
+         PRAGMA synchronous = NORMAL;\
+         PRAGMA foreign_keys = ON;\
+         PRAGMA busy_timeout = {};",
+        busy_timeout.as_millis()
+    )
+}
+
+/// The path in a `sqlite://` URL: `sqlite://keyhold.db` is relative to the working directory,
+/// `sqlite:///var/lib/keyhold.db` is absolute, `sqlite::memory:` is a private in-memory
+/// database (for tests; it lives as long as the store's one connection).
+fn sqlite_path(url: &str) -> Option<&str> {
+    if url == "sqlite::memory:" {
+        return Some(":memory:");
+    }
+    url.strip_prefix("sqlite://").filter(|p| !p.is_empty())
+}
+
+impl Store {
+    /// Opens the database a URL names, with default [`StoreOptions`].
+    ///
+    /// See [`Store::open_with`].
+    pub async fn open(url: &str) -> Result<Store, StoreError> {
+        Store::open_with(url, StoreOptions::default()).await
+    }
+
+    /// Opens the database a URL names: `sqlite://path` or `postgres://…`.
+    ///
+    /// For SQLite the parent directory is created and the file is opened in WAL mode with
+    /// foreign keys on. One connection is opened at once in either case, so that a wrong URL
+    /// or an unreachable server is reported here ([`StoreError::Unavailable`]) rather than at
+    /// the first request. Migrations are not run; see [`Store::migrate`].
+    ///
+    /// Every checkout from the pool first checks the connection with `SELECT 1`, so a
+    /// connection the server dropped is replaced instead of failing a call.
+    pub async fn open_with(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
+        let pools = if let Some(path) = sqlite_path(url) {
+            if path != ":memory:" {
+                if let Some(parent) = Path::new(path).parent() {
+                    if !parent.as_os_str().is_empty() {
+                        std::fs::create_dir_all(parent).map_err(|e| {
+                            StoreError::Unavailable(format!(
+                                "cannot create the directory {}: {e}",
+                                parent.display()
+                            ))
+                        })?;
+                    }
+                }
+            }
+            let pragmas = sqlite_pragmas(options.sqlite_busy_timeout);
+            let mut config = ManagerConfig::<SqliteConn>::default();
+            config.custom_setup = Box::new(move |path| {
+                let path = path.to_owned();
+                let pragmas = pragmas.clone();
+                Box::pin(async move {
+                    let mut conn = SqliteConn::establish(&path).await?;
+                    conn.batch_execute(&pragmas)
+                        .await
+                        .map_err(diesel::ConnectionError::CouldntSetupConfiguration)?;
+                    Ok(conn)
+                })
+            });
+            let manager = AsyncDieselConnectionManager::new_with_config(path, config);
+            // One connection: SQLite has one writer at a time (see the module docs).
+            let pool = Pool::builder(manager)
+                .max_size(1)
+                .build()
+                .map_err(|e| StoreError::Internal(format!("building the SQLite pool: {e}")))?;
+            Pools::Sqlite(pool)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let manager = AsyncDieselConnectionManager::<PgConn>::new(url);
+            let pool = Pool::builder(manager)
+                .max_size(options.max_connections.max(1))
+                .build()
+                .map_err(|e| StoreError::Internal(format!("building the PostgreSQL pool: {e}")))?;
+            Pools::Postgres(pool)
+        } else {
+            return Err(StoreError::InvalidUrl(
+                "expected sqlite://PATH or postgres://… (KEYHOLD_DATABASE_URL)".into(),
+            ));
+        };
+        let store = Store {
+            pools,
+            url: Arc::from(url),
+            options: Arc::new(options),
+        };
+        // Fail now, not at the first request, if the database cannot be reached.
+        drop(store.conn().await?);
+        Ok(store)
+    }
+
+    /// Which backend this store uses.
+    pub fn backend(&self) -> Backend {
+        match self.pools {
+            Pools::Sqlite(_) => Backend::Sqlite,
+            Pools::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    /// Closes the connection pool: calls waiting for a connection, and any later call, fail
+    /// with [`StoreError::Unavailable`]; connections in use close when they are returned.
+    /// For a graceful shutdown, after the server has stopped taking calls.
+    pub fn close(&self) {
+        match &self.pools {
+            Pools::Sqlite(pool) => pool.close(),
+            Pools::Postgres(pool) => pool.close(),
+        }
+    }
+
+    /// Takes a connection from the pool, waiting at most the acquire timeout.
+    pub(crate) async fn conn(&self) -> Result<DbConn, StoreError> {
+        let wait = self.options.acquire_timeout;
+        let timed_out =
+            || StoreError::Unavailable(format!("no database connection within {wait:?}"));
+        Ok(match &self.pools {
+            Pools::Sqlite(pool) => DbConn::Sqlite(
+                tokio::time::timeout(wait, pool.get())
+                    .await
+                    .map_err(|_| timed_out())??,
+            ),
+            Pools::Postgres(pool) => DbConn::Postgres(
+                tokio::time::timeout(wait, pool.get())
+                    .await
+                    .map_err(|_| timed_out())??,
+            ),
+        })
+    }
+
+    /// Runs `f` in one transaction: committed if it returns `Ok`, rolled back if it returns
+    /// `Err` (which is then returned as is) or if its future is dropped.
+    ///
+    /// ```no_run
+    /// # async fn example(store: keyhold::store::Store) -> Result<(), keyhold::store::StoreError> {
+    /// use keyhold::store::audit::NewAuditEvent;
+    /// let event = NewAuditEvent::new("staff:alice", "escrow.read", "session:…")
+    ///     .with_reason("case 7");
+    /// store
+    ///     .transaction(async move |tx| {
+    ///         tx.append_audit_event(&event).await?;
+    ///         // ... the read the event records, on the same `tx` ...
+    ///         Ok(())
+    ///     })
+    ///     .await
+    /// # }
+    /// ```
+    pub async fn transaction<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        for<'r> F: AsyncFnOnce(&'r mut Tx) -> Result<R, StoreError>
+            + TxFn<&'r mut Tx, Result<R, StoreError>, Fut: Send>
+            + Send,
+        R: Send,
+    {
+        let mut tx = Tx {
+            conn: self.conn().await?,
+        };
+        tx.begin().await?;
+        match f(&mut tx).await {
+            Ok(value) => {
+                tx.commit().await?;
+                Ok(value)
+            }
+            Err(e) => {
+                if let Err(rollback) = tx.rollback().await {
+                    // The pool discards a connection whose transaction state is broken.
+                    tracing::warn!(error = %rollback, "rollback failed after {e}");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Tx {
+    async fn begin(&mut self) -> Result<(), StoreError> {
+        let conn = &mut self.conn;
+        db_run!(conn: sqlite {
+            // Take the write lock now, not at the first write, so that a read-then-write
+            // transaction never fails on lock upgrade; a busy database is waited for.
+            conn.spawn_blocking(|c| {
+                diesel::connection::AnsiTransactionManager::begin_transaction_sql(
+                    c,
+                    "BEGIN IMMEDIATE",
+                )
+            })
+            .await?;
+        } postgres {
+            <PgConn as AsyncConnection>::TransactionManager::begin_transaction(conn).await?;
+        });
+        Ok(())
+    }
+
+    async fn commit(&mut self) -> Result<(), StoreError> {
+        let conn = &mut self.conn;
+        db_run!(conn: sqlite {
+            SyncTransactionManagerWrapper::<diesel::connection::AnsiTransactionManager>
+                ::commit_transaction(conn).await?;
+        } postgres {
+            <PgConn as AsyncConnection>::TransactionManager::commit_transaction(conn).await?;
+        });
+        Ok(())
+    }
+
+    async fn rollback(&mut self) -> Result<(), StoreError> {
+        let conn = &mut self.conn;
+        db_run!(conn: sqlite {
+            SyncTransactionManagerWrapper::<diesel::connection::AnsiTransactionManager>
+                ::rollback_transaction(conn).await?;
+        } postgres {
+            <PgConn as AsyncConnection>::TransactionManager::rollback_transaction(conn).await?;
+        });
+        Ok(())
+    }
+}
+
+/// Converts a count or number the database keeps as a signed integer into the unsigned one
+/// the domain uses, treating a negative value as corrupt data.
+pub(crate) fn unsigned<T, U>(what: &str, value: T) -> Result<U, StoreError>
+where
+    T: Copy + fmt::Display,
+    U: TryFrom<T>,
+{
+    U::try_from(value).map_err(|_| StoreError::corrupt(what, value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_urls_name_paths() {
+        assert_eq!(sqlite_path("sqlite://keyhold.db"), Some("keyhold.db"));
+        assert_eq!(sqlite_path("sqlite:///var/lib/k.db"), Some("/var/lib/k.db"));
+        assert_eq!(sqlite_path("sqlite::memory:"), Some(":memory:"));
+        assert_eq!(sqlite_path("sqlite://"), None);
+        assert_eq!(sqlite_path("postgres://x"), None);
+    }
+
+    #[tokio::test]
+    async fn unknown_scheme_is_invalid_url() {
+        let err = Store::open("mysql://localhost/k").await.unwrap_err();
+        assert!(matches!(err, StoreError::InvalidUrl(_)), "{err:?}");
+    }
+}
