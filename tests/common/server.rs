@@ -1,0 +1,213 @@
+//! A real Keyhold server on an ephemeral port, over a fresh database of either backend, and
+//! clients that talk to it over gRPC the way app servers, devices and staff tooling do.
+
+use std::path::PathBuf;
+
+use keyhold::auth::Role;
+use keyhold::client::Client;
+use keyhold::crypto::ids::{DeviceId, UserId};
+use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair};
+use keyhold::crypto::xwing::DecapsulationKey;
+use keyhold::crypto::Suite;
+use keyhold::keyfiles;
+use keyhold::proto::keyhold::v1 as pb;
+use keyhold::service::admin::{create_token, TokenRequest};
+use keyhold::store::Store;
+use tokio::sync::oneshot;
+
+use super::{Kind, TestDb};
+
+/// A running server and what a test needs to drive it.
+pub struct TestServer {
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// The store the server uses (for checks behind its back).
+    pub store: Store,
+    /// The database (dropped, and removed, with the server).
+    pub db: TestDb,
+    /// An admin token.
+    pub admin_token: String,
+    /// The staff escrow private key matching the server's escrow public key.
+    pub escrow_key: DecapsulationKey,
+    /// The directory holding the key files.
+    pub key_dir: PathBuf,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server on `db`: migrations applied, fresh KEK and escrow key pair, an admin
+    /// token issued directly in the store.
+    pub async fn start(db: TestDb) -> TestServer {
+        let key_dir = std::env::temp_dir().join(format!("keyhold-test-keys-{}", uuid::Uuid::now_v7().simple()));
+        let (keys, _warnings) = keyfiles::load_or_generate(&key_dir, None, None).expect("generate keys");
+        let escrow_key =
+            keyfiles::read_escrow_private_key(&key_dir.join("dev-escrow.key")).expect("read escrow private key");
+        let store = Store::open(&db.url).await.expect("open store");
+        store.migrate().await.expect("migrate");
+        let admin = create_token(
+            &store,
+            "test".into(),
+            TokenRequest {
+                role: Role::Admin,
+                binding: None,
+                label: None,
+            },
+        )
+        .await
+        .expect("admin token");
+        let state = keyhold::server::app_state(store.clone(), keys, 1000);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            keyhold::server::serve(listener, state, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("server runs");
+        });
+        TestServer {
+            endpoint,
+            store,
+            db,
+            admin_token: admin.expose_plaintext().to_string(),
+            escrow_key,
+            key_dir,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    /// Whether the server runs on SQLite or PostgreSQL.
+    pub fn kind(&self) -> Kind {
+        self.db.kind
+    }
+
+    /// A client holding `token`.
+    pub async fn client(&self, token: &str) -> Client {
+        Client::connect(&self.endpoint, token).await.expect("connect")
+    }
+
+    /// Creates a token of `role` through the Admin service (device tokens need a binding).
+    pub async fn token(&self, role: pb::Role, user: &str, device: &str) -> String {
+        self.client(&self.admin_token)
+            .await
+            .admin()
+            .create_token(pb::CreateTokenRequest {
+                role: role as i32,
+                user_id: user.into(),
+                device_id: device.into(),
+                label: String::new(),
+            })
+            .await
+            .expect("create token")
+            .into_inner()
+            .token
+    }
+
+    /// Stops the server and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
+        let _ = std::fs::remove_dir_all(&self.key_dir);
+    }
+}
+
+/// A device as a test drives it: its keys (private halves stay in the test) and its token.
+pub struct TestDevice {
+    /// The user.
+    pub user: UserId,
+    /// The device.
+    pub device: DeviceId,
+    /// The X-Wing key pair.
+    pub xwing: DecapsulationKey,
+    /// The identity key pair.
+    pub identity: IdentityKeyPair,
+    /// A device token bound to this device.
+    pub token: String,
+}
+
+impl TestDevice {
+    /// Generates keys, gets a device token and publishes the key bundle as the device itself.
+    pub async fn enroll(server: &TestServer, user: &str, device: &str) -> TestDevice {
+        let token = server.token(pb::Role::Device, user, device).await;
+        let d = TestDevice {
+            user: UserId::new(user).expect("user id"),
+            device: DeviceId::new(device).expect("device id"),
+            xwing: DecapsulationKey::generate().expect("keygen"),
+            identity: IdentityKeyPair::generate().expect("identity"),
+            token,
+        };
+        d.publish(server).await;
+        d
+    }
+
+    /// The signed PublishDeviceKey request for this device's current keys.
+    pub fn publish_request(&self) -> pb::PublishDeviceKeyRequest {
+        let bundle = DeviceKeyBundle {
+            suite: Suite::XWingAes256GcmV1,
+            user: self.user.clone(),
+            device: self.device.clone(),
+            identity_key: self.identity.public_key(),
+            encapsulation_key: self.xwing.encapsulation_key().clone(),
+        };
+        let signature = self.identity.sign(&bundle);
+        pb::PublishDeviceKeyRequest {
+            user_id: self.user.to_string(),
+            device_id: self.device.to_string(),
+            suite: pb::Suite::XwingAes256gcmV1 as i32,
+            encapsulation_key: self.xwing.encapsulation_key().to_bytes(),
+            identity_key: self.identity.public_key().as_bytes().to_vec(),
+            signature: signature.as_bytes().to_vec(),
+        }
+    }
+
+    /// Publishes the current keys as the device itself.
+    pub async fn publish(&self, server: &TestServer) {
+        server
+            .client(&self.token)
+            .await
+            .key_directory()
+            .publish_device_key(self.publish_request())
+            .await
+            .expect("publish device key");
+    }
+
+    /// This device's client.
+    pub async fn client(&self, server: &TestServer) -> Client {
+        server.client(&self.token).await
+    }
+}
+
+/// Runs `body` against a server on SQLite and, when available, one on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_servers {
+    ($($name:ident => $body:ident;)*) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let server = $crate::common::server::TestServer::start($crate::common::sqlite_db()).await;
+                    super::$body(&server).await;
+                    server.stop().await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let Some(db) = $crate::common::postgres_db().await else { return };
+                    let server = $crate::common::server::TestServer::start(db).await;
+                    super::$body(&server).await;
+                    server.stop().await;
+                }
+            )*
+        }
+    };
+}
