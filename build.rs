@@ -28,6 +28,8 @@ const REDACTED_DEBUG: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-changed=build.rs");
+    // The store embeds the migrations: a new migration directory must rebuild the crate.
+    println!("cargo:rerun-if-changed=migrations");
 
     let fds = protox::compile(PROTOS, ["proto"])?;
 

@@ -42,7 +42,9 @@ impl std::str::FromStr for Role {
             "device" => Ok(Role::Device),
             "staff" => Ok(Role::Staff),
             "admin" => Ok(Role::Admin),
-            other => Err(format!("unknown role {other:?}: expected app, device, staff or admin")),
+            other => Err(format!(
+                "unknown role {other:?}: expected app, device, staff or admin"
+            )),
         }
     }
 }
@@ -127,7 +129,11 @@ impl IssuedToken {
         let token_id = TokenId::from_bytes(id);
         let mut secret = Zeroizing::new([0u8; SECRET_LEN]);
         aws_lc_rs::rand::fill(secret.as_mut())?;
-        let plaintext = Zeroizing::new(format!("{PREFIX}{}_{}", hex::encode(id), hex::encode(secret.as_ref())));
+        let plaintext = Zeroizing::new(format!(
+            "{PREFIX}{}_{}",
+            hex::encode(id),
+            hex::encode(secret.as_ref())
+        ));
         Ok(Self {
             token_id,
             secret_hash: TokenHash::of(secret.as_ref()),
@@ -143,7 +149,11 @@ impl IssuedToken {
 
 impl fmt::Debug for IssuedToken {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "IssuedToken({}, <redacted>)", hex::encode(self.token_id.as_bytes()))
+        write!(
+            f,
+            "IssuedToken({}, <redacted>)",
+            hex::encode(self.token_id.as_bytes())
+        )
     }
 }
 
@@ -157,7 +167,9 @@ pub struct PresentedToken {
 impl PresentedToken {
     /// Parses an `authorization` header value: `Bearer kh_<id>_<secret>`.
     pub fn from_header(value: &str) -> Option<Self> {
-        let token = value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer "))?;
+        let token = value
+            .strip_prefix("Bearer ")
+            .or_else(|| value.strip_prefix("bearer "))?;
         let rest = token.trim().strip_prefix(PREFIX)?;
         let (id_hex, secret_hex) = rest.split_once('_')?;
         let mut token_id = [0u8; 16];
@@ -261,7 +273,9 @@ where
                     req.extensions_mut().insert(principal);
                     inner.call(req).await
                 }
-                Ok(None) => Ok(tonic::Status::unauthenticated("unknown or revoked token").into_http()),
+                Ok(None) => {
+                    Ok(tonic::Status::unauthenticated("unknown or revoked token").into_http())
+                }
                 Err(status) => Ok(status.into_http()),
             }
         })

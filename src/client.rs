@@ -49,7 +49,8 @@ impl std::fmt::Debug for BearerToken {
 
 impl Interceptor for BearerToken {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        req.metadata_mut().insert("authorization", self.header.clone());
+        req.metadata_mut()
+            .insert("authorization", self.header.clone());
         Ok(req)
     }
 }
@@ -66,8 +67,13 @@ pub struct Client {
 
 impl Client {
     /// Connects to `endpoint` (for example `http://127.0.0.1:50051`) as the holder of `token`.
-    pub async fn connect(endpoint: &str, token: &str) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
-        let channel = Endpoint::from_shared(endpoint.to_string())?.connect().await?;
+    pub async fn connect(
+        endpoint: &str,
+        token: &str,
+    ) -> Result<Self, Box<dyn std::error::Error + Send + Sync>> {
+        let channel = Endpoint::from_shared(endpoint.to_string())?
+            .connect()
+            .await?;
         Ok(Self {
             channel,
             token: BearerToken::new(token)?,

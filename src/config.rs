@@ -189,7 +189,10 @@ mod tests {
             ..Default::default()
         };
         let err = bad.resolve().unwrap_err().to_string();
-        assert!(err.contains("--listen") && err.contains("KEYHOLD_LISTEN") && err.contains("`listen`"), "{err}");
+        assert!(
+            err.contains("--listen") && err.contains("KEYHOLD_LISTEN") && err.contains("`listen`"),
+            "{err}"
+        );
         std::fs::remove_dir_all(dir).ok();
     }
 }

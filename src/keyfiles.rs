@@ -98,13 +98,18 @@ pub fn read_kek(path: &Path) -> Result<Kek, KeyFileError> {
     let version: u32 = version
         .parse()
         .map_err(|_| malformed(path, "the KEK version is not a number"))?;
-    let key = Zeroizing::new(hex::decode(key_hex).map_err(|e| malformed(path, format!("not hex: {e}")))?);
+    let key =
+        Zeroizing::new(hex::decode(key_hex).map_err(|e| malformed(path, format!("not hex: {e}")))?);
     Kek::from_slice(KekVersion(version), &key).map_err(|e| malformed(path, e.to_string()))
 }
 
 /// Writes a new KEK file (0600).
 pub fn write_kek(path: &Path, kek: &Kek) -> Result<(), KeyFileError> {
-    let text = Zeroizing::new(format!("{}:{}", kek.version().0, hex::encode(kek.expose_secret())));
+    let text = Zeroizing::new(format!(
+        "{}:{}",
+        kek.version().0,
+        hex::encode(kek.expose_secret())
+    ));
     write_secret_file(path, &text)
 }
 
@@ -122,7 +127,10 @@ pub fn read_escrow_private_key(path: &Path) -> Result<DecapsulationKey, KeyFileE
 
 /// Generates an escrow key pair: the private key file (0600, refuses to overwrite) and the
 /// public key file beside it. Returns the public key.
-pub fn generate_escrow_key_pair(private_path: &Path, public_path: &Path) -> Result<EncapsulationKey, KeyFileError> {
+pub fn generate_escrow_key_pair(
+    private_path: &Path,
+    public_path: &Path,
+) -> Result<EncapsulationKey, KeyFileError> {
     let key = DecapsulationKey::generate()?;
     let seed_hex = Zeroizing::new(hex::encode(key.expose_seed()));
     write_secret_file(private_path, &seed_hex)?;
@@ -178,7 +186,13 @@ pub fn load_or_generate(
             read_escrow_public_key(&public)?
         }
     };
-    Ok((ServiceKeys { kek, escrow_public_key }, warnings))
+    Ok((
+        ServiceKeys {
+            kek,
+            escrow_public_key,
+        },
+        warnings,
+    ))
 }
 
 #[cfg(test)]

@@ -117,10 +117,20 @@ async fn main() -> ExitCode {
     ops::init_logging(&settings.log);
     let result = match cli.command {
         Command::Serve { migrate } => ops::serve(&settings, migrate).await,
-        Command::Migrate { action: MigrateAction::Status } => ops::migrate_status(&settings).await,
-        Command::Migrate { action: MigrateAction::Deploy } => ops::migrate_deploy(&settings).await,
+        Command::Migrate {
+            action: MigrateAction::Status,
+        } => ops::migrate_status(&settings).await,
+        Command::Migrate {
+            action: MigrateAction::Deploy,
+        } => ops::migrate_deploy(&settings).await,
         Command::Token {
-            action: TokenAction::Create { role, user, device, label },
+            action:
+                TokenAction::Create {
+                    role,
+                    user,
+                    device,
+                    label,
+                },
         } => {
             let binding = match (user, device) {
                 (Some(u), Some(d)) => match (UserId::new(u), DeviceId::new(d)) {
@@ -136,7 +146,11 @@ async fn main() -> ExitCode {
             }
         }
         Command::Escrow {
-            action: EscrowAction::Keygen { private_key, public_key },
+            action:
+                EscrowAction::Keygen {
+                    private_key,
+                    public_key,
+                },
         } => ops::escrow_keygen(&private_key, &public_key),
         Command::Escrow {
             action:

@@ -90,7 +90,11 @@ pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
 pub async fn migrate_status(settings: &Settings) -> Result<(), OpError> {
     let store = Store::open(&settings.database_url).await?;
     for m in store.migration_status().await? {
-        println!("{}  {}", if m.applied { "applied" } else { "pending" }, m.name);
+        println!(
+            "{}  {}",
+            if m.applied { "applied" } else { "pending" },
+            m.name
+        );
     }
     Ok(())
 }
@@ -120,7 +124,16 @@ pub async fn token_create(
         return Err("--user and --device are required for device tokens, and only for them".into());
     }
     let store = open_store_for_serving(settings, false).await?;
-    let issued = create_token(&store, "cli".to_string(), TokenRequest { role, binding, label }).await?;
+    let issued = create_token(
+        &store,
+        "cli".to_string(),
+        TokenRequest {
+            role,
+            binding,
+            label,
+        },
+    )
+    .await?;
     println!("{}", issued.expose_plaintext());
     eprintln!(
         "token id {} (role {}): shown once, keep it safe",
@@ -173,7 +186,11 @@ pub async fn escrow_open(
         };
         let envelope = DekEnvelope::from_bytes(&staff_key.envelope)?;
         let dek = open_dek(&envelope, &key, &context)?;
-        println!("epoch {} dek {}", staff_key.epoch, hex::encode(dek.expose_secret()));
+        println!(
+            "epoch {} dek {}",
+            staff_key.epoch,
+            hex::encode(dek.expose_secret())
+        );
     }
     Ok(())
 }

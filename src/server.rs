@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 
-use crate::auth::{AuthLayer, Principal, PresentedToken, Role, TokenLookup};
+use crate::auth::{AuthLayer, PresentedToken, Principal, Role, TokenLookup};
 use crate::keyfiles::ServiceKeys;
 use crate::proto::keyhold::v1::admin_server::AdminServer;
 use crate::proto::keyhold::v1::escrow_server::EscrowServer;
@@ -29,8 +29,16 @@ pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 pub struct StoreTokens(pub Store);
 
 impl TokenLookup for StoreTokens {
-    async fn authenticate(&self, token: PresentedToken) -> Result<Option<Principal>, tonic::Status> {
-        let Some(row) = self.0.find_token(&token.token_id).await.map_err(store_status)? else {
+    async fn authenticate(
+        &self,
+        token: PresentedToken,
+    ) -> Result<Option<Principal>, tonic::Status> {
+        let Some(row) = self
+            .0
+            .find_token(&token.token_id)
+            .await
+            .map_err(store_status)?
+        else {
             return Ok(None);
         };
         if row.revoked_at.is_some() || !token.matches(&row.token_hash) {
@@ -43,7 +51,11 @@ impl TokenLookup for StoreTokens {
             Role::Admin => Some(Principal::Admin { token_id }),
             // A device token without its binding is a corrupt row: refuse it.
             Role::Device => match (row.user, row.device) {
-                (Some(user), Some(device)) => Some(Principal::Device { token_id, user, device }),
+                (Some(user), Some(device)) => Some(Principal::Device {
+                    token_id,
+                    user,
+                    device,
+                }),
                 _ => None,
             },
         })
@@ -68,8 +80,12 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<KeyDirectoryServer<KeyDirectoryService>>().await;
-    health.set_serving::<SessionsServer<SessionsService>>().await;
+    health
+        .set_serving::<KeyDirectoryServer<KeyDirectoryService>>()
+        .await;
+    health
+        .set_serving::<SessionsServer<SessionsService>>()
+        .await;
     health.set_serving::<EscrowServer<EscrowService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
 
@@ -92,7 +108,8 @@ pub async fn serve(
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(
-            SessionsServer::new(SessionsService::new(state.clone())).max_decoding_message_size(MAX_REQUEST_BYTES),
+            SessionsServer::new(SessionsService::new(state.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(EscrowServer::new(EscrowService::new(state.clone())))
         .add_service(AdminServer::new(AdminService::new(state)))

@@ -5,9 +5,10 @@ mod common;
 
 use common::server::{TestDevice, TestServer};
 use keyhold::crypto::envelope::{open_dek, wrap_dek, DekEnvelope, Recipient, WrapContext};
-use keyhold::crypto::ids::{Epoch, KeyId, SessionId};
+use keyhold::crypto::ids::{Epoch, SessionId};
 use keyhold::crypto::keys::Dek;
 use keyhold::crypto::sign::{ClientWrap, ClientWrappedKeySet, EscrowWrap};
+use keyhold::crypto::xwing::EncapsulationKey;
 use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
 
@@ -22,7 +23,12 @@ async fn enroll_three_users(server: &TestServer) -> Vec<TestDevice> {
 }
 
 /// Opens the device's envelope of `epoch` fetched through GetSessionKeys.
-async fn open_own_key(server: &TestServer, d: &TestDevice, session: SessionId, epoch: Epoch) -> Option<Dek> {
+async fn open_own_key(
+    server: &TestServer,
+    d: &TestDevice,
+    session: SessionId,
+    epoch: Epoch,
+) -> Option<Dek> {
     let keys = d
         .client(server)
         .await
@@ -36,7 +42,10 @@ async fn open_own_key(server: &TestServer, d: &TestDevice, session: SessionId, e
         .into_inner()
         .session_keys;
     let k = keys.into_iter().next()?;
-    assert_eq!(k.key_id, d.xwing.encapsulation_key().key_id().as_bytes().to_vec());
+    assert_eq!(
+        k.key_id,
+        d.xwing.encapsulation_key().key_id().as_bytes().to_vec()
+    );
     let ctx = WrapContext {
         session_id: session,
         epoch,
@@ -45,7 +54,14 @@ async fn open_own_key(server: &TestServer, d: &TestDevice, session: SessionId, e
             device: d.device.clone(),
         },
     };
-    Some(open_dek(&DekEnvelope::from_bytes(&k.envelope).expect("envelope"), &d.xwing, &ctx).expect("opens"))
+    Some(
+        open_dek(
+            &DekEnvelope::from_bytes(&k.envelope).expect("envelope"),
+            &d.xwing,
+            &ctx,
+        )
+        .expect("opens"),
+    )
 }
 
 async fn escrowed_dek(server: &TestServer, session: SessionId, epoch: Epoch) -> Dek {
@@ -64,26 +80,43 @@ async fn escrowed_dek(server: &TestServer, session: SessionId, epoch: Epoch) -> 
         .into_inner();
     assert_eq!(resp.staff_keys.len(), 1);
     let sk = &resp.staff_keys[0];
-    assert_eq!(sk.escrow_key_id, server.escrow_key.encapsulation_key().key_id().as_bytes().to_vec());
+    assert_eq!(
+        sk.escrow_key_id,
+        server
+            .escrow_key
+            .encapsulation_key()
+            .key_id()
+            .as_bytes()
+            .to_vec()
+    );
     let ctx = WrapContext {
         session_id: session,
         epoch,
         recipient: Recipient::Escrow,
     };
-    open_dek(&DekEnvelope::from_bytes(&sk.envelope).expect("envelope"), &server.escrow_key, &ctx).expect("escrow opens")
+    open_dek(
+        &DekEnvelope::from_bytes(&sk.envelope).expect("envelope"),
+        &server.escrow_key,
+        &ctx,
+    )
+    .expect("escrow opens")
 }
 
 async fn service_wrapped_lifecycle(server: &TestServer) {
     let devices = enroll_three_users(server).await;
-    let app = server.client(&server.token(pb::Role::App, "", "").await).await;
+    let app = server
+        .client(&server.token(pb::Role::App, "", "").await)
+        .await;
     let created = app
         .sessions()
         .create_session(pb::CreateSessionRequest {
             mode: pb::SessionMode::ServiceWrapped as i32,
             author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(pb::UserIdList {
-                user_ids: vec!["bob".into(), "carol".into()],
-            })),
+            recipients: Some(pb::create_session_request::Recipients::UserIds(
+                pb::UserIdList {
+                    user_ids: vec!["bob".into(), "carol".into()],
+                },
+            )),
             return_plaintext_dek: true,
             ..Default::default()
         })
@@ -92,12 +125,24 @@ async fn service_wrapped_lifecycle(server: &TestServer) {
         .into_inner();
     let session = SessionId::parse(&created.session_id).expect("session id");
     assert_eq!(created.epoch, 1);
-    assert_eq!(created.session_keys.len(), 6, "one key per device of the three users");
-    let plaintext = Dek::from_slice(created.plaintext_dek.as_deref().expect("plaintext asked for")).expect("dek");
+    assert_eq!(
+        created.session_keys.len(),
+        6,
+        "one key per device of the three users"
+    );
+    let plaintext = Dek::from_slice(
+        created
+            .plaintext_dek
+            .as_deref()
+            .expect("plaintext asked for"),
+    )
+    .expect("dek");
 
     // Every device opens its own envelope with its own private key and gets the same DEK.
     for d in &devices {
-        let dek = open_own_key(server, d, session, Epoch::FIRST).await.expect("a key for every device");
+        let dek = open_own_key(server, d, session, Epoch::FIRST)
+            .await
+            .expect("a key for every device");
         assert_eq!(dek, plaintext);
     }
     // The escrow copy opens with the staff key.
@@ -112,7 +157,12 @@ async fn service_wrapped_lifecycle(server: &TestServer) {
         .revoke_device_key(pb::RevokeDeviceKeyRequest {
             user_id: "carol".into(),
             device_id: "laptop".into(),
-            key_id: carol_laptop.xwing.encapsulation_key().key_id().as_bytes().to_vec(),
+            key_id: carol_laptop
+                .xwing
+                .encapsulation_key()
+                .key_id()
+                .as_bytes()
+                .to_vec(),
         })
         .await
         .expect("revoke");
@@ -141,14 +191,27 @@ async fn service_wrapped_lifecycle(server: &TestServer) {
             ("carol".to_string(), "phone".to_string()),
         ]
     );
-    let new_dek = open_own_key(server, &devices[0], session, epoch2).await.expect("alice gets epoch 2");
+    let new_dek = open_own_key(server, &devices[0], session, epoch2)
+        .await
+        .expect("alice gets epoch 2");
     assert_ne!(new_dek, plaintext, "a new epoch has a fresh DEK");
-    assert_eq!(open_own_key(server, &devices[4], session, epoch2).await, Some(new_dek.clone()));
+    assert_eq!(
+        open_own_key(server, &devices[4], session, epoch2).await,
+        Some(new_dek.clone())
+    );
     // Removed and revoked devices get nothing of epoch 2, but keep epoch 1.
     for d in [&devices[2], &devices[3], carol_laptop] {
-        assert!(open_own_key(server, d, session, epoch2).await.is_none(), "{}/{}", d.user, d.device);
+        assert!(
+            open_own_key(server, d, session, epoch2).await.is_none(),
+            "{}/{}",
+            d.user,
+            d.device
+        );
     }
-    assert_eq!(open_own_key(server, &devices[2], session, Epoch::FIRST).await, Some(plaintext));
+    assert_eq!(
+        open_own_key(server, &devices[2], session, Epoch::FIRST).await,
+        Some(plaintext)
+    );
     assert_eq!(escrowed_dek(server, session, epoch2).await, new_dek);
 
     // Bob comes back: he gets the current epoch's DEK, wrapped from the service copy.
@@ -164,10 +227,15 @@ async fn service_wrapped_lifecycle(server: &TestServer) {
         .into_inner();
     assert_eq!(added.epoch, 2);
     assert_eq!(added.session_keys.len(), 2);
-    assert_eq!(open_own_key(server, &devices[2], session, epoch2).await, Some(new_dek));
+    assert_eq!(
+        open_own_key(server, &devices[2], session, epoch2).await,
+        Some(new_dek)
+    );
 
     // The audit chain holds the escrow reads and verifies.
-    let staff = server.client(&server.token(pb::Role::Staff, "", "").await).await;
+    let staff = server
+        .client(&server.token(pb::Role::Staff, "", "").await)
+        .await;
     let check = staff
         .escrow()
         .verify_audit_log(pb::VerifyAuditLogRequest {})
@@ -200,7 +268,22 @@ async fn client_wrapped_session(server: &TestServer) {
             envelope: wrap_dek(&dek, d.xwing.encapsulation_key(), &ctx).expect("wrap"),
         });
     }
-    let escrow_key = server.escrow_key.encapsulation_key();
+    // The author learns the escrow key from the service, as a real device would.
+    let escrow = author
+        .client(server)
+        .await
+        .key_directory()
+        .get_escrow_key(pb::GetEscrowKeyRequest {})
+        .await
+        .expect("escrow key")
+        .into_inner();
+    let escrow_key =
+        EncapsulationKey::from_slice(&escrow.encapsulation_key).expect("escrow key parses");
+    assert_eq!(
+        escrow.escrow_key_id,
+        escrow_key.key_id().as_bytes().to_vec()
+    );
+    assert_eq!(&escrow_key, server.escrow_key.encapsulation_key());
     let escrow_ctx = WrapContext {
         session_id: session,
         epoch: Epoch::FIRST,
@@ -208,7 +291,7 @@ async fn client_wrapped_session(server: &TestServer) {
     };
     let escrow = EscrowWrap {
         key_id: escrow_key.key_id(),
-        envelope: wrap_dek(&dek, escrow_key, &escrow_ctx).expect("escrow wrap"),
+        envelope: wrap_dek(&dek, &escrow_key, &escrow_ctx).expect("escrow wrap"),
     };
     let set = ClientWrappedKeySet {
         suite: Suite::XWingAes256GcmV1,
@@ -242,9 +325,11 @@ async fn client_wrapped_session(server: &TestServer) {
         author_user_id: "alice".into(),
         author_device_id: "phone".into(),
         session_id: session.to_string(),
-        recipients: Some(pb::create_session_request::Recipients::UserIds(pb::UserIdList {
-            user_ids: vec!["bob".into(), "carol".into()],
-        })),
+        recipients: Some(pb::create_session_request::Recipients::UserIds(
+            pb::UserIdList {
+                user_ids: vec!["bob".into(), "carol".into()],
+            },
+        )),
         key_set: Some(wire_set(signature)),
         ..Default::default()
     };
@@ -252,10 +337,22 @@ async fn client_wrapped_session(server: &TestServer) {
     // A signature that does not verify is refused, naming the field, and writes nothing.
     let mut bad = signature.as_bytes().to_vec();
     bad[0] ^= 1;
-    let err = sessions.create_session(request(bad)).await.expect_err("bad signature");
+    let err = sessions
+        .create_session(request(bad))
+        .await
+        .expect_err("bad signature");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
-    assert!(err.message().contains("key_set.signature"), "{}", err.message());
-    assert!(server.store.session(&session).await.expect("read").is_none());
+    assert!(
+        err.message().contains("key_set.signature"),
+        "{}",
+        err.message()
+    );
+    assert!(server
+        .store
+        .session(&session)
+        .await
+        .expect("read")
+        .is_none());
 
     let created = sessions
         .create_session(request(signature.as_bytes().to_vec()))
@@ -264,7 +361,10 @@ async fn client_wrapped_session(server: &TestServer) {
         .into_inner();
     assert_eq!(created.plaintext_dek, None);
     for d in &devices {
-        assert_eq!(open_own_key(server, d, session, Epoch::FIRST).await, Some(dek.clone()));
+        assert_eq!(
+            open_own_key(server, d, session, Epoch::FIRST).await,
+            Some(dek.clone())
+        );
     }
     assert_eq!(escrowed_dek(server, session, Epoch::FIRST).await, dek);
     // The same id again is ALREADY_EXISTS.
@@ -273,7 +373,6 @@ async fn client_wrapped_session(server: &TestServer) {
         .await
         .expect_err("duplicate");
     assert_eq!(again.code(), tonic::Code::AlreadyExists);
-    let _ = KeyId::from_bytes([0; 16]);
 }
 
 on_both_servers! {

@@ -477,11 +477,10 @@ mod tests {
         reordered.wraps.reverse();
         id.public_key().verify(&reordered, &s).unwrap();
 
-        let mut changed = Vec::new();
-        changed.push(ClientWrappedKeySet {
+        let mut changed = vec![ClientWrappedKeySet {
             session_id: SessionId::generate(),
             ..set.clone()
-        });
+        }];
         changed.push(ClientWrappedKeySet {
             epoch: Epoch::new(2).unwrap(),
             ..set.clone()

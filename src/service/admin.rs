@@ -57,7 +57,10 @@ pub fn parse_token_request(req: &pb::CreateTokenRequest) -> Result<TokenRequest,
             return Err(invalid("user_id", "only device tokens are bound to a user"));
         }
         if !req.device_id.is_empty() {
-            return Err(invalid("device_id", "only device tokens are bound to a device"));
+            return Err(invalid(
+                "device_id",
+                "only device tokens are bound to a device",
+            ));
         }
         None
     };
@@ -65,12 +68,20 @@ pub fn parse_token_request(req: &pb::CreateTokenRequest) -> Result<TokenRequest,
         return Err(invalid("label", format!("at most {MAX_LABEL_LEN} bytes")));
     }
     let label = (!req.label.is_empty()).then(|| req.label.clone());
-    Ok(TokenRequest { role, binding, label })
+    Ok(TokenRequest {
+        role,
+        binding,
+        label,
+    })
 }
 
 /// Creates a token in the store and records it in the audit log, in one transaction.
 /// Returns the issued token; its plaintext exists only in the returned value.
-pub async fn create_token(store: &Store, actor: String, request: TokenRequest) -> Result<IssuedToken, Status> {
+pub async fn create_token(
+    store: &Store,
+    actor: String,
+    request: TokenRequest,
+) -> Result<IssuedToken, Status> {
     let issued = IssuedToken::generate().map_err(super::crypto_internal)?;
     let (user, device) = match &request.binding {
         Some((u, d)) => (Some(u.clone()), Some(d.clone())),
@@ -87,7 +98,11 @@ pub async fn create_token(store: &Store, actor: String, request: TokenRequest) -
     let event = NewAuditEvent::new(
         actor,
         "token.create",
-        format!("token:{}:{}", hex::encode(issued.token_id.as_bytes()), request.role.name()),
+        format!(
+            "token:{}:{}",
+            hex::encode(issued.token_id.as_bytes()),
+            request.role.name()
+        ),
     );
     store
         .transaction(async move |tx| {
@@ -126,7 +141,11 @@ impl Admin for AdminService {
         hex::decode_to_slice(&request.get_ref().token_id, &mut id)
             .map_err(|_| invalid("token_id", "expected 32 hex digits"))?;
         let token_id = TokenId::from_bytes(id);
-        let event = NewAuditEvent::new(caller.actor(), "token.revoke", format!("token:{}", hex::encode(id)));
+        let event = NewAuditEvent::new(
+            caller.actor(),
+            "token.revoke",
+            format!("token:{}", hex::encode(id)),
+        );
         self.state
             .store
             .transaction(async move |tx| {
@@ -135,9 +154,16 @@ impl Admin for AdminService {
             })
             .await
             .map_err(store_status)?;
-        let token = self.state.store.find_token(&token_id).await.map_err(store_status)?;
+        let token = self
+            .state
+            .store
+            .find_token(&token_id)
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(pb::RevokeTokenResponse {
-            revoked_at: token.and_then(|t| t.revoked_at).map_or(0, |t| t.unix_micros()),
+            revoked_at: token
+                .and_then(|t| t.revoked_at)
+                .map_or(0, |t| t.unix_micros()),
         }))
     }
 }

@@ -51,10 +51,16 @@ impl Escrow for EscrowService {
         let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
         let reason = req.reason.trim().to_string();
         if reason.is_empty() {
-            return Err(invalid("reason", "a reason is required for every escrow read"));
+            return Err(invalid(
+                "reason",
+                "a reason is required for every escrow read",
+            ));
         }
         if reason.chars().count() > MAX_REASON_CHARS {
-            return Err(invalid("reason", format!("at most {MAX_REASON_CHARS} characters")));
+            return Err(invalid(
+                "reason",
+                format!("at most {MAX_REASON_CHARS} characters"),
+            ));
         }
         check_list_len("epochs", req.epochs.len(), 1000, false)?;
         let mut epochs = Vec::with_capacity(req.epochs.len());
@@ -132,7 +138,12 @@ impl Escrow for EscrowService {
     ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
         let caller = principal(&request)?.clone();
         require_role(&caller, &[Role::Staff])?;
-        let check = self.state.store.verify_audit_chain().await.map_err(store_status)?;
+        let check = self
+            .state
+            .store
+            .verify_audit_chain()
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(pb::VerifyAuditLogResponse {
             ok: check.first_broken.is_none(),
             events_checked: check.intact,

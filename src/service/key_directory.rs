@@ -44,13 +44,21 @@ pub fn suite_to_wire(suite: Suite) -> i32 {
 
 /// Parses and verifies a PublishDeviceKey request: every field well-formed and the bundle's
 /// self-signature valid under its own identity key.
-pub fn parse_bundle(req: &pb::PublishDeviceKeyRequest) -> Result<(DeviceKeyBundle, Signature), Status> {
+pub fn parse_bundle(
+    req: &pb::PublishDeviceKeyRequest,
+) -> Result<(DeviceKeyBundle, Signature), Status> {
     let bundle = DeviceKeyBundle {
         suite: parse_suite("suite", req.suite)?,
         user: parse_field("user_id", UserId::new(req.user_id.clone()))?,
         device: parse_field("device_id", DeviceId::new(req.device_id.clone()))?,
-        identity_key: parse_field("identity_key", IdentityPublicKey::from_slice(&req.identity_key))?,
-        encapsulation_key: parse_field("encapsulation_key", EncapsulationKey::from_slice(&req.encapsulation_key))?,
+        identity_key: parse_field(
+            "identity_key",
+            IdentityPublicKey::from_slice(&req.identity_key),
+        )?,
+        encapsulation_key: parse_field(
+            "encapsulation_key",
+            EncapsulationKey::from_slice(&req.encapsulation_key),
+        )?,
     };
     let signature = parse_field("signature", Signature::from_slice(&req.signature))?;
     bundle
@@ -118,9 +126,16 @@ impl KeyDirectory for KeyDirectoryService {
             .revoke_user_key(user, device, key_id)
             .await
             .map_err(store_status)?;
-        let key = self.state.store.user_key(&key_id).await.map_err(store_status)?;
+        let key = self
+            .state
+            .store
+            .user_key(&key_id)
+            .await
+            .map_err(store_status)?;
         Ok(Response::new(pb::RevokeDeviceKeyResponse {
-            revoked_at: key.and_then(|k| k.revoked_at).map_or(0, |t| t.unix_micros()),
+            revoked_at: key
+                .and_then(|k| k.revoked_at)
+                .map_or(0, |t| t.unix_micros()),
         }))
     }
 
@@ -129,9 +144,17 @@ impl KeyDirectory for KeyDirectoryService {
         request: Request<pb::GetUserKeysRequest>,
     ) -> Result<Response<pb::GetUserKeysResponse>, Status> {
         let caller = principal(&request)?.clone();
-        super::require_role(&caller, &[crate::auth::Role::App, crate::auth::Role::Device])?;
+        super::require_role(
+            &caller,
+            &[crate::auth::Role::App, crate::auth::Role::Device],
+        )?;
         let req = request.get_ref();
-        check_list_len("user_ids", req.user_ids.len(), self.state.max_list_len.min(100), true)?;
+        check_list_len(
+            "user_ids",
+            req.user_ids.len(),
+            self.state.max_list_len.min(100),
+            true,
+        )?;
         let mut users = Vec::with_capacity(req.user_ids.len());
         for (i, u) in req.user_ids.iter().enumerate() {
             let user = parse_field(&format!("user_ids[{i}]"), UserId::new(u.clone()))?;
@@ -139,7 +162,12 @@ impl KeyDirectory for KeyDirectoryService {
                 users.push(user);
             }
         }
-        let keys = self.state.store.current_user_keys(&users).await.map_err(store_status)?;
+        let keys = self
+            .state
+            .store
+            .current_user_keys(&users)
+            .await
+            .map_err(store_status)?;
         let mut out: Vec<pb::UserKeys> = users
             .iter()
             .map(|u| pb::UserKeys {
@@ -153,5 +181,22 @@ impl KeyDirectory for KeyDirectoryService {
             }
         }
         Ok(Response::new(pb::GetUserKeysResponse { users: out }))
+    }
+
+    async fn get_escrow_key(
+        &self,
+        request: Request<pb::GetEscrowKeyRequest>,
+    ) -> Result<Response<pb::GetEscrowKeyResponse>, Status> {
+        let caller = principal(&request)?.clone();
+        super::require_role(
+            &caller,
+            &[crate::auth::Role::App, crate::auth::Role::Device],
+        )?;
+        let key = &self.state.escrow_public_key;
+        Ok(Response::new(pb::GetEscrowKeyResponse {
+            escrow_key_id: key.key_id().as_bytes().to_vec(),
+            encapsulation_key: key.to_bytes(),
+            suite: suite_to_wire(Suite::XWingAes256GcmV1),
+        }))
     }
 }

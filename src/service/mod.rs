@@ -62,7 +62,9 @@ pub fn check_list_len(field: &str, len: usize, max: usize, required: bool) -> Re
 pub fn store_status(e: StoreError) -> Status {
     match e {
         StoreError::NotFound => Status::not_found("not found"),
-        StoreError::AlreadyExists(what) => Status::already_exists(format!("already exists ({what})")),
+        StoreError::AlreadyExists(what) => {
+            Status::already_exists(format!("already exists ({what})"))
+        }
         StoreError::VersionConflict(what) => Status::aborted(format!("conflict: {what}; retry")),
         StoreError::Unavailable(what) => {
             tracing::warn!(error = %what, "database unavailable");
@@ -95,7 +97,11 @@ pub fn require_role(principal: &Principal, roles: &[Role]) -> Result<(), Status>
 
 /// The caller acts for `user` (and, when given, `device`): an app server acts for anyone, a
 /// device only for itself. Other roles are refused.
-pub fn require_acts_for(principal: &Principal, user: &UserId, device: Option<&DeviceId>) -> Result<(), Status> {
+pub fn require_acts_for(
+    principal: &Principal,
+    user: &UserId,
+    device: Option<&DeviceId>,
+) -> Result<(), Status> {
     match principal {
         Principal::App { .. } => Ok(()),
         Principal::Device {
@@ -106,7 +112,9 @@ pub fn require_acts_for(principal: &Principal, user: &UserId, device: Option<&De
             if own_user == user && device.is_none_or(|d| d == own_device) {
                 Ok(())
             } else {
-                Err(Status::permission_denied("a device token acts only for its own device"))
+                Err(Status::permission_denied(
+                    "a device token acts only for its own device",
+                ))
             }
         }
         other => Err(Status::permission_denied(format!(

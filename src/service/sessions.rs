@@ -27,12 +27,14 @@ use super::key_directory::parse_suite;
 use super::{check_list_len, crypto_internal, invalid, parse_field, store_status, AppState};
 use crate::auth::{principal, Principal};
 use crate::crypto::envelope::{
-    open_under_kek, seal_under_kek, wrap_dek, wrap_dek_for_recipients, DekEnvelope, KekContext, Recipient,
-    WrapContext,
+    open_under_kek, seal_under_kek, wrap_dek, wrap_dek_for_recipients, DekEnvelope, KekContext,
+    Recipient, WrapContext,
 };
 use crate::crypto::ids::{DeviceId, Epoch, KeyId, SessionId, UserId};
 use crate::crypto::keys::Dek;
-use crate::crypto::sign::{ClientWrap, ClientWrappedKeySet, EscrowWrap, IdentityPublicKey, Signature};
+use crate::crypto::sign::{
+    ClientWrap, ClientWrappedKeySet, EscrowWrap, IdentityPublicKey, Signature,
+};
 use crate::crypto::xwing::EncapsulationKey;
 use crate::crypto::Suite;
 use crate::proto::keyhold::v1 as pb;
@@ -152,7 +154,11 @@ async fn wrap_epoch(
                 recipient: Recipient::Escrow,
             };
             let staff = wrap_dek(&dek, &escrow, &escrow_ctx)?;
-            let service = seal_under_kek(&kek, dek.expose_secret(), &KekContext::ServiceDek { session_id, epoch })?;
+            let service = seal_under_kek(
+                &kek,
+                dek.expose_secret(),
+                &KekContext::ServiceDek { session_id, epoch },
+            )?;
             (
                 Some((escrow.key_id(), staff.into_bytes())),
                 Some((kek.version().0, service)),
@@ -175,7 +181,11 @@ async fn wrap_epoch(
     .map_err(crypto_internal)
 }
 
-fn session_keys_to_wire(session_id: SessionId, epoch: Epoch, keys: &[NewSessionKey]) -> Vec<pb::SessionKey> {
+fn session_keys_to_wire(
+    session_id: SessionId,
+    epoch: Epoch,
+    keys: &[NewSessionKey],
+) -> Vec<pb::SessionKey> {
     keys.iter()
         .map(|k| pb::SessionKey {
             session_id: session_id.to_string(),
@@ -214,10 +224,22 @@ fn parse_key_set(ks: Option<&pb::ClientWrappedKeySet>) -> Result<ParsedKeySet, S
     let mut wraps = Vec::with_capacity(ks.wraps.len());
     for (i, w) in ks.wraps.iter().enumerate() {
         wraps.push(ClientWrap {
-            user: parse_field(&format!("key_set.wraps[{i}].user_id"), UserId::new(w.user_id.clone()))?,
-            device: parse_field(&format!("key_set.wraps[{i}].device_id"), DeviceId::new(w.device_id.clone()))?,
-            key_id: parse_field(&format!("key_set.wraps[{i}].key_id"), KeyId::from_slice(&w.key_id))?,
-            envelope: parse_field(&format!("key_set.wraps[{i}].envelope"), DekEnvelope::from_bytes(&w.envelope))?,
+            user: parse_field(
+                &format!("key_set.wraps[{i}].user_id"),
+                UserId::new(w.user_id.clone()),
+            )?,
+            device: parse_field(
+                &format!("key_set.wraps[{i}].device_id"),
+                DeviceId::new(w.device_id.clone()),
+            )?,
+            key_id: parse_field(
+                &format!("key_set.wraps[{i}].key_id"),
+                KeyId::from_slice(&w.key_id),
+            )?,
+            envelope: parse_field(
+                &format!("key_set.wraps[{i}].envelope"),
+                DekEnvelope::from_bytes(&w.envelope),
+            )?,
         });
     }
     let escrow = ks
@@ -225,8 +247,14 @@ fn parse_key_set(ks: Option<&pb::ClientWrappedKeySet>) -> Result<ParsedKeySet, S
         .as_ref()
         .map(|e| {
             Ok::<_, Status>(EscrowWrap {
-                key_id: parse_field("key_set.escrow.escrow_key_id", KeyId::from_slice(&e.escrow_key_id))?,
-                envelope: parse_field("key_set.escrow.envelope", DekEnvelope::from_bytes(&e.envelope))?,
+                key_id: parse_field(
+                    "key_set.escrow.escrow_key_id",
+                    KeyId::from_slice(&e.escrow_key_id),
+                )?,
+                envelope: parse_field(
+                    "key_set.escrow.envelope",
+                    DekEnvelope::from_bytes(&e.envelope),
+                )?,
             })
         })
         .transpose()?;
@@ -242,7 +270,10 @@ fn parse_key_set(ks: Option<&pb::ClientWrappedKeySet>) -> Result<ParsedKeySet, S
 /// Checks a client-wrapped key set against what the call expects: the epoch, exactly one wrap
 /// per expected device with its current key id, the escrow wrap to the configured escrow key
 /// when `escrow_required`, and the author's signature. Returns the epoch keys to store.
-#[allow(clippy::too_many_arguments, reason = "each argument is one fact the check needs")]
+#[allow(
+    clippy::too_many_arguments,
+    reason = "each argument is one fact the check needs"
+)]
 fn check_key_set(
     state: &AppState,
     ks: ParsedKeySet,
@@ -293,8 +324,18 @@ fn check_key_set(
                 state.escrow_public_key.key_id()
             )))
         }
-        (None, true) => return Err(invalid("key_set.escrow", "required: every epoch's DEK is escrowed")),
-        (Some(_), false) => return Err(invalid("key_set.escrow", "this epoch is already escrowed; leave it out")),
+        (None, true) => {
+            return Err(invalid(
+                "key_set.escrow",
+                "required: every epoch's DEK is escrowed",
+            ))
+        }
+        (Some(_), false) => {
+            return Err(invalid(
+                "key_set.escrow",
+                "this epoch is already escrowed; leave it out",
+            ))
+        }
         (None, false) => {}
     }
     let set = ClientWrappedKeySet {
@@ -328,11 +369,17 @@ fn check_key_set(
 }
 
 /// The author device's current identity key, from the recipients' current keys.
-fn author_identity(keys: &[UserKey], user: &UserId, device: &DeviceId) -> Result<IdentityPublicKey, Status> {
+fn author_identity(
+    keys: &[UserKey],
+    user: &UserId,
+    device: &DeviceId,
+) -> Result<IdentityPublicKey, Status> {
     let key = keys
         .iter()
         .find(|k| &k.user == user && &k.device == device)
-        .ok_or_else(|| Status::failed_precondition("author_device_id: the author device has no current key"))?;
+        .ok_or_else(|| {
+            Status::failed_precondition("author_device_id: the author device has no current key")
+        })?;
     IdentityPublicKey::from_slice(&key.identity_key).map_err(|e| {
         tracing::error!(error = %e, "stored identity key does not parse");
         Status::internal("internal error")
@@ -392,28 +439,44 @@ impl Sessions for SessionsService {
         match pb::SessionMode::try_from(req.mode) {
             Ok(pb::SessionMode::ServiceWrapped) => {
                 if !matches!(caller, Principal::App { .. }) {
-                    return Err(Status::permission_denied("SERVICE_WRAPPED sessions are created by app servers"));
+                    return Err(Status::permission_denied(
+                        "SERVICE_WRAPPED sessions are created by app servers",
+                    ));
                 }
                 if !req.session_id.is_empty() {
-                    return Err(invalid("session_id", "chosen by the service for SERVICE_WRAPPED sessions"));
+                    return Err(invalid(
+                        "session_id",
+                        "chosen by the service for SERVICE_WRAPPED sessions",
+                    ));
                 }
                 if !req.author_device_id.is_empty() {
-                    return Err(invalid("author_device_id", "only for CLIENT_WRAPPED sessions"));
+                    return Err(invalid(
+                        "author_device_id",
+                        "only for CLIENT_WRAPPED sessions",
+                    ));
                 }
                 if req.key_set.is_some() {
                     return Err(invalid("key_set", "only for CLIENT_WRAPPED sessions"));
                 }
-                self.create_service_wrapped(author, users, suite, req.return_plaintext_dek).await
+                self.create_service_wrapped(author, users, suite, req.return_plaintext_dek)
+                    .await
             }
             Ok(pb::SessionMode::ClientWrapped) => {
                 if req.return_plaintext_dek {
-                    return Err(invalid("return_plaintext_dek", "the service never holds a CLIENT_WRAPPED DEK"));
+                    return Err(invalid(
+                        "return_plaintext_dek",
+                        "the service never holds a CLIENT_WRAPPED DEK",
+                    ));
                 }
                 let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
-                let author_device = parse_field("author_device_id", DeviceId::new(req.author_device_id.clone()))?;
+                let author_device = parse_field(
+                    "author_device_id",
+                    DeviceId::new(req.author_device_id.clone()),
+                )?;
                 let key_set = parse_key_set(req.key_set.as_ref())?;
                 match &caller {
-                    Principal::Device { user, device, .. } if user == &author && device == &author_device => {}
+                    Principal::Device { user, device, .. }
+                        if user == &author && device == &author_device => {}
                     _ => {
                         return Err(Status::permission_denied(
                             "CLIENT_WRAPPED sessions are created by their author device",
@@ -439,7 +502,14 @@ impl Sessions for SessionsService {
         if users.is_empty() {
             return Err(invalid("user_ids", "must not be empty"));
         }
-        let session = live(self.state.store.session(&session_id).await.map_err(store_status)?).map_err(store_status)?;
+        let session = live(
+            self.state
+                .store
+                .session(&session_id)
+                .await
+                .map_err(store_status)?,
+        )
+        .map_err(store_status)?;
         require_session_owner(&caller, &session)?;
         let key_set = match session.mode {
             SessionMode::ServiceWrapped if req.key_set.is_some() => {
@@ -449,18 +519,22 @@ impl Sessions for SessionsService {
             SessionMode::ClientWrapped => Some(parse_key_set(req.key_set.as_ref())?),
         };
 
-        let keys = self.state.store.current_user_keys(&users).await.map_err(store_status)?;
+        let keys = self
+            .state
+            .store
+            .current_user_keys(&users)
+            .await
+            .map_err(store_status)?;
         let candidates = targets_from_keys(keys)?;
         too_many_keys(candidates.len())?;
         let state = self.state.clone();
         let author_keys = match session.mode {
-            SessionMode::ClientWrapped => {
-                self.state
-                    .store
-                    .current_user_keys(std::slice::from_ref(&session.author_user))
-                    .await
-                    .map_err(store_status)?
-            }
+            SessionMode::ClientWrapped => self
+                .state
+                .store
+                .current_user_keys(std::slice::from_ref(&session.author_user))
+                .await
+                .map_err(store_status)?,
             SessionMode::ServiceWrapped => Vec::new(),
         };
         let result = self
@@ -472,20 +546,31 @@ impl Sessions for SessionsService {
                 let members = tx.active_members(&session_id).await?;
                 let new: Vec<Target> = candidates
                     .into_iter()
-                    .filter(|t| !members.iter().any(|m| m.user == t.user && m.device == t.device))
+                    .filter(|t| {
+                        !members
+                            .iter()
+                            .any(|m| m.user == t.user && m.device == t.device)
+                    })
                     .collect();
                 let keys = match key_set {
                     None => {
-                        let Some((version, envelope)) = tx.service_key(&session_id, epoch).await? else {
-                            return Ok(Err(Status::failed_precondition("the session has no service copy of its key")));
+                        let Some((version, envelope)) = tx.service_key(&session_id, epoch).await?
+                        else {
+                            return Ok(Err(Status::failed_precondition(
+                                "the session has no service copy of its key",
+                            )));
                         };
                         if version != state.kek.version().0 {
                             return Ok(Err(Status::failed_precondition(format!(
                                 "the session key is under KEK version {version}; rotate the session"
                             ))));
                         }
-                        let dek = match open_under_kek(&state.kek, &envelope, &KekContext::ServiceDek { session_id, epoch })
-                            .and_then(|b| Dek::from_slice(&b))
+                        let dek = match open_under_kek(
+                            &state.kek,
+                            &envelope,
+                            &KekContext::ServiceDek { session_id, epoch },
+                        )
+                        .and_then(|b| Dek::from_slice(&b))
                         {
                             Ok(d) => d,
                             Err(e) => return Ok(Err(crypto_internal(e))),
@@ -499,7 +584,11 @@ impl Sessions for SessionsService {
                         let Some(author_device) = session.author_device.clone() else {
                             return Ok(Err(Status::internal("internal error")));
                         };
-                        let identity = match author_identity(&author_keys, &session.author_user, &author_device) {
+                        let identity = match author_identity(
+                            &author_keys,
+                            &session.author_user,
+                            &author_device,
+                        ) {
                             Ok(i) => i,
                             Err(s) => return Ok(Err(s)),
                         };
@@ -522,7 +611,8 @@ impl Sessions for SessionsService {
                 // rotation moved the session on since it was read (row lock on PostgreSQL).
                 tx.lock_epoch(&session_id, epoch).await?;
                 tx.insert_epoch_keys(&session_id, &keys).await?;
-                tx.add_members(&session_id, epoch, &members_of(&new)).await?;
+                tx.add_members(&session_id, epoch, &members_of(&new))
+                    .await?;
                 Ok(Ok((epoch, keys)))
             })
             .await
@@ -545,7 +635,9 @@ impl Sessions for SessionsService {
         if users.is_empty() {
             return Err(invalid("user_ids", "must not be empty"));
         }
-        let (epoch, keys) = self.new_epoch(&caller, session_id, users, req.key_set.as_ref()).await?;
+        let (epoch, keys) = self
+            .new_epoch(&caller, session_id, users, req.key_set.as_ref())
+            .await?;
         Ok(Response::new(pb::RemoveRecipientsResponse {
             epoch: epoch.get(),
             session_keys: session_keys_to_wire(session_id, epoch, &keys),
@@ -559,7 +651,9 @@ impl Sessions for SessionsService {
         let caller = principal(&request)?.clone();
         let req = request.into_inner();
         let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
-        let (epoch, keys) = self.new_epoch(&caller, session_id, Vec::new(), req.key_set.as_ref()).await?;
+        let (epoch, keys) = self
+            .new_epoch(&caller, session_id, Vec::new(), req.key_set.as_ref())
+            .await?;
         Ok(Response::new(pb::RotateSessionResponse {
             epoch: epoch.get(),
             session_keys: session_keys_to_wire(session_id, epoch, &keys),
@@ -572,12 +666,24 @@ impl Sessions for SessionsService {
     ) -> Result<Response<pb::GetSessionKeysResponse>, Status> {
         let caller = principal(&request)?.clone();
         let Principal::Device { user, device, .. } = &caller else {
-            return Err(Status::permission_denied("session keys are fetched by the device they are wrapped for"));
+            return Err(Status::permission_denied(
+                "session keys are fetched by the device they are wrapped for",
+            ));
         };
         let req = request.get_ref();
         let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
-        let epoch = req.epoch.map(|e| parse_field("epoch", Epoch::new(e))).transpose()?;
-        live(self.state.store.session(&session_id).await.map_err(store_status)?).map_err(store_status)?;
+        let epoch = req
+            .epoch
+            .map(|e| parse_field("epoch", Epoch::new(e)))
+            .transpose()?;
+        live(
+            self.state
+                .store
+                .session(&session_id)
+                .await
+                .map_err(store_status)?,
+        )
+        .map_err(store_status)?;
         let keys = self
             .state
             .store
@@ -595,7 +701,9 @@ impl Sessions for SessionsService {
     ) -> Result<Response<pb::SyncSessionKeysResponse>, Status> {
         let caller = principal(&request)?.clone();
         let Principal::Device { user, device, .. } = &caller else {
-            return Err(Status::permission_denied("session keys are synced by the device they are wrapped for"));
+            return Err(Status::permission_denied(
+                "session keys are synced by the device they are wrapped for",
+            ));
         };
         let req = request.get_ref();
         let after = parse_cursor(&req.cursor)?;
@@ -621,7 +729,10 @@ impl Sessions for SessionsService {
         request: Request<pb::DeleteSessionRequest>,
     ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
         let caller = principal(&request)?.clone();
-        let session_id = parse_field("session_id", SessionId::parse(&request.get_ref().session_id))?;
+        let session_id = parse_field(
+            "session_id",
+            SessionId::parse(&request.get_ref().session_id),
+        )?;
         let session = self
             .state
             .store
@@ -631,8 +742,14 @@ impl Sessions for SessionsService {
             .ok_or_else(|| Status::not_found("session_id: no such session"))?;
         match (&caller, session.mode) {
             (Principal::App { .. }, _) => {}
-            (Principal::Device { .. }, SessionMode::ClientWrapped) => require_session_owner(&caller, &session)?,
-            _ => return Err(Status::permission_denied("only an app server or the author device may delete a session")),
+            (Principal::Device { .. }, SessionMode::ClientWrapped) => {
+                require_session_owner(&caller, &session)?
+            }
+            _ => {
+                return Err(Status::permission_denied(
+                    "only an app server or the author device may delete a session",
+                ))
+            }
         }
         let deleted_at = self
             .state
@@ -683,7 +800,12 @@ impl SessionsService {
         suite: Suite,
         return_plaintext_dek: bool,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let keys = self.state.store.current_user_keys(&users).await.map_err(store_status)?;
+        let keys = self
+            .state
+            .store
+            .current_user_keys(&users)
+            .await
+            .map_err(store_status)?;
         let targets = targets_from_keys(keys)?;
         too_many_keys(targets.len())?;
         let session_id = SessionId::generate();
@@ -729,7 +851,12 @@ impl SessionsService {
         suite: Suite,
         key_set: ParsedKeySet,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let keys = self.state.store.current_user_keys(&users).await.map_err(store_status)?;
+        let keys = self
+            .state
+            .store
+            .current_user_keys(&users)
+            .await
+            .map_err(store_status)?;
         let identity = author_identity(&keys, &author, &author_device)?;
         let targets = targets_from_keys(keys)?;
         too_many_keys(targets.len())?;
@@ -763,7 +890,9 @@ impl SessionsService {
             })
             .await
             .map_err(|e| match e {
-                StoreError::AlreadyExists(_) => Status::already_exists("session_id: a session with this id exists"),
+                StoreError::AlreadyExists(_) => {
+                    Status::already_exists("session_id: a session with this id exists")
+                }
                 other => store_status(other),
             })?;
         Ok(Response::new(pb::CreateSessionResponse {
@@ -784,10 +913,20 @@ impl SessionsService {
         removed_users: Vec<UserId>,
         key_set: Option<&pb::ClientWrappedKeySet>,
     ) -> Result<(Epoch, Vec<NewSessionKey>), Status> {
-        let session = live(self.state.store.session(&session_id).await.map_err(store_status)?).map_err(store_status)?;
+        let session = live(
+            self.state
+                .store
+                .session(&session_id)
+                .await
+                .map_err(store_status)?,
+        )
+        .map_err(store_status)?;
         require_session_owner(caller, &session)?;
         if removed_users.contains(&session.author_user) {
-            return Err(invalid("user_ids", "the author cannot be removed from its session"));
+            return Err(invalid(
+                "user_ids",
+                "the author cannot be removed from its session",
+            ));
         }
         let key_set = match session.mode {
             SessionMode::ServiceWrapped if key_set.is_some() => {
@@ -806,7 +945,9 @@ impl SessionsService {
                 let members = tx.active_members(&session_id).await?;
                 for u in &removed_users {
                     if !members.iter().any(|m| &m.user == u) {
-                        return Ok(Err(Status::not_found(format!("user_ids: {u} is not a recipient of this session"))));
+                        return Ok(Err(Status::not_found(format!(
+                            "user_ids: {u} is not a recipient of this session"
+                        ))));
                     }
                 }
                 let staying: Vec<UserId> = members
@@ -820,7 +961,11 @@ impl SessionsService {
                 let targets: Vec<Target> = match targets_from_keys(
                     current
                         .into_iter()
-                        .filter(|k| members.iter().any(|m| m.user == k.user && m.device == k.device))
+                        .filter(|k| {
+                            members
+                                .iter()
+                                .any(|m| m.user == k.user && m.device == k.device)
+                        })
                         .collect(),
                 ) {
                     Ok(t) => t,
@@ -828,11 +973,17 @@ impl SessionsService {
                 };
                 let leaving: Vec<(UserId, DeviceId)> = members
                     .iter()
-                    .filter(|m| !targets.iter().any(|t| t.user == m.user && t.device == m.device))
+                    .filter(|m| {
+                        !targets
+                            .iter()
+                            .any(|t| t.user == m.user && t.device == m.device)
+                    })
                     .map(|m| (m.user.clone(), m.device.clone()))
                     .collect();
                 let Some(to) = from.next() else {
-                    return Ok(Err(Status::failed_precondition("the session has used every epoch")));
+                    return Ok(Err(Status::failed_precondition(
+                        "the session has used every epoch",
+                    )));
                 };
                 let keys = match key_set {
                     None => {
@@ -849,8 +1000,14 @@ impl SessionsService {
                         let Some(author_device) = session.author_device.clone() else {
                             return Ok(Err(Status::internal("internal error")));
                         };
-                        let author_keys = tx.current_user_keys(std::slice::from_ref(&session.author_user)).await?;
-                        let identity = match author_identity(&author_keys, &session.author_user, &author_device) {
+                        let author_keys = tx
+                            .current_user_keys(std::slice::from_ref(&session.author_user))
+                            .await?;
+                        let identity = match author_identity(
+                            &author_keys,
+                            &session.author_user,
+                            &author_device,
+                        ) {
                             Ok(i) => i,
                             Err(s) => return Ok(Err(s)),
                         };
@@ -873,7 +1030,8 @@ impl SessionsService {
                 // makes a concurrent rotation of the same session lose with ABORTED.
                 tx.advance_epoch(&session_id, from).await?;
                 tx.remove_members(&session_id, to, &leaving).await?;
-                tx.add_members(&session_id, to, &members_of(&targets)).await?;
+                tx.add_members(&session_id, to, &members_of(&targets))
+                    .await?;
                 tx.insert_epoch_keys(&session_id, &keys).await?;
                 Ok(Ok((to, keys.session_keys)))
             })

@@ -98,7 +98,8 @@ fn epoch_of(what: &str, v: i32) -> Result<Epoch, StoreError> {
 }
 
 fn epoch_db(e: Epoch) -> Result<i32, StoreError> {
-    i32::try_from(e.get()).map_err(|_| StoreError::Internal(format!("epoch {e} does not fit the database")))
+    i32::try_from(e.get())
+        .map_err(|_| StoreError::Internal(format!("epoch {e} does not fit the database")))
 }
 
 impl TryFrom<SessionRow> for Session {
@@ -109,8 +110,10 @@ impl TryFrom<SessionRow> for Session {
             .and_then(|b| Suite::from_byte(b).ok())
             .ok_or_else(|| StoreError::corrupt("session suite", r.suite))?;
         Ok(Session {
-            session_id: SessionId::from_slice(&r.session_id).map_err(|e| StoreError::corrupt("session id", e))?,
-            author_user: UserId::new(r.author_user_id).map_err(|e| StoreError::corrupt("author user id", e))?,
+            session_id: SessionId::from_slice(&r.session_id)
+                .map_err(|e| StoreError::corrupt("session id", e))?,
+            author_user: UserId::new(r.author_user_id)
+                .map_err(|e| StoreError::corrupt("author user id", e))?,
             author_device: r
                 .author_device_id
                 .map(DeviceId::new)
@@ -177,10 +180,13 @@ impl TryFrom<SessionKeyRow> for SessionKeyRecord {
     fn try_from(r: SessionKeyRow) -> Result<Self, StoreError> {
         Ok(SessionKeyRecord {
             seq: r.id,
-            session_id: SessionId::from_slice(&r.session_id).map_err(|e| StoreError::corrupt("session id", e))?,
+            session_id: SessionId::from_slice(&r.session_id)
+                .map_err(|e| StoreError::corrupt("session id", e))?,
             epoch: epoch_of("session key epoch", r.epoch)?,
-            user: UserId::new(r.recipient_user_id).map_err(|e| StoreError::corrupt("user id", e))?,
-            device: DeviceId::new(r.recipient_device_id).map_err(|e| StoreError::corrupt("device id", e))?,
+            user: UserId::new(r.recipient_user_id)
+                .map_err(|e| StoreError::corrupt("user id", e))?,
+            device: DeviceId::new(r.recipient_device_id)
+                .map_err(|e| StoreError::corrupt("device id", e))?,
             key_id: KeyId::from_slice(&r.key_id).map_err(|e| StoreError::corrupt("key id", e))?,
             envelope: r.envelope,
             created_at: Timestamp::from_unix_micros(r.created_at),
@@ -245,6 +251,9 @@ struct MemberInsert<'a> {
     added_epoch: i32,
 }
 
+/// The advisory lock that orders session-key inserts on PostgreSQL ("keyhold-sk" in ASCII).
+const SESSION_KEYS_LOCK_KEY: i64 = 0x6B68_2D73_6B00;
+
 /// Rows per multi-row INSERT, under both backends' limits on bound parameters.
 const ROWS_PER_INSERT: usize = 500;
 
@@ -282,10 +291,26 @@ async fn get_session(conn: &mut DbConn, id: &SessionId) -> Result<Option<Session
     row.map(Session::try_from).transpose()
 }
 
-async fn insert_epoch_keys(conn: &mut DbConn, id: &SessionId, keys: &EpochKeys) -> Result<(), StoreError> {
+async fn insert_epoch_keys(
+    conn: &mut DbConn,
+    id: &SessionId,
+    keys: &EpochKeys,
+) -> Result<(), StoreError> {
     let now = Timestamp::now().unix_micros();
     let sid = id.as_bytes().as_slice();
     let epoch = epoch_db(keys.epoch)?;
+    // Sync cursors read session keys in `id` order. On PostgreSQL identity values are drawn
+    // before commit, so two transactions could commit out of id order and a cursor could
+    // step past a row that commits later with a lower id. Holding one transaction-scoped
+    // advisory lock while drawing ids makes ids follow commit order. SQLite already has a
+    // single writer (BEGIN IMMEDIATE).
+    db_run!(conn: sqlite {
+    } postgres {
+        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
+            .bind::<diesel::sql_types::BigInt, _>(SESSION_KEYS_LOCK_KEY)
+            .execute(conn)
+            .await?;
+    });
     for chunk in keys.session_keys.chunks(ROWS_PER_INSERT) {
         let rows: Vec<SessionKeyInsert<'_>> = chunk
             .iter()
@@ -325,8 +350,11 @@ async fn insert_epoch_keys(conn: &mut DbConn, id: &SessionId, keys: &EpochKeys) 
         });
     }
     if let Some((kek_version, envelope)) = &keys.service_key {
-        let kek_version = i32::try_from(*kek_version)
-            .map_err(|_| StoreError::Internal(format!("KEK version {kek_version} does not fit the database")))?;
+        let kek_version = i32::try_from(*kek_version).map_err(|_| {
+            StoreError::Internal(format!(
+                "KEK version {kek_version} does not fit the database"
+            ))
+        })?;
         db_run!(conn: {
             diesel::insert_into(service_keys::table)
                 .values((
@@ -343,7 +371,12 @@ async fn insert_epoch_keys(conn: &mut DbConn, id: &SessionId, keys: &EpochKeys) 
     Ok(())
 }
 
-async fn add_members(conn: &mut DbConn, id: &SessionId, epoch: Epoch, members: &[Member]) -> Result<(), StoreError> {
+async fn add_members(
+    conn: &mut DbConn,
+    id: &SessionId,
+    epoch: Epoch,
+    members: &[Member],
+) -> Result<(), StoreError> {
     let sid = id.as_bytes().as_slice();
     let epoch = epoch_db(epoch)?;
     for m in members {
@@ -388,7 +421,8 @@ async fn active_members(conn: &mut DbConn, id: &SessionId) -> Result<Vec<Member>
             Ok(Member {
                 user: UserId::new(u).map_err(|e| StoreError::corrupt("member user id", e))?,
                 device: DeviceId::new(d).map_err(|e| StoreError::corrupt("member device id", e))?,
-                key_id: KeyId::from_slice(&k).map_err(|e| StoreError::corrupt("member key id", e))?,
+                key_id: KeyId::from_slice(&k)
+                    .map_err(|e| StoreError::corrupt("member key id", e))?,
             })
         })
         .collect()
@@ -419,7 +453,11 @@ async fn remove_members(
     Ok(())
 }
 
-async fn advance_epoch(conn: &mut DbConn, id: &SessionId, from: Epoch) -> Result<Epoch, StoreError> {
+async fn advance_epoch(
+    conn: &mut DbConn,
+    id: &SessionId,
+    from: Epoch,
+) -> Result<Epoch, StoreError> {
     let next = from
         .next()
         .ok_or_else(|| StoreError::VersionConflict("the session has used every epoch".into()))?;
@@ -461,12 +499,18 @@ async fn lock_epoch(conn: &mut DbConn, id: &SessionId, epoch: Epoch) -> Result<(
         .await?
     });
     if updated == 0 {
-        return Err(StoreError::VersionConflict(format!("session {id} is no longer at epoch {epoch}")));
+        return Err(StoreError::VersionConflict(format!(
+            "session {id} is no longer at epoch {epoch}"
+        )));
     }
     Ok(())
 }
 
-async fn service_key(conn: &mut DbConn, id: &SessionId, epoch: Epoch) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
+async fn service_key(
+    conn: &mut DbConn,
+    id: &SessionId,
+    epoch: Epoch,
+) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
     let sid = id.as_bytes().as_slice();
     let epoch = epoch_db(epoch)?;
     let row: Option<(i32, Vec<u8>)> = db_run!(conn: {
@@ -477,12 +521,20 @@ async fn service_key(conn: &mut DbConn, id: &SessionId, epoch: Epoch) -> Result<
             .await
             .optional()?
     });
-    row.map(|(v, env)| Ok((unsigned("KEK version", v)?, env))).transpose()
+    row.map(|(v, env)| Ok((unsigned("KEK version", v)?, env)))
+        .transpose()
 }
 
-async fn staff_keys_of(conn: &mut DbConn, id: &SessionId, epochs: &[Epoch]) -> Result<Vec<StaffKeyRecord>, StoreError> {
+async fn staff_keys_of(
+    conn: &mut DbConn,
+    id: &SessionId,
+    epochs: &[Epoch],
+) -> Result<Vec<StaffKeyRecord>, StoreError> {
     let sid = id.as_bytes().as_slice();
-    let wanted: Vec<i32> = epochs.iter().map(|e| epoch_db(*e)).collect::<Result<_, _>>()?;
+    let wanted: Vec<i32> = epochs
+        .iter()
+        .map(|e| epoch_db(*e))
+        .collect::<Result<_, _>>()?;
     let rows: Vec<(i32, Vec<u8>, Vec<u8>)> = db_run!(conn: {
         let mut q = staff_keys::table
             .filter(staff_keys::session_id.eq(sid))
@@ -498,7 +550,8 @@ async fn staff_keys_of(conn: &mut DbConn, id: &SessionId, epochs: &[Epoch]) -> R
         .map(|(e, k, env)| {
             Ok(StaffKeyRecord {
                 epoch: epoch_of("staff key epoch", e)?,
-                escrow_key_id: KeyId::from_slice(&k).map_err(|e| StoreError::corrupt("escrow key id", e))?,
+                escrow_key_id: KeyId::from_slice(&k)
+                    .map_err(|e| StoreError::corrupt("escrow key id", e))?,
                 envelope: env,
             })
         })
@@ -593,12 +646,21 @@ impl Tx {
     }
 
     /// Stores one epoch's session keys, escrow copy and service copy.
-    pub async fn insert_epoch_keys(&mut self, id: &SessionId, keys: &EpochKeys) -> Result<(), StoreError> {
+    pub async fn insert_epoch_keys(
+        &mut self,
+        id: &SessionId,
+        keys: &EpochKeys,
+    ) -> Result<(), StoreError> {
         insert_epoch_keys(&mut self.conn, id, keys).await
     }
 
     /// Makes these devices members from `epoch` on (again, if they were removed).
-    pub async fn add_members(&mut self, id: &SessionId, epoch: Epoch, members: &[Member]) -> Result<(), StoreError> {
+    pub async fn add_members(
+        &mut self,
+        id: &SessionId,
+        epoch: Epoch,
+        members: &[Member],
+    ) -> Result<(), StoreError> {
         add_members(&mut self.conn, id, epoch, members).await
     }
 
@@ -619,7 +681,11 @@ impl Tx {
 
     /// Moves the session from epoch `from` to the next one, if it is still at `from` and not
     /// deleted; [`StoreError::VersionConflict`] otherwise.
-    pub async fn advance_epoch(&mut self, id: &SessionId, from: Epoch) -> Result<Epoch, StoreError> {
+    pub async fn advance_epoch(
+        &mut self,
+        id: &SessionId,
+        from: Epoch,
+    ) -> Result<Epoch, StoreError> {
         advance_epoch(&mut self.conn, id, from).await
     }
 
@@ -630,12 +696,20 @@ impl Tx {
     }
 
     /// The service copy of an epoch's DEK: (KEK version, envelope).
-    pub async fn service_key(&mut self, id: &SessionId, epoch: Epoch) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
+    pub async fn service_key(
+        &mut self,
+        id: &SessionId,
+        epoch: Epoch,
+    ) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
         service_key(&mut self.conn, id, epoch).await
     }
 
     /// The escrow copies of the given epochs of a session (all epochs when `epochs` is empty).
-    pub async fn staff_keys(&mut self, id: &SessionId, epochs: &[Epoch]) -> Result<Vec<StaffKeyRecord>, StoreError> {
+    pub async fn staff_keys(
+        &mut self,
+        id: &SessionId,
+        epochs: &[Epoch],
+    ) -> Result<Vec<StaffKeyRecord>, StoreError> {
         staff_keys_of(&mut self.conn, id, epochs).await
     }
 

@@ -39,10 +39,14 @@ impl TestServer {
     /// Starts a server on `db`: migrations applied, fresh KEK and escrow key pair, an admin
     /// token issued directly in the store.
     pub async fn start(db: TestDb) -> TestServer {
-        let key_dir = std::env::temp_dir().join(format!("keyhold-test-keys-{}", uuid::Uuid::now_v7().simple()));
-        let (keys, _warnings) = keyfiles::load_or_generate(&key_dir, None, None).expect("generate keys");
-        let escrow_key =
-            keyfiles::read_escrow_private_key(&key_dir.join("dev-escrow.key")).expect("read escrow private key");
+        let key_dir = std::env::temp_dir().join(format!(
+            "keyhold-test-keys-{}",
+            uuid::Uuid::now_v7().simple()
+        ));
+        let (keys, _warnings) =
+            keyfiles::load_or_generate(&key_dir, None, None).expect("generate keys");
+        let escrow_key = keyfiles::read_escrow_private_key(&key_dir.join("dev-escrow.key"))
+            .expect("read escrow private key");
         let store = Store::open(&db.url).await.expect("open store");
         store.migrate().await.expect("migrate");
         let admin = create_token(
@@ -57,7 +61,9 @@ impl TestServer {
         .await
         .expect("admin token");
         let state = keyhold::server::app_state(store.clone(), keys, 1000);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
@@ -86,7 +92,9 @@ impl TestServer {
 
     /// A client holding `token`.
     pub async fn client(&self, token: &str) -> Client {
-        Client::connect(&self.endpoint, token).await.expect("connect")
+        Client::connect(&self.endpoint, token)
+            .await
+            .expect("connect")
     }
 
     /// Creates a token of `role` through the Admin service (device tokens need a binding).
