@@ -144,15 +144,20 @@ impl TestDevice {
     /// Generates keys, gets a device token and publishes the key bundle as the device itself.
     pub async fn enroll(server: &TestServer, user: &str, device: &str) -> TestDevice {
         let token = server.token(pb::Role::Device, user, device).await;
-        let d = TestDevice {
+        let d = TestDevice::new(user, device, token);
+        d.publish(server).await;
+        d
+    }
+
+    /// A device with fresh keys and the given token, not yet published.
+    pub fn new(user: &str, device: &str, token: String) -> TestDevice {
+        TestDevice {
             user: UserId::new(user).expect("user id"),
             device: DeviceId::new(device).expect("device id"),
             xwing: DecapsulationKey::generate().expect("keygen"),
             identity: IdentityKeyPair::generate().expect("identity"),
             token,
-        };
-        d.publish(server).await;
-        d
+        }
     }
 
     /// The signed PublishDeviceKey request for this device's current keys.
