@@ -64,6 +64,24 @@ impl fmt::Debug for keyhold::v1::CreateTokenResponse {
     }
 }
 
+// The same messages wipe their secret when dropped: after tonic has encoded a response, the
+// message is dropped and the DEK or token bytes it held are zeroized. (The encoded copy lives
+// in the transport's send buffer until written; that buffer is not ours to wipe.)
+
+impl Drop for keyhold::v1::CreateSessionResponse {
+    fn drop(&mut self) {
+        if let Some(dek) = self.plaintext_dek.as_mut() {
+            zeroize::Zeroize::zeroize(dek);
+        }
+    }
+}
+
+impl Drop for keyhold::v1::CreateTokenResponse {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.token);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::keyhold::v1 as pb;

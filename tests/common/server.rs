@@ -99,7 +99,9 @@ impl TestServer {
 
     /// Creates a token of `role` through the Admin service (device tokens need a binding).
     pub async fn token(&self, role: pb::Role, user: &str, device: &str) -> String {
-        self.client(&self.admin_token)
+        // The response wipes its token when dropped: take the token out first.
+        let mut response = self
+            .client(&self.admin_token)
             .await
             .admin()
             .create_token(pb::CreateTokenRequest {
@@ -110,8 +112,8 @@ impl TestServer {
             })
             .await
             .expect("create token")
-            .into_inner()
-            .token
+            .into_inner();
+        std::mem::take(&mut response.token)
     }
 
     /// Stops the server and waits for it.
