@@ -135,6 +135,14 @@ impl EncapsulationKey {
         let mlkem = mlkem768::PublicKey::from_bytes(m)
             .map_err(|_| CryptoError::InvalidKey("X-Wing encapsulation key"))?;
         let x25519 = exact::<X25519_LEN>("X25519 public key", x)?;
+        if is_low_order_x25519(&x25519) {
+            // Every encapsulation to such a key would give an all-zero Diffie-Hellman secret,
+            // which AWS-LC refuses: one such device key would make every wrap to its sessions
+            // fail. Refused here, where the key enters.
+            return Err(CryptoError::InvalidKey(
+                "X-Wing encapsulation key (X25519 part is a low-order point)",
+            ));
+        }
         Ok(Self {
             mlkem,
             x25519,
@@ -215,6 +223,31 @@ impl fmt::Debug for EncapsulationKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "EncapsulationKey({})", self.id)
     }
+}
+
+/// Whether an X25519 public key (as RFC 7748 reads it: bit 255 ignored) is a point of order
+/// dividing 8. The canonical u-coordinates are those of curve25519-dalek's eight-torsion
+/// points; the only non-canonical encodings of them below 2^255 are p and p + 1.
+fn is_low_order_x25519(u: &[u8; X25519_LEN]) -> bool {
+    static LOW_ORDER: std::sync::OnceLock<Vec<[u8; 32]>> = std::sync::OnceLock::new();
+    let list = LOW_ORDER.get_or_init(|| {
+        let mut list: Vec<[u8; 32]> = curve25519_dalek::constants::EIGHT_TORSION
+            .iter()
+            .map(|p| p.to_montgomery().to_bytes())
+            .collect();
+        let mut p = [0xffu8; 32];
+        p[0] = 0xed;
+        p[31] = 0x7f;
+        let mut p_plus_1 = p;
+        p_plus_1[0] = 0xee;
+        list.extend([p, p_plus_1]);
+        list.sort_unstable();
+        list.dedup();
+        list
+    });
+    let mut masked = *u;
+    masked[31] &= 0x7f;
+    list.contains(&masked)
 }
 
 /// The fingerprint of a 1,216-byte encapsulation key.
@@ -489,6 +522,43 @@ mod tests {
             EncapsulationKey::from_slice(&bytes[..100]),
             Err(CryptoError::InvalidLength { .. })
         ));
+    }
+
+    #[test]
+    fn low_order_x25519_part_is_refused_at_parse() {
+        // Regression: such a key parsed, and then every wrap to it failed with OpenFailed,
+        // so one device could break every session it was a recipient of.
+        let dk = DecapsulationKey::generate().unwrap();
+        let good = dk.encapsulation_key().to_bytes();
+        let mut refused = 0;
+        for point in curve25519_dalek::constants::EIGHT_TORSION {
+            for high_bit in [0u8, 0x80] {
+                let mut bytes = good.clone();
+                let mut u = point.to_montgomery().to_bytes();
+                u[31] |= high_bit;
+                bytes[MLKEM_EK_LEN..].copy_from_slice(&u);
+                assert!(matches!(
+                    EncapsulationKey::from_slice(&bytes),
+                    Err(CryptoError::InvalidKey(_))
+                ));
+                refused += 1;
+            }
+        }
+        assert_eq!(refused, 16);
+        // p and p + 1 are non-canonical spellings of 0 and 1.
+        for first in [0xedu8, 0xee] {
+            let mut bytes = good.clone();
+            bytes[MLKEM_EK_LEN..].fill(0xff);
+            bytes[MLKEM_EK_LEN] = first;
+            bytes[ENCAPSULATION_KEY_LEN - 1] = 0x7f;
+            assert!(matches!(
+                EncapsulationKey::from_slice(&bytes),
+                Err(CryptoError::InvalidKey(_))
+            ));
+        }
+        // An ordinary key still parses and wraps.
+        let ek = EncapsulationKey::from_slice(&good).unwrap();
+        assert!(ek.encapsulate().is_ok());
     }
 
     #[test]
