@@ -1,0 +1,1018 @@
+//! Trust-model rules 2 and 4 end to end over gRPC, on SQLite and PostgreSQL:
+//!
+//! - no plaintext DEK, token, KEK or escrow private key is ever written to the database: every
+//!   stored byte is read back (SQLite's files from disk, every row of every PostgreSQL table)
+//!   and searched in raw, hex, base64 and `Debug` forms;
+//! - no token or DEK reaches the logs, even at TRACE, on success or error paths;
+//! - the audit chain verifies, and a changed or deleted row is named;
+//! - an escrow read whose audit write fails returns an error and no key.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use common::server::{TestDevice, TestServer};
+use common::Kind;
+use diesel::QueryableByName;
+use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
+use keyhold::crypto::envelope::{open_dek, wrap_dek, DekEnvelope, Recipient, WrapContext};
+use keyhold::crypto::ids::{Epoch, SessionId};
+use keyhold::crypto::keys::Dek;
+use keyhold::crypto::sign::{ClientWrap, ClientWrappedKeySet, EscrowWrap};
+use keyhold::crypto::Suite;
+use keyhold::keyfiles;
+use keyhold::proto::keyhold::v1 as pb;
+use tonic::Code;
+
+// ---------------------------------------------------------------------------------------------
+// The forms a secret could take in stored bytes or log text.
+
+const BASE64_STANDARD: &[u8; 64] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const BASE64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+
+fn base64(bytes: &[u8], alphabet: &[u8; 64]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..=chunk.len() {
+            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
+        }
+        for _ in chunk.len()..3 {
+            out.push('=');
+        }
+    }
+    out
+}
+
+/// The base64 text `secret` shows inside a longer base64 string, whatever its offset there:
+/// for each of the three alignments, the characters that depend on the secret's bytes alone.
+fn base64_needles(secret: &[u8], alphabet: &[u8; 64]) -> Vec<String> {
+    (0..3)
+        .map(|shift| {
+            let mut data = vec![0u8; shift];
+            data.extend_from_slice(secret);
+            let encoded = base64(&data, alphabet);
+            let first = shift.div_ceil(3);
+            let last = (shift + secret.len()) / 3; // groups [first, last) hold secret bytes only
+            encoded[4 * first..4 * last].to_string()
+        })
+        .collect()
+}
+
+/// Every form of `secret` searched for: raw, lower and upper hex, base64 (both alphabets, any
+/// alignment) and Rust's `Debug` of a byte slice (`1, 2, 3`).
+fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = vec![
+        secret.to_vec(),
+        hex::encode(secret).into_bytes(),
+        hex::encode_upper(secret).into_bytes(),
+    ];
+    for alphabet in [BASE64_STANDARD, BASE64_URL] {
+        out.extend(
+            base64_needles(secret, alphabet)
+                .into_iter()
+                .map(String::into_bytes),
+        );
+    }
+    let debug = format!("{secret:?}");
+    out.push(
+        debug
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .as_bytes()
+            .to_vec(),
+    );
+    out
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Which form of `secret`, if any, occurs in `haystack`.
+fn leaked_form(haystack: &[u8], secret: &[u8]) -> Option<String> {
+    forms(secret)
+        .into_iter()
+        .find(|f| contains(haystack, f))
+        .map(|f| {
+            String::from_utf8(f.clone())
+                .unwrap_or_else(|_| format!("raw bytes {}", hex::encode(&f)))
+        })
+}
+
+/// The 32-byte secret part of a `kh_<id>_<secret>` token.
+fn token_secret(token: &str) -> Vec<u8> {
+    let secret_hex = token.rsplit('_').next().expect("token has a secret part");
+    let secret = hex::decode(secret_hex).expect("secret is hex");
+    assert_eq!(secret.len(), 32, "token secret length");
+    secret
+}
+
+/// What the store keeps of a token: SHA-256 of its secret part, computed here independently.
+fn token_hash(token: &str) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, &token_secret(token))
+        .as_ref()
+        .to_vec()
+}
+
+/// Asserts that none of the tokens or DEKs occurs in `haystack`, in any form.
+fn assert_no_secret(
+    place: &str,
+    haystack: &[u8],
+    tokens: &[String],
+    secrets: &[(String, Vec<u8>)],
+) {
+    for t in tokens {
+        assert!(
+            !contains(haystack, t.as_bytes()),
+            "{place}: a plaintext token occurs"
+        );
+        if let Some(form) = leaked_form(haystack, &token_secret(t)) {
+            panic!("{place}: a token's secret occurs as {form}");
+        }
+    }
+    for (name, secret) in secrets {
+        if let Some(form) = leaked_form(haystack, secret) {
+            panic!("{place}: {name} occurs as {form}");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Driving the service.
+
+async fn app_client(server: &TestServer, tokens: &mut Vec<String>) -> keyhold::client::Client {
+    let token = server.token(pb::Role::App, "", "").await;
+    tokens.push(token.clone());
+    server.client(&token).await
+}
+
+async fn staff_client(server: &TestServer, tokens: &mut Vec<String>) -> keyhold::client::Client {
+    let token = server.token(pb::Role::Staff, "", "").await;
+    tokens.push(token.clone());
+    server.client(&token).await
+}
+
+async fn enroll(
+    server: &TestServer,
+    tokens: &mut Vec<String>,
+    user: &str,
+    device: &str,
+) -> TestDevice {
+    let d = TestDevice::enroll(server, user, device).await;
+    tokens.push(d.token.clone());
+    d
+}
+
+fn device_ctx(d: &TestDevice, session: SessionId, epoch: Epoch) -> WrapContext {
+    WrapContext {
+        session_id: session,
+        epoch,
+        recipient: Recipient::Device {
+            user: d.user.clone(),
+            device: d.device.clone(),
+        },
+    }
+}
+
+/// Opens `d`'s envelope among `keys` (as returned by a Sessions call).
+fn open_for(d: &TestDevice, keys: &[pb::SessionKey]) -> Dek {
+    let k = keys
+        .iter()
+        .find(|k| k.user_id == d.user.as_str() && k.device_id == d.device.as_str())
+        .unwrap_or_else(|| panic!("no key for {}/{}", d.user, d.device));
+    let session = SessionId::parse(&k.session_id).expect("session id");
+    let epoch = Epoch::new(k.epoch).expect("epoch");
+    let envelope = DekEnvelope::from_bytes(&k.envelope).expect("envelope");
+    open_dek(&envelope, &d.xwing, &device_ctx(d, session, epoch))
+        .expect("device opens its envelope")
+}
+
+/// A SERVICE_WRAPPED session asking for the plaintext DEK.
+async fn service_wrapped(
+    app: &keyhold::client::Client,
+    author: &str,
+    recipients: &[&str],
+) -> (SessionId, Dek, pb::CreateSessionResponse) {
+    let created = app
+        .sessions()
+        .create_session(pb::CreateSessionRequest {
+            mode: pb::SessionMode::ServiceWrapped as i32,
+            author_user_id: author.into(),
+            recipients: Some(pb::create_session_request::Recipients::UserIds(
+                pb::UserIdList {
+                    user_ids: recipients.iter().map(|u| u.to_string()).collect(),
+                },
+            )),
+            return_plaintext_dek: true,
+            ..Default::default()
+        })
+        .await
+        .expect("create service-wrapped session")
+        .into_inner();
+    let session = SessionId::parse(&created.session_id).expect("session id");
+    let dek = Dek::from_slice(
+        created
+            .plaintext_dek
+            .as_deref()
+            .expect("plaintext asked for"),
+    )
+    .expect("dek");
+    (session, dek, created)
+}
+
+/// A CLIENT_WRAPPED session by `author` for every device in `devices` (the author's included),
+/// with a DEK drawn here.
+async fn client_wrapped(
+    server: &TestServer,
+    author: &TestDevice,
+    devices: &[&TestDevice],
+) -> (SessionId, Dek) {
+    let session = SessionId::generate();
+    let dek = Dek::generate().expect("dek");
+    let wraps: Vec<ClientWrap> = devices
+        .iter()
+        .map(|d| ClientWrap {
+            user: d.user.clone(),
+            device: d.device.clone(),
+            key_id: d.xwing.encapsulation_key().key_id(),
+            envelope: wrap_dek(
+                &dek,
+                d.xwing.encapsulation_key(),
+                &device_ctx(d, session, Epoch::FIRST),
+            )
+            .expect("wrap"),
+        })
+        .collect();
+    let escrow_key = server.escrow_key.encapsulation_key();
+    let escrow = EscrowWrap {
+        key_id: escrow_key.key_id(),
+        envelope: wrap_dek(
+            &dek,
+            escrow_key,
+            &WrapContext {
+                session_id: session,
+                epoch: Epoch::FIRST,
+                recipient: Recipient::Escrow,
+            },
+        )
+        .expect("escrow wrap"),
+    };
+    let set = ClientWrappedKeySet {
+        suite: Suite::XWingAes256GcmV1,
+        session_id: session,
+        epoch: Epoch::FIRST,
+        author_user: author.user.clone(),
+        author_device: author.device.clone(),
+        wraps: wraps.clone(),
+        escrow: Some(escrow.clone()),
+    };
+    let signature = author.identity.sign(&set);
+    let recipients: BTreeSet<String> = devices
+        .iter()
+        .filter(|d| d.user != author.user)
+        .map(|d| d.user.to_string())
+        .collect();
+    author
+        .client(server)
+        .await
+        .sessions()
+        .create_session(pb::CreateSessionRequest {
+            mode: pb::SessionMode::ClientWrapped as i32,
+            author_user_id: author.user.to_string(),
+            author_device_id: author.device.to_string(),
+            session_id: session.to_string(),
+            recipients: Some(pb::create_session_request::Recipients::UserIds(
+                pb::UserIdList {
+                    user_ids: recipients.into_iter().collect(),
+                },
+            )),
+            key_set: Some(pb::ClientWrappedKeySet {
+                epoch: 1,
+                wraps: wraps
+                    .iter()
+                    .map(|w| pb::ClientWrap {
+                        user_id: w.user.to_string(),
+                        device_id: w.device.to_string(),
+                        key_id: w.key_id.as_bytes().to_vec(),
+                        envelope: w.envelope.as_bytes().to_vec(),
+                    })
+                    .collect(),
+                escrow: Some(pb::EscrowWrap {
+                    escrow_key_id: escrow.key_id.as_bytes().to_vec(),
+                    envelope: escrow.envelope.as_bytes().to_vec(),
+                }),
+                signature: signature.as_bytes().to_vec(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("create client-wrapped session");
+    (session, dek)
+}
+
+/// Every escrowed DEK of `session`, opened with the staff key, by epoch.
+async fn escrowed_deks(
+    server: &TestServer,
+    staff: &keyhold::client::Client,
+    session: SessionId,
+) -> Vec<(u32, Dek)> {
+    let resp = staff
+        .escrow()
+        .get_escrowed_keys(pb::GetEscrowedKeysRequest {
+            session_id: session.to_string(),
+            epochs: Vec::new(),
+            reason: "test: secrets at rest".into(),
+        })
+        .await
+        .expect("escrow read")
+        .into_inner();
+    resp.staff_keys
+        .iter()
+        .map(|k| {
+            let ctx = WrapContext {
+                session_id: session,
+                epoch: Epoch::new(k.epoch).expect("epoch"),
+                recipient: Recipient::Escrow,
+            };
+            let env = DekEnvelope::from_bytes(&k.envelope).expect("envelope");
+            (
+                k.epoch,
+                open_dek(&env, &server.escrow_key, &ctx).expect("escrow opens"),
+            )
+        })
+        .collect()
+}
+
+/// What a run of the API left behind: every token, every DEK, and stored bytes it knows of.
+struct Footprint {
+    tokens: Vec<String>,
+    deks: Vec<Dek>,
+    /// An envelope the store must hold (the scan's positive control besides token hashes).
+    stored_envelope: Vec<u8>,
+}
+
+/// Creates tokens of every role, two service-wrapped sessions (one rotated, extended and
+/// shrunk) and a client-wrapped one, and returns every secret involved.
+async fn exercise_sessions(server: &TestServer) -> Footprint {
+    let mut tokens = vec![server.admin_token.clone()];
+    let alice = enroll(server, &mut tokens, "alice", "phone").await;
+    let bob = enroll(server, &mut tokens, "bob", "phone").await;
+    let app = app_client(server, &mut tokens).await;
+    let staff = staff_client(server, &mut tokens).await;
+
+    // Session 1: service-wrapped, epoch 1 from the plaintext the service returns.
+    let (s1, dek1, _) = service_wrapped(&app, "alice", &["bob"]).await;
+    assert_eq!(open_for(&bob, &device_keys(&bob, server, s1).await), dek1);
+    // Rotated: epoch 2, known by opening Alice's new envelope.
+    let rotated = app
+        .sessions()
+        .rotate_session(pb::RotateSessionRequest {
+            session_id: s1.to_string(),
+            key_set: None,
+        })
+        .await
+        .expect("rotate")
+        .into_inner();
+    assert_eq!(rotated.epoch, 2);
+    let dek2 = open_for(&alice, &rotated.session_keys);
+    assert_ne!(dek2, dek1);
+    // Carol joins at epoch 2: wrapped from the service's KEK copy, the same DEK.
+    let carol = enroll(server, &mut tokens, "carol", "laptop").await;
+    let added = app
+        .sessions()
+        .add_recipients(pb::AddRecipientsRequest {
+            session_id: s1.to_string(),
+            user_ids: vec!["carol".into()],
+            key_set: None,
+        })
+        .await
+        .expect("add carol")
+        .into_inner();
+    assert_eq!(open_for(&carol, &added.session_keys), dek2);
+    // Bob leaves: epoch 3.
+    let removed = app
+        .sessions()
+        .remove_recipients(pb::RemoveRecipientsRequest {
+            session_id: s1.to_string(),
+            user_ids: vec!["bob".into()],
+            key_set: None,
+        })
+        .await
+        .expect("remove bob")
+        .into_inner();
+    assert_eq!(removed.epoch, 3);
+    let dek3 = open_for(&carol, &removed.session_keys);
+
+    // Session 2: service-wrapped, another author.
+    let (s2, dek4, _) = service_wrapped(&app, "bob", &["carol"]).await;
+    // Session 3: client-wrapped, the DEK drawn here.
+    let (s3, dek5) = client_wrapped(server, &alice, &[&alice, &bob, &carol]).await;
+
+    // The escrow copies hold exactly these DEKs: nothing else was drawn.
+    let escrowed: Vec<(SessionId, Vec<(u32, Dek)>)> = vec![
+        (s1, escrowed_deks(server, &staff, s1).await),
+        (s2, escrowed_deks(server, &staff, s2).await),
+        (s3, escrowed_deks(server, &staff, s3).await),
+    ];
+    assert_eq!(
+        escrowed[0].1,
+        vec![(1, dek1.clone()), (2, dek2.clone()), (3, dek3.clone())]
+    );
+    assert_eq!(escrowed[1].1, vec![(1, dek4.clone())]);
+    assert_eq!(escrowed[2].1, vec![(1, dek5.clone())]);
+
+    let staff_envelope = staff
+        .escrow()
+        .get_escrowed_keys(pb::GetEscrowedKeysRequest {
+            session_id: s1.to_string(),
+            epochs: vec![1],
+            reason: "test: positive control".into(),
+        })
+        .await
+        .expect("escrow read")
+        .into_inner()
+        .staff_keys[0]
+        .envelope
+        .clone();
+    Footprint {
+        tokens,
+        deks: vec![dek1, dek2, dek3, dek4, dek5],
+        stored_envelope: staff_envelope,
+    }
+}
+
+/// The device's envelopes of `session`, fetched as the device.
+async fn device_keys(
+    d: &TestDevice,
+    server: &TestServer,
+    session: SessionId,
+) -> Vec<pb::SessionKey> {
+    d.client(server)
+        .await
+        .sessions()
+        .get_session_keys(pb::GetSessionKeysRequest {
+            session_id: session.to_string(),
+            epoch: None,
+        })
+        .await
+        .expect("get session keys")
+        .into_inner()
+        .session_keys
+}
+
+/// The service's own secrets, which must not be in the database either.
+fn service_secrets(server: &TestServer) -> Vec<(String, Vec<u8>)> {
+    let kek = keyfiles::read_kek(&server.key_dir.join("dev-kek.key")).expect("read the KEK");
+    vec![
+        ("the KEK".to_string(), kek.expose_secret().to_vec()),
+        (
+            "the escrow private key".to_string(),
+            server.escrow_key.expose_seed().to_vec(),
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading every stored byte.
+
+#[derive(QueryableByName)]
+struct Line {
+    #[diesel(sql_type = diesel::sql_types::Text)]
+    line: String,
+}
+
+/// Every byte the database holds: SQLite's database, WAL and shared-memory files as they are on
+/// disk; for PostgreSQL, every row of every table of the schema as JSON (bytea as `\x` hex).
+/// Also returns the tables read (PostgreSQL) so the caller can check none was missed.
+async fn stored_bytes(server: &TestServer) -> (Vec<u8>, Vec<String>) {
+    match server.kind() {
+        Kind::Sqlite => {
+            let path = server.db.url.trim_start_matches("sqlite://").to_string();
+            let mut all = Vec::new();
+            let mut files = Vec::new();
+            for suffix in ["", "-wal", "-shm"] {
+                let file = format!("{path}{suffix}");
+                if let Ok(bytes) = std::fs::read(&file) {
+                    files.push(format!("{file} ({} bytes)", bytes.len()));
+                    all.extend_from_slice(&bytes);
+                }
+            }
+            assert!(
+                std::fs::metadata(&path).is_ok(),
+                "the SQLite file exists at {path}"
+            );
+            (all, files)
+        }
+        Kind::Postgres => {
+            let mut conn = AsyncPgConnection::establish(&server.db.url)
+                .await
+                .expect("connect");
+            let tables: Vec<Line> = diesel::sql_query(
+                "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name) AS line \
+                 FROM information_schema.tables \
+                 WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
+                 AND table_type = 'BASE TABLE' ORDER BY 1",
+            )
+            .load(&mut conn)
+            .await
+            .expect("list tables");
+            let mut all = Vec::new();
+            let mut names = Vec::new();
+            for t in tables {
+                let rows: Vec<Line> = diesel::sql_query(format!(
+                    "SELECT row_to_json(t)::text AS line FROM {} t",
+                    t.line
+                ))
+                .load(&mut conn)
+                .await
+                .expect("dump table");
+                for r in rows {
+                    all.extend_from_slice(r.line.as_bytes());
+                    all.push(b'\n');
+                }
+                names.push(t.line);
+            }
+            (all, names)
+        }
+    }
+}
+
+async fn no_plaintext_secret_in_the_database(server: &TestServer) {
+    let footprint = exercise_sessions(server).await;
+    let (stored, read) = stored_bytes(server).await;
+    if server.kind() == Kind::Postgres {
+        for table in [
+            "api_tokens",
+            "audit_events",
+            "service_keys",
+            "session_keys",
+            "session_members",
+            "sessions",
+            "staff_keys",
+            "user_keys",
+        ] {
+            assert!(
+                read.contains(&format!("public.{table}")),
+                "{table} was read: {read:?}"
+            );
+        }
+    }
+    assert!(!stored.is_empty(), "read nothing from {read:?}");
+
+    // The scan sees the tables: every token's hash is there, and so is an escrow envelope
+    // (raw bytes on SQLite, hex in PostgreSQL's JSON).
+    let stored_form = |bytes: &[u8]| match server.kind() {
+        Kind::Sqlite => bytes.to_vec(),
+        Kind::Postgres => hex::encode(bytes).into_bytes(),
+    };
+    for t in &footprint.tokens {
+        assert!(
+            contains(&stored, &stored_form(&token_hash(t))),
+            "a token's SHA-256 is stored (read {read:?})"
+        );
+    }
+    assert!(
+        contains(&stored, &stored_form(&footprint.stored_envelope)),
+        "the escrow envelope is stored"
+    );
+
+    let mut secrets: Vec<(String, Vec<u8>)> = footprint
+        .deks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            (
+                format!("plaintext DEK #{}", i + 1),
+                d.expose_secret().to_vec(),
+            )
+        })
+        .collect();
+    secrets.extend(service_secrets(server));
+    assert_no_secret(
+        &format!("the database ({read:?})"),
+        &stored,
+        &footprint.tokens,
+        &secrets,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs.
+
+/// Everything any thread logs through `tracing`, at every level, from the first call on.
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || LogSink(sink.clone()))
+            .try_init()
+            .expect("the only subscriber of this test binary");
+        buffer
+    })
+    .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn expect_code<T: std::fmt::Debug>(
+    call: Result<tonic::Response<T>, tonic::Status>,
+    code: Code,
+) -> tonic::Status {
+    let status = call.expect_err("the call fails");
+    assert_eq!(status.code(), code, "{status:?}");
+    status
+}
+
+async fn no_token_or_dek_in_logs(server: &TestServer) {
+    let logs = captured_logs();
+    // Every service, on the happy paths.
+    let mut footprint = exercise_sessions(server).await;
+    let admin = server.client(&server.admin_token).await;
+    let created = admin
+        .admin()
+        .create_token(pb::CreateTokenRequest {
+            role: pb::Role::App as i32,
+            label: "revoked at once".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create token")
+        .into_inner();
+    footprint.tokens.push(created.token.clone());
+    admin
+        .admin()
+        .revoke_token(pb::RevokeTokenRequest {
+            token_id: created.token_id.clone(),
+        })
+        .await
+        .expect("revoke");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(admin.channel());
+    let serving = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .expect("health")
+        .into_inner();
+    assert_eq!(
+        serving.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+
+    // And on error paths: bad tokens, wrong roles, bad input, unknown records.
+    let revoked = server.client(&created.token).await;
+    expect_code(
+        revoked
+            .admin()
+            .create_token(pb::CreateTokenRequest::default())
+            .await,
+        Code::Unauthenticated,
+    );
+    let mut wrong_secret = footprint.tokens[1].clone();
+    let last = wrong_secret.pop().expect("non-empty");
+    wrong_secret.push(if last == '0' { '1' } else { '0' });
+    footprint.tokens.push(wrong_secret.clone());
+    let forged = server.client(&wrong_secret).await;
+    expect_code(
+        forged
+            .key_directory()
+            .get_user_keys(pb::GetUserKeysRequest {
+                user_ids: vec!["alice".into()],
+            })
+            .await,
+        Code::Unauthenticated,
+    );
+    let malformed = server.client("kh_not_a_token").await;
+    expect_code(
+        malformed
+            .sessions()
+            .sync_session_keys(pb::SyncSessionKeysRequest::default())
+            .await,
+        Code::Unauthenticated,
+    );
+    let app_token = server.token(pb::Role::App, "", "").await;
+    footprint.tokens.push(app_token.clone());
+    let app = server.client(&app_token).await;
+    expect_code(
+        app.escrow()
+            .verify_audit_log(pb::VerifyAuditLogRequest {})
+            .await,
+        Code::PermissionDenied,
+    );
+    expect_code(
+        app.sessions()
+            .create_session(pb::CreateSessionRequest {
+                author_user_id: "alice".into(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        app.sessions()
+            .rotate_session(pb::RotateSessionRequest {
+                session_id: "not-a-session".into(),
+                key_set: None,
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        app.sessions()
+            .delete_session(pb::DeleteSessionRequest {
+                session_id: SessionId::generate().to_string(),
+            })
+            .await,
+        Code::NotFound,
+    );
+    let staff_token = server.token(pb::Role::Staff, "", "").await;
+    footprint.tokens.push(staff_token.clone());
+    let staff = server.client(&staff_token).await;
+    expect_code(
+        staff
+            .escrow()
+            .get_escrowed_keys(pb::GetEscrowedKeysRequest {
+                session_id: SessionId::generate().to_string(),
+                epochs: Vec::new(),
+                reason: "  ".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    expect_code(
+        admin
+            .admin()
+            .revoke_token(pb::RevokeTokenRequest {
+                token_id: "zz".into(),
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    let (session, dek, response) = service_wrapped(&app, "alice", &["bob"]).await;
+    footprint.deks.push(dek);
+    app.sessions()
+        .delete_session(pb::DeleteSessionRequest {
+            session_id: session.to_string(),
+        })
+        .await
+        .expect("delete");
+    // An internal failure is logged by Keyhold itself (the positive control of the capture).
+    refuse_audit_writes(server).await;
+    expect_code(
+        staff
+            .escrow()
+            .get_escrowed_keys(pb::GetEscrowedKeysRequest {
+                session_id: session.to_string(),
+                epochs: Vec::new(),
+                reason: "test: audit refused".into(),
+            })
+            .await,
+        Code::Internal,
+    );
+    allow_audit_writes(server).await;
+
+    // Debug of the responses that carry a secret shows neither secret.
+    let shown_session = format!("{response:?}");
+    assert!(
+        shown_session.contains(&response.session_id),
+        "{shown_session}"
+    );
+    let shown_token = format!("{created:?}");
+    assert!(shown_token.contains(&created.token_id), "{shown_token}");
+    assert_no_secret(
+        "Debug of CreateSessionResponse",
+        shown_session.as_bytes(),
+        &[],
+        &[(
+            "its plaintext DEK".into(),
+            response.plaintext_dek.clone().expect("asked for"),
+        )],
+    );
+    assert_no_secret(
+        "Debug of CreateTokenResponse",
+        shown_token.as_bytes(),
+        std::slice::from_ref(&created.token),
+        &[],
+    );
+
+    let captured = logs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let text = String::from_utf8_lossy(&captured);
+    assert!(!captured.is_empty(), "the logs were captured");
+    assert!(
+        text.contains("store failure"),
+        "Keyhold's own error log was captured"
+    );
+    let secrets: Vec<(String, Vec<u8>)> = footprint
+        .deks
+        .iter()
+        .enumerate()
+        .map(|(i, d)| {
+            (
+                format!("plaintext DEK #{}", i + 1),
+                d.expose_secret().to_vec(),
+            )
+        })
+        .collect();
+    assert_no_secret("the logs", &captured, &footprint.tokens, &secrets);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The audit chain.
+
+async fn verify(staff: &keyhold::client::Client) -> pb::VerifyAuditLogResponse {
+    staff
+        .escrow()
+        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .await
+        .expect("verify")
+        .into_inner()
+}
+
+async fn audit_chain_detects_changed_and_deleted_rows(server: &TestServer) {
+    let mut tokens = Vec::new();
+    let staff = staff_client(server, &mut tokens).await;
+    let app = app_client(server, &mut tokens).await;
+    let _alice = enroll(server, &mut tokens, "alice", "phone").await;
+    let (session, _, _) = service_wrapped(&app, "alice", &[]).await;
+    escrowed_deks(server, &staff, session).await;
+    let events = staff
+        .escrow()
+        .list_audit_events(pb::ListAuditEventsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .events;
+    let n = events.len() as u64;
+    assert!(
+        n >= 5,
+        "admin, staff, app and device tokens, one escrow read: {n}"
+    );
+    assert_eq!(
+        events.last().map(|e| e.action.as_str()),
+        Some("escrow.read")
+    );
+    let original_reason_of_2 = events[1].reason.clone();
+    assert!(
+        original_reason_of_2.is_empty(),
+        "seq 2 is a token creation, without a reason"
+    );
+
+    let check = verify(&staff).await;
+    assert!(check.ok, "{check:?}");
+    assert_eq!(check.events_checked, n);
+    assert_eq!(check.first_broken_seq, None);
+
+    // A changed field breaks the chain at its row.
+    server
+        .db
+        .execute_raw("UPDATE audit_events SET reason = 'x' WHERE seq = 2")
+        .await;
+    let check = verify(&staff).await;
+    assert!(!check.ok, "{check:?}");
+    assert_eq!(check.first_broken_seq, Some(2));
+    assert_eq!(check.events_checked, 1);
+
+    // Put back as it was, the chain verifies again.
+    server
+        .db
+        .execute_raw("UPDATE audit_events SET reason = NULL WHERE seq = 2")
+        .await;
+    let check = verify(&staff).await;
+    assert!(check.ok, "{check:?}");
+
+    // A deleted row in the middle is named too.
+    server
+        .db
+        .execute_raw("DELETE FROM audit_events WHERE seq = 3")
+        .await;
+    let check = verify(&staff).await;
+    assert!(!check.ok, "{check:?}");
+    assert_eq!(check.first_broken_seq, Some(3));
+    assert_eq!(check.events_checked, 2);
+}
+
+// ---------------------------------------------------------------------------------------------
+// An escrow read fails when its audit event cannot be written.
+
+async fn refuse_audit_writes(server: &TestServer) {
+    let sql = match server.kind() {
+        Kind::Sqlite => {
+            "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events \
+             BEGIN SELECT RAISE(ABORT, 'audit write refused by the test'); END;"
+        }
+        Kind::Postgres => {
+            "CREATE FUNCTION refuse_audit() RETURNS trigger LANGUAGE plpgsql AS \
+             $$ BEGIN RAISE EXCEPTION 'audit write refused by the test'; END $$; \
+             CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_events \
+             FOR EACH ROW EXECUTE FUNCTION refuse_audit();"
+        }
+    };
+    server.db.execute_raw(sql).await;
+}
+
+async fn allow_audit_writes(server: &TestServer) {
+    let sql = match server.kind() {
+        Kind::Sqlite => "DROP TRIGGER refuse_audit;",
+        Kind::Postgres => {
+            "DROP TRIGGER refuse_audit ON audit_events; DROP FUNCTION refuse_audit();"
+        }
+    };
+    server.db.execute_raw(sql).await;
+}
+
+async fn escrow_read_fails_when_the_audit_write_fails(server: &TestServer) {
+    let mut tokens = Vec::new();
+    let staff = staff_client(server, &mut tokens).await;
+    let app = app_client(server, &mut tokens).await;
+    let _alice = enroll(server, &mut tokens, "alice", "phone").await;
+    let (session, dek, _) = service_wrapped(&app, "alice", &[]).await;
+    let before = server
+        .store
+        .list_audit_events(0, 1000)
+        .await
+        .expect("list")
+        .len();
+
+    refuse_audit_writes(server).await;
+    let request = pb::GetEscrowedKeysRequest {
+        session_id: session.to_string(),
+        epochs: Vec::new(),
+        reason: "test: audit write refused".into(),
+    };
+    let status = staff
+        .escrow()
+        .get_escrowed_keys(request.clone())
+        .await
+        .expect_err("no key without its audit event");
+    assert!(
+        matches!(status.code(), Code::Internal | Code::Unavailable),
+        "a server-side failure, not the caller's: {status:?}"
+    );
+    assert!(
+        status.details().is_empty() && status.metadata().get("grpc-status-details-bin").is_none()
+    );
+    assert_no_secret(
+        "the error",
+        format!("{status:?}").as_bytes(),
+        &tokens,
+        &[("the DEK".into(), dek.expose_secret().to_vec())],
+    );
+    // The whole read rolled back: no event was half-written.
+    allow_audit_writes(server).await;
+    assert_eq!(
+        server
+            .store
+            .list_audit_events(0, 1000)
+            .await
+            .expect("list")
+            .len(),
+        before
+    );
+
+    // With the audit writable again, the same read succeeds and is recorded: the failure above
+    // was the audit write's.
+    let opened = escrowed_deks(server, &staff, session).await;
+    assert_eq!(opened, vec![(1, dek)]);
+    let after = server.store.list_audit_events(0, 1000).await.expect("list");
+    assert_eq!(after.len(), before + 1);
+    assert_eq!(after.last().map(|e| e.action.as_str()), Some("escrow.read"));
+    assert_eq!(
+        after.last().and_then(|e| e.reason.as_deref()),
+        Some("test: secrets at rest")
+    );
+    let check = verify(&staff).await;
+    assert!(check.ok, "{check:?}");
+}
+
+on_both_servers! {
+    no_plaintext_dek_token_or_key_is_stored => no_plaintext_secret_in_the_database;
+    no_token_or_dek_reaches_the_logs => no_token_or_dek_in_logs;
+    audit_chain_names_the_first_changed_or_deleted_row => audit_chain_detects_changed_and_deleted_rows;
+    escrow_read_fails_and_returns_no_key_when_its_audit_write_fails => escrow_read_fails_when_the_audit_write_fails;
+}
