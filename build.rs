@@ -16,13 +16,17 @@ const PROTOS: &[&str] = &[
     "proto/keyhold/v1/sessions.proto",
     "proto/keyhold/v1/escrow.proto",
     "proto/keyhold/v1/admin.proto",
+    "proto/keyhold/v1/ratchet.proto",
+    "proto/keyhold/v1/device_sync.proto",
 ];
 
-/// Messages that carry a plaintext secret (a DEK, a bearer token): their `Debug` is written by
-/// hand in `src/proto.rs` so that logging one never prints the secret.
+/// Messages that carry a plaintext secret (a DEK, a bearer token, a ratchet state): their
+/// `Debug` is written by hand in `src/proto.rs` so that logging one never prints the secret.
 const REDACTED_DEBUG: &[&str] = &[
     ".keyhold.v1.CreateSessionResponse",
     ".keyhold.v1.CreateTokenResponse",
+    ".keyhold.v1.GetRatchetStateResponse",
+    ".keyhold.v1.PutRatchetStateRequest",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -19,8 +19,10 @@ use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
 use crate::proto::keyhold::v1::admin_client::AdminClient;
+use crate::proto::keyhold::v1::device_sync_client::DeviceSyncClient;
 use crate::proto::keyhold::v1::escrow_client::EscrowClient;
 use crate::proto::keyhold::v1::key_directory_client::KeyDirectoryClient;
+use crate::proto::keyhold::v1::ratchet_client::RatchetClient;
 use crate::proto::keyhold::v1::sessions_client::SessionsClient;
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -101,6 +103,16 @@ impl Client {
     /// The Escrow service.
     pub fn escrow(&self) -> EscrowClient<Authed> {
         EscrowClient::with_interceptor(self.channel.clone(), self.token.clone())
+    }
+
+    /// The Ratchet service.
+    pub fn ratchet(&self) -> RatchetClient<Authed> {
+        RatchetClient::with_interceptor(self.channel.clone(), self.token.clone())
+    }
+
+    /// The DeviceSync service.
+    pub fn device_sync(&self) -> DeviceSyncClient<Authed> {
+        DeviceSyncClient::with_interceptor(self.channel.clone(), self.token.clone())
     }
 
     /// The Admin service.

@@ -96,6 +96,18 @@ settings! {
     escrow_public_key_file: Option<PathBuf> = None, flag "escrow-public-key-file", env "KEYHOLD_ESCROW_PUBLIC_KEY_FILE";
     /// Most user ids or recipients accepted in one call.
     max_list_len: usize = 1000, flag "max-list-len", env "KEYHOLD_MAX_LIST_LEN";
+    /// Most unused one-time prekeys one device may hold; an upload past it is refused.
+    max_unused_prekeys: usize = crate::service::Limits::DEFAULT.max_unused_prekeys, flag "max-unused-prekeys", env "KEYHOLD_MAX_UNUSED_PREKEYS";
+    /// Prekey claims one claimer may make on one device per claim window (kept in the database, so it holds across replicas).
+    prekey_claim_limit: u32 = crate::service::Limits::DEFAULT.prekey_claim_limit, flag "prekey-claim-limit", env "KEYHOLD_PREKEY_CLAIM_LIMIT";
+    /// The prekey claim window, in seconds.
+    prekey_claim_window_secs: u32 = crate::service::Limits::DEFAULT_CLAIM_WINDOW_SECS, flag "prekey-claim-window-secs", env "KEYHOLD_PREKEY_CLAIM_WINDOW_SECS";
+    /// Largest ratchet state a device may back up, in bytes.
+    max_ratchet_state_bytes: usize = crate::service::Limits::DEFAULT.max_ratchet_state_bytes, flag "max-ratchet-state-bytes", env "KEYHOLD_MAX_RATCHET_STATE_BYTES";
+    /// Largest key package payload, in bytes.
+    max_key_package_bytes: usize = crate::service::Limits::DEFAULT.max_key_package_bytes, flag "max-key-package-bytes", env "KEYHOLD_MAX_KEY_PACKAGE_BYTES";
+    /// Most unacknowledged key packages one device's inbox holds.
+    max_inbox_packages: usize = crate::service::Limits::DEFAULT.max_inbox_packages, flag "max-inbox-packages", env "KEYHOLD_MAX_INBOX_PACKAGES";
     /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info`, `keyhold=debug`).
     log: String = "info".to_string(), flag "log", env "KEYHOLD_LOG";
 }

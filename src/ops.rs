@@ -63,7 +63,12 @@ pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
     for w in warnings {
         tracing::warn!("{w}");
     }
-    let state = crate::server::app_state(store, keys, settings.max_list_len);
+    let state = crate::server::app_state(
+        store,
+        keys,
+        settings.max_list_len,
+        crate::service::Limits::from_settings(settings),
+    );
     if state.store.count_active_admin_tokens().await? == 0 {
         let issued = create_token(
             &state.store,

@@ -64,6 +64,34 @@ impl fmt::Debug for keyhold::v1::CreateTokenResponse {
     }
 }
 
+impl fmt::Debug for keyhold::v1::GetRatchetStateResponse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GetRatchetStateResponse")
+            .field(
+                "state",
+                &format_args!("<{} bytes redacted>", self.state.len()),
+            )
+            .field("version", &self.version)
+            .field("updated_at", &self.updated_at)
+            .finish()
+    }
+}
+
+impl fmt::Debug for keyhold::v1::PutRatchetStateRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PutRatchetStateRequest")
+            .field("user_id", &self.user_id)
+            .field("device_id", &self.device_id)
+            .field("conversation_id", &self.conversation_id)
+            .field("expected_version", &self.expected_version)
+            .field(
+                "state",
+                &format_args!("<{} bytes redacted>", self.state.len()),
+            )
+            .finish()
+    }
+}
+
 // The same messages wipe their secret when dropped: after tonic has encoded a response, the
 // message is dropped and the DEK or token bytes it held are zeroized. (The encoded copy lives
 // in the transport's send buffer until written; that buffer is not ours to wipe.)
@@ -73,6 +101,18 @@ impl Drop for keyhold::v1::CreateSessionResponse {
         if let Some(dek) = self.plaintext_dek.as_mut() {
             zeroize::Zeroize::zeroize(dek);
         }
+    }
+}
+
+impl Drop for keyhold::v1::GetRatchetStateResponse {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.state);
+    }
+}
+
+impl Drop for keyhold::v1::PutRatchetStateRequest {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.state);
     }
 }
 
@@ -146,12 +186,24 @@ mod tests {
         let mut want = [
             "keyhold.v1.Admin/CreateToken",
             "keyhold.v1.Admin/RevokeToken",
+            "keyhold.v1.DeviceSync/AckKeyPackages",
+            "keyhold.v1.DeviceSync/FetchKeyPackages",
+            "keyhold.v1.DeviceSync/SendKeyPackages",
+            "keyhold.v1.DeviceSync/WatchKeyPackages",
             "keyhold.v1.Escrow/GetEscrowedKeys",
             "keyhold.v1.Escrow/ListAuditEvents",
             "keyhold.v1.Escrow/VerifyAuditLog",
+            "keyhold.v1.KeyDirectory/GetEscrowKey",
             "keyhold.v1.KeyDirectory/GetUserKeys",
             "keyhold.v1.KeyDirectory/PublishDeviceKey",
             "keyhold.v1.KeyDirectory/RevokeDeviceKey",
+            "keyhold.v1.KeyDirectory/UploadPrekeys",
+            "keyhold.v1.KeyDirectory/ClaimPrekeys",
+            "keyhold.v1.KeyDirectory/CountPrekeys",
+            "keyhold.v1.KeyDirectory/WatchPrekeyStock",
+            "keyhold.v1.Ratchet/DeleteRatchetState",
+            "keyhold.v1.Ratchet/GetRatchetState",
+            "keyhold.v1.Ratchet/PutRatchetState",
             "keyhold.v1.Sessions/AddRecipients",
             "keyhold.v1.Sessions/CreateSession",
             "keyhold.v1.Sessions/DeleteSession",
@@ -192,6 +244,25 @@ mod tests {
         let shown = format!("{token:?}");
         assert!(!shown.contains("kh_secret_token_value"), "{shown}");
         assert!(shown.contains("01890a5d-ac96-774b-bcce-b302099a8057"));
+
+        let state = vec![0xAB; 40];
+        let got = pb::GetRatchetStateResponse {
+            state: state.clone(),
+            version: 7,
+            updated_at: 1,
+        };
+        let put = pb::PutRatchetStateRequest {
+            user_id: "alice".into(),
+            device_id: "phone".into(),
+            conversation_id: "conv-1".into(),
+            expected_version: 6,
+            state,
+        };
+        for shown in [format!("{got:?}"), format!("{put:?}")] {
+            assert!(shown.contains("<40 bytes redacted>"), "{shown}");
+            assert!(!shown.contains("171"), "{shown}");
+        }
+        assert!(format!("{put:?}").contains("conv-1"));
     }
 
     #[test]

@@ -11,14 +11,18 @@ use tonic::transport::Server;
 use crate::auth::{AuthLayer, PresentedToken, Principal, Role, TokenLookup};
 use crate::keyfiles::ServiceKeys;
 use crate::proto::keyhold::v1::admin_server::AdminServer;
+use crate::proto::keyhold::v1::device_sync_server::DeviceSyncServer;
 use crate::proto::keyhold::v1::escrow_server::EscrowServer;
 use crate::proto::keyhold::v1::key_directory_server::KeyDirectoryServer;
+use crate::proto::keyhold::v1::ratchet_server::RatchetServer;
 use crate::proto::keyhold::v1::sessions_server::SessionsServer;
 use crate::service::admin::AdminService;
+use crate::service::device_sync::DeviceSyncService;
 use crate::service::escrow::EscrowService;
 use crate::service::key_directory::KeyDirectoryService;
+use crate::service::ratchet::RatchetService;
 use crate::service::sessions::SessionsService;
-use crate::service::{store_status, AppState};
+use crate::service::{store_status, AppState, Limits};
 use crate::store::Store;
 
 /// Largest request the server accepts, in bytes.
@@ -63,12 +67,14 @@ impl TokenLookup for StoreTokens {
 }
 
 /// Builds the application state the services share.
-pub fn app_state(store: Store, keys: ServiceKeys, max_list_len: usize) -> AppState {
+pub fn app_state(store: Store, keys: ServiceKeys, max_list_len: usize, limits: Limits) -> AppState {
     AppState {
         store,
         kek: Arc::new(keys.kek),
         escrow_public_key: Arc::new(keys.escrow_public_key),
         max_list_len,
+        limits,
+        streams: Default::default(),
     }
 }
 
@@ -88,6 +94,10 @@ pub async fn serve(
         .await;
     health.set_serving::<EscrowServer<EscrowService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    health.set_serving::<RatchetServer<RatchetService>>().await;
+    health
+        .set_serving::<DeviceSyncServer<DeviceSyncService>>()
+        .await;
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -96,6 +106,13 @@ pub async fn serve(
     };
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    // Watch streams never end by themselves; a graceful shutdown ends them first.
+    let streams = state.streams.clone();
+    let shutdown = async move {
+        shutdown.await;
+        streams.stop();
+    };
 
     let tokens = StoreTokens(state.store.clone());
     Server::builder()
@@ -109,6 +126,14 @@ pub async fn serve(
         )
         .add_service(
             SessionsServer::new(SessionsService::new(state.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            RatchetServer::new(RatchetService::new(state.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(
+            DeviceSyncServer::new(DeviceSyncService::new(state.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
         .add_service(EscrowServer::new(EscrowService::new(state.clone())))

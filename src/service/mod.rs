@@ -7,11 +7,15 @@
 //! UNAVAILABLE. Internal details are logged, never sent.
 
 pub mod admin;
+pub mod device_sync;
 pub mod escrow;
 pub mod key_directory;
+pub mod ratchet;
 pub mod sessions;
+pub mod watch;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tonic::Status;
 
@@ -33,6 +37,61 @@ pub struct AppState {
     pub escrow_public_key: Arc<EncapsulationKey>,
     /// Most items accepted in one list (user ids, recipients).
     pub max_list_len: usize,
+    /// Bounds on prekeys, ratchet states and inboxes.
+    pub limits: Limits,
+    /// Ends the server-streaming calls when the server shuts down.
+    pub streams: watch::StreamStop,
+}
+
+/// Bounds on what devices store and how fast they claim prekeys, from the settings
+/// ([`crate::config::Settings`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most unused one-time prekeys one device may hold.
+    pub max_unused_prekeys: usize,
+    /// Prekey claims one claimer may make on one device per `prekey_claim_window`.
+    pub prekey_claim_limit: u32,
+    /// The prekey claim rate window.
+    pub prekey_claim_window: Duration,
+    /// Largest ratchet state, in bytes.
+    pub max_ratchet_state_bytes: usize,
+    /// Largest key package payload, in bytes.
+    pub max_key_package_bytes: usize,
+    /// Most unacknowledged key packages one device's inbox holds.
+    pub max_inbox_packages: usize,
+}
+
+impl Limits {
+    /// The default prekey claim window, in seconds.
+    pub const DEFAULT_CLAIM_WINDOW_SECS: u32 = 60;
+
+    /// The defaults, which the settings also use.
+    pub const DEFAULT: Limits = Limits {
+        max_unused_prekeys: 1000,
+        prekey_claim_limit: 20,
+        prekey_claim_window: Duration::from_secs(Limits::DEFAULT_CLAIM_WINDOW_SECS as u64),
+        max_ratchet_state_bytes: 64 * 1024,
+        max_key_package_bytes: 64 * 1024,
+        max_inbox_packages: 1000,
+    };
+
+    /// The limits the settings name.
+    pub fn from_settings(settings: &crate::config::Settings) -> Self {
+        Limits {
+            max_unused_prekeys: settings.max_unused_prekeys,
+            prekey_claim_limit: settings.prekey_claim_limit,
+            prekey_claim_window: Duration::from_secs(u64::from(settings.prekey_claim_window_secs)),
+            max_ratchet_state_bytes: settings.max_ratchet_state_bytes,
+            max_key_package_bytes: settings.max_key_package_bytes,
+            max_inbox_packages: settings.max_inbox_packages,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
 }
 
 /// INVALID_ARGUMENT naming `field`.
@@ -66,6 +125,7 @@ pub fn store_status(e: StoreError) -> Status {
             Status::already_exists(format!("already exists ({what})"))
         }
         StoreError::VersionConflict(what) => Status::aborted(format!("conflict: {what}; retry")),
+        StoreError::LimitExceeded(what) => Status::resource_exhausted(what),
         StoreError::Unavailable(what) => {
             tracing::warn!(error = %what, "database unavailable");
             Status::unavailable("database unavailable")
@@ -92,6 +152,30 @@ pub fn require_role(principal: &Principal, roles: &[Role]) -> Result<(), Status>
             "role {} may not call this",
             principal.role().name()
         )))
+    }
+}
+
+/// The caller is the device `(user, device)` itself: calls that touch what only the device
+/// may see or change (its prekeys, its ratchet states). Every other caller, app servers
+/// included, is refused.
+pub fn require_own_device(
+    principal: &Principal,
+    user: &UserId,
+    device: &DeviceId,
+) -> Result<(), Status> {
+    match principal {
+        Principal::Device {
+            user: own_user,
+            device: own_device,
+            ..
+        } if own_user == user && own_device == device => Ok(()),
+        Principal::Device { .. } => Err(Status::permission_denied(
+            "a device token acts only for its own device",
+        )),
+        other => Err(Status::permission_denied(format!(
+            "role {} may not call this: only the device itself may",
+            other.role().name()
+        ))),
     }
 }
 

@@ -20,6 +20,10 @@ pub enum StoreError {
     /// write won a race on a version number). Reading again and retrying may succeed.
     #[error("version conflict: {0}")]
     VersionConflict(String),
+    /// The write would take a record past a configured bound (a device's unused prekeys, an
+    /// inbox) or a caller past a rate limit. Nothing was written; the text says which limit.
+    #[error("limit exceeded: {0}")]
+    LimitExceeded(String),
     /// The database cannot be used right now: connecting failed or timed out, no pooled
     /// connection came free in time, the connection dropped, a lock wait timed out, or the
     /// server is shutting down. Nothing was written.

@@ -7,7 +7,9 @@
 //!   SQLite, WAL, the embedded default) and `postgres://…` (diesel-async with a deadpool pool).
 //! - **One module per record**, its queries beside it: [`tokens`] (API tokens),
 //!   [`user_keys`] (device key bundles), [`sessions`] (sessions, their members and wrapped
-//!   keys), [`audit`] (the hash-chained audit log). Each query is
+//!   keys), [`audit`] (the hash-chained audit log), [`prekeys`] (signed prekeys and their claim
+//!   rate windows), [`ratchet_states`] (ratchet state backups), [`key_packages`] (key-sync
+//!   inboxes); [`events`] wakes watch streams across processes. Each query is
 //!   written once and compiled for both backends by the `db_run!` macro below; where the
 //!   backends must differ (locking, `BEGIN IMMEDIATE`) the macro's two-armed form keeps both
 //!   spellings side by side in the one place that needs them.
@@ -37,7 +39,12 @@
 
 pub mod audit;
 mod error;
+pub mod events;
+pub mod key_packages;
+mod locks;
 mod migrations;
+pub mod prekeys;
+pub mod ratchet_states;
 pub mod schema;
 pub mod sessions;
 pub mod tokens;
@@ -184,6 +191,8 @@ pub struct Store {
     /// Kept for migrations, which run on a connection of their own on PostgreSQL.
     url: Arc<str>,
     options: Arc<StoreOptions>,
+    /// Wakes watch streams when a device's inbox or prekey stock changes ([`events`]).
+    events: Arc<events::Hub>,
 }
 
 impl fmt::Debug for Store {
@@ -324,6 +333,7 @@ impl Store {
             pools,
             url: Arc::from(url),
             options: Arc::new(options),
+            events: Arc::default(),
         };
         // Fail now, not at the first request, if the database cannot be reached.
         drop(store.conn().await?);

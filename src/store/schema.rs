@@ -106,6 +106,56 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    prekeys (id) {
+        id -> BigInt,
+        key_id -> Binary,
+        user_id -> Text,
+        device_id -> Text,
+        kind -> SmallInt,
+        suite -> SmallInt,
+        encapsulation_key -> Binary,
+        identity_key -> Binary,
+        signature -> Binary,
+        created_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    prekey_claim_windows (user_id, device_id, claimer, window_start) {
+        user_id -> Text,
+        device_id -> Text,
+        claimer -> Text,
+        window_start -> BigInt,
+        claims -> Integer,
+    }
+}
+
+diesel::table! {
+    ratchet_states (user_id, device_id, conversation_id) {
+        user_id -> Text,
+        device_id -> Text,
+        conversation_id -> Text,
+        version -> BigInt,
+        kek_version -> Integer,
+        envelope -> Binary,
+        created_at -> BigInt,
+        updated_at -> BigInt,
+    }
+}
+
+diesel::table! {
+    key_packages (id) {
+        id -> BigInt,
+        user_id -> Text,
+        sender_device_id -> Text,
+        recipient_device_id -> Text,
+        recipient_key_id -> Binary,
+        payload -> Binary,
+        created_at -> BigInt,
+    }
+}
+
 diesel::joinable!(session_keys -> sessions (session_id));
 diesel::joinable!(session_members -> sessions (session_id));
 diesel::joinable!(staff_keys -> sessions (session_id));
@@ -120,4 +170,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     service_keys,
     audit_events,
     api_tokens,
+    prekeys,
+    prekey_claim_windows,
+    ratchet_states,
+    key_packages,
 );

@@ -12,6 +12,7 @@ use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::admin::{create_token, TokenRequest};
+use keyhold::service::Limits;
 use keyhold::store::Store;
 use tokio::sync::oneshot;
 
@@ -39,6 +40,11 @@ impl TestServer {
     /// Starts a server on `db`: migrations applied, fresh KEK and escrow key pair, an admin
     /// token issued directly in the store.
     pub async fn start(db: TestDb) -> TestServer {
+        TestServer::start_with_limits(db, Limits::default()).await
+    }
+
+    /// [`TestServer::start`] with other prekey, ratchet and inbox limits.
+    pub async fn start_with_limits(db: TestDb, limits: Limits) -> TestServer {
         let key_dir = std::env::temp_dir().join(format!(
             "keyhold-test-keys-{}",
             uuid::Uuid::now_v7().simple()
@@ -60,7 +66,7 @@ impl TestServer {
         )
         .await
         .expect("admin token");
-        let state = keyhold::server::app_state(store.clone(), keys, 1000);
+        let state = keyhold::server::app_state(store.clone(), keys, 1000, limits);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -125,6 +131,61 @@ impl TestServer {
             let _ = h.await;
         }
         let _ = std::fs::remove_dir_all(&self.key_dir);
+    }
+}
+
+/// Another Keyhold server over the same database and keys as a [`TestServer`], with a store
+/// (and connection pool) of its own: a second replica, as a separate process would be.
+pub struct Replica {
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts another server on this one's database and key files.
+    pub async fn replica(&self, limits: Limits) -> Replica {
+        let (keys, _warnings) =
+            keyfiles::load_or_generate(&self.key_dir, None, None).expect("load keys");
+        let store = Store::open(&self.db.url).await.expect("open store");
+        let state = keyhold::server::app_state(store, keys, 1000, limits);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let (tx, rx) = oneshot::channel::<()>();
+        let handle = tokio::spawn(async move {
+            keyhold::server::serve(listener, state, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("replica runs");
+        });
+        Replica {
+            endpoint,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+}
+
+impl Replica {
+    /// A client of this replica holding `token`.
+    pub async fn client(&self, token: &str) -> Client {
+        Client::connect(&self.endpoint, token)
+            .await
+            .expect("connect")
+    }
+
+    /// Stops the replica and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.await;
+        }
     }
 }
 
