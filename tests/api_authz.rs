@@ -123,14 +123,6 @@ const MATRIX: &[(Rpc, [Code; 6])] = &[
     (Rpc::RevokeToken,                    [DENIED, DENIED, DENIED, DENIED,    DENIED, OK    ]),
 ];
 
-/// Cells where the server is known to differ from [`MATRIX`]. The matrix skips them so that
-/// it keeps guarding every other cell; each is pinned by an ignored test below, named after
-/// the bug. Remove the entry with the fix.
-const KNOWN_BUGS: &[(Rpc, Who)] = &[
-    (Rpc::GetSessionKeys, Who::Other),
-    (Rpc::DeleteSessionClientWrapped, Who::App),
-];
-
 /// Sets the `authorization` header of every call exactly as given, or leaves it out.
 #[derive(Clone)]
 struct Authorization(Option<MetadataValue<Ascii>>);
@@ -767,17 +759,14 @@ async fn every_call_by_every_caller(server: &TestServer) {
     let mut checked = 0;
     for (rpc, row) in MATRIX {
         for (who, expected) in COLUMNS.iter().zip(row) {
-            if KNOWN_BUGS.contains(&(*rpc, *who)) {
-                continue;
-            }
             checked += 1;
             differences.extend(cast.check_cell(*rpc, *who, *expected).await);
         }
     }
     assert_eq!(
         checked,
-        MATRIX.len() * COLUMNS.len() - KNOWN_BUGS.len(),
-        "every cell but the known bugs was checked"
+        MATRIX.len() * COLUMNS.len(),
+        "every cell was checked"
     );
     assert!(
         differences.is_empty(),
@@ -918,66 +907,4 @@ on_both_servers! {
     every_call_by_every_caller_gets_the_documented_code => every_call_by_every_caller;
     bad_credentials_are_unauthenticated_on_every_call => callers_without_a_usable_token_are_unauthenticated;
     health_is_served_without_a_token => health_answers_without_a_token;
-}
-
-/// Checks one [`KNOWN_BUGS`] cell against [`MATRIX`].
-async fn known_bug_cell(server: &TestServer, rpc: Rpc, who: Who) {
-    let (_, row) = MATRIX
-        .iter()
-        .find(|(r, _)| *r == rpc)
-        .expect("a row of the matrix");
-    let column = COLUMNS.iter().position(|c| *c == who).expect("a column");
-    let cast = Cast::enroll(server).await;
-    if let Some(difference) = cast.check_cell(rpc, who, row[column]).await {
-        panic!("{difference}");
-    }
-}
-
-async fn app_server_deleting_a_client_wrapped_session(server: &TestServer) {
-    known_bug_cell(server, Rpc::DeleteSessionClientWrapped, Who::App).await;
-}
-
-async fn device_without_a_key_in_the_session_asking_for_its_keys(server: &TestServer) {
-    known_bug_cell(server, Rpc::GetSessionKeys, Who::Other).await;
-}
-
-/// Like `on_both_servers!`, for the tests that pin a known bug: ignored, with the bug as the
-/// reason, until it is fixed (then move the test into `on_both_servers!` and drop its
-/// [`KNOWN_BUGS`] entry).
-macro_rules! known_bugs_on_both_servers {
-    ($($name:ident => $body:ident, $reason:literal;)*) => {
-        mod known_bugs {
-            mod sqlite {
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    #[ignore = $reason]
-                    async fn $name() {
-                        let db = $crate::common::sqlite_db();
-                        let server = $crate::common::server::TestServer::start(db).await;
-                        super::super::$body(&server).await;
-                        server.stop().await;
-                    }
-                )*
-            }
-            mod postgres {
-                $(
-                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                    #[ignore = $reason]
-                    async fn $name() {
-                        let Some(db) = $crate::common::postgres_db().await else { return };
-                        let server = $crate::common::server::TestServer::start(db).await;
-                        super::super::$body(&server).await;
-                        server.stop().await;
-                    }
-                )*
-            }
-        }
-    };
-}
-
-known_bugs_on_both_servers! {
-    app_server_cannot_delete_a_client_wrapped_session => app_server_deleting_a_client_wrapped_session,
-        "bug: DeleteSession lets any app token delete a CLIENT_WRAPPED session; the proto allows only its author device";
-    device_without_a_key_in_the_session_gets_not_found => device_without_a_key_in_the_session_asking_for_its_keys,
-        "bug: GetSessionKeys answers OK with no keys to a device that has none in the session; the proto says NOT_FOUND";
 }

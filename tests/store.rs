@@ -262,6 +262,15 @@ async fn publishing_a_key_supersedes_the_previous_version(db: &TestDb) {
     let current = store.current_user_keys(&[user("alice")]).await.unwrap();
     assert_eq!(current, vec![k2.clone()]);
 
+    // Publishing the current bundle again is a retry: the same answer, nothing changed.
+    let retry = store
+        .publish_user_key(new_key(2, "alice", "phone"))
+        .await
+        .unwrap();
+    assert_eq!(retry, k2);
+    let current = store.current_user_keys(&[user("alice")]).await.unwrap();
+    assert_eq!(current, vec![k2.clone()]);
+
     // Many users at once: current keys only, ordered by user then device.
     let laptop = store
         .publish_user_key(new_key(3, "alice", "laptop"))

@@ -135,12 +135,25 @@ macro_rules! uuid_id {
                 Ok(Self(id))
             }
 
-            /// Parses the hyphenated text form; the nil UUID is refused.
+            /// Parses the canonical text form, a lower-case hyphenated UUIDv7.
             pub fn parse(s: &str) -> Result<Self, CryptoError> {
-                Self::checked(Uuid::parse_str(s).map_err(|_| CryptoError::InvalidId {
+                let id = Uuid::parse_str(s).map_err(|_| CryptoError::InvalidId {
                     what: $what,
                     reason: "not a UUID",
-                })?)
+                })?;
+                if id.hyphenated().to_string() != s {
+                    return Err(CryptoError::InvalidId {
+                        what: $what,
+                        reason: "not in lower-case hyphenated form",
+                    });
+                }
+                if id.get_version_num() != 7 {
+                    return Err(CryptoError::InvalidId {
+                        what: $what,
+                        reason: "not a UUIDv7",
+                    });
+                }
+                Self::checked(id)
             }
 
             /// The UUID.
@@ -186,6 +199,8 @@ pub struct Epoch(u32);
 impl Epoch {
     /// The first epoch of every session.
     pub const FIRST: Epoch = Epoch(1);
+    /// The last epoch: 2^31 - 1, so that every epoch fits a signed 32-bit database column.
+    pub const MAX: Epoch = Epoch(i32::MAX as u32);
 
     /// An epoch number; zero is refused.
     pub fn new(n: u32) -> Result<Self, CryptoError> {
@@ -193,6 +208,12 @@ impl Epoch {
             return Err(CryptoError::InvalidId {
                 what: "epoch",
                 reason: "epochs start at 1",
+            });
+        }
+        if n > Epoch::MAX.0 {
+            return Err(CryptoError::InvalidId {
+                what: "epoch",
+                reason: "epochs end at 2^31 - 1",
             });
         }
         Ok(Self(n))
@@ -203,9 +224,9 @@ impl Epoch {
         self.0
     }
 
-    /// The epoch after this one, or `None` past `u32::MAX`.
+    /// The epoch after this one, or `None` after [`Epoch::MAX`].
     pub fn next(self) -> Option<Epoch> {
-        self.0.checked_add(1).map(Epoch)
+        (self < Epoch::MAX).then(|| Epoch(self.0 + 1))
     }
 }
 
@@ -278,7 +299,9 @@ mod tests {
     fn epoch_zero_is_refused_and_next_saturates() {
         assert!(Epoch::new(0).is_err());
         assert_eq!(Epoch::FIRST.next(), Some(Epoch::new(2).unwrap()));
-        assert_eq!(Epoch::new(u32::MAX).unwrap().next(), None);
+        assert_eq!(Epoch::MAX.next(), None);
+        assert!(Epoch::new(i32::MAX as u32 + 1).is_err());
+        assert_eq!(Epoch::new(i32::MAX as u32), Ok(Epoch::MAX));
     }
 
     #[test]
@@ -287,6 +310,11 @@ mod tests {
         assert_eq!(SessionId::parse(&id.to_string()).unwrap(), id);
         assert!(SessionId::parse("00000000-0000-0000-0000-000000000000").is_err());
         assert!(SessionId::parse("nope").is_err());
+        // Only the canonical lower-case hyphenated UUIDv7 form.
+        assert!(SessionId::parse(&id.to_string().to_uppercase()).is_err());
+        assert!(SessionId::parse(&id.as_uuid().simple().to_string()).is_err());
+        let v4 = uuid::Builder::from_random_bytes([7u8; 16]).into_uuid();
+        assert!(SessionId::parse(&v4.to_string()).is_err());
         assert!(SessionId::from_slice(&[0u8; 15]).is_err());
     }
 }

@@ -11,8 +11,8 @@ use crate::store::audit::NewAuditEvent;
 use crate::store::tokens::{NewApiToken, TokenId};
 use crate::store::Store;
 
-/// Longest token label accepted.
-pub const MAX_LABEL_LEN: usize = 200;
+/// Longest token label accepted, in characters.
+pub const MAX_LABEL_CHARS: usize = 128;
 
 /// The Admin gRPC service.
 #[derive(Clone)]
@@ -64,8 +64,14 @@ pub fn parse_token_request(req: &pb::CreateTokenRequest) -> Result<TokenRequest,
         }
         None
     };
-    if req.label.len() > MAX_LABEL_LEN {
-        return Err(invalid("label", format!("at most {MAX_LABEL_LEN} bytes")));
+    if req.label.chars().count() > MAX_LABEL_CHARS {
+        return Err(invalid(
+            "label",
+            format!("at most {MAX_LABEL_CHARS} characters"),
+        ));
+    }
+    if req.label.chars().any(char::is_control) {
+        return Err(invalid("label", "control characters are not allowed"));
     }
     let label = (!req.label.is_empty()).then(|| req.label.clone());
     Ok(TokenRequest {

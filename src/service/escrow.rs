@@ -49,11 +49,21 @@ impl Escrow for EscrowService {
         require_role(&caller, &[Role::Staff])?;
         let req = request.get_ref();
         let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
-        let reason = req.reason.trim().to_string();
-        if reason.is_empty() {
+        // Stored as given; it must say something, and be text every database column holds.
+        let reason = req.reason.clone();
+        if reason.trim().is_empty() {
             return Err(invalid(
                 "reason",
                 "a reason is required for every escrow read",
+            ));
+        }
+        if reason
+            .chars()
+            .any(|c| c.is_control() && c != '\n' && c != '\t')
+        {
+            return Err(invalid(
+                "reason",
+                "control characters other than newline and tab are not allowed",
             ));
         }
         if reason.chars().count() > MAX_REASON_CHARS {
@@ -80,7 +90,12 @@ impl Escrow for EscrowService {
             .state
             .store
             .transaction(async move |tx| {
-                if tx.session(&session_id).await?.is_none() {
+                let Some(session) = tx.session(&session_id).await? else {
+                    return Err(StoreError::NotFound);
+                };
+                // An epoch the session never reached is unknown: refused before anything is
+                // recorded or read.
+                if epochs.iter().any(|e| *e > session.current_epoch) {
                     return Err(StoreError::NotFound);
                 }
                 let recorded = tx.append_audit_event(&event).await?;

@@ -325,9 +325,8 @@ fn check_key_set(
             )))
         }
         (None, true) => {
-            return Err(invalid(
-                "key_set.escrow",
-                "required: every epoch's DEK is escrowed",
+            return Err(Status::failed_precondition(
+                "key_set.escrow: required: every epoch's DEK is escrowed (see KeyDirectory.GetEscrowKey)",
             ))
         }
         (Some(_), false) => {
@@ -690,6 +689,14 @@ impl Sessions for SessionsService {
             .device_session_keys(&session_id, user, device, epoch)
             .await
             .map_err(store_status)?;
+        if keys.is_empty() {
+            return Err(Status::not_found(match epoch {
+                Some(e) => {
+                    format!("session_id: this device holds no key of epoch {e} of this session")
+                }
+                None => "session_id: this device holds no key of this session".to_string(),
+            }));
+        }
         Ok(Response::new(pb::GetSessionKeysResponse {
             session_keys: keys.into_iter().map(record_to_wire).collect(),
         }))
@@ -740,17 +747,9 @@ impl Sessions for SessionsService {
             .await
             .map_err(store_status)?
             .ok_or_else(|| Status::not_found("session_id: no such session"))?;
-        match (&caller, session.mode) {
-            (Principal::App { .. }, _) => {}
-            (Principal::Device { .. }, SessionMode::ClientWrapped) => {
-                require_session_owner(&caller, &session)?
-            }
-            _ => {
-                return Err(Status::permission_denied(
-                    "only an app server or the author device may delete a session",
-                ))
-            }
-        }
+        // The same owner rule as every other change: app servers own service-wrapped
+        // sessions, the author device owns a client-wrapped one.
+        require_session_owner(&caller, &session)?;
         let deleted_at = self
             .state
             .store
@@ -787,6 +786,7 @@ fn parse_cursor(cursor: &str) -> Result<i64, Status> {
     }
     cursor
         .strip_prefix(CURSOR_PREFIX)
+        .filter(|hex| !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()))
         .and_then(|hex| i64::from_str_radix(hex, 16).ok())
         .filter(|v| *v >= 0)
         .ok_or_else(|| invalid("cursor", "not a cursor this service returned"))

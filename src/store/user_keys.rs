@@ -139,15 +139,25 @@ async fn publish(conn: &mut DbConn, key: &NewUserKey) -> Result<UserKey, StoreEr
     let (user, device) = (key.user.as_str(), key.device.as_str());
     let now = Timestamp::now().unix_micros();
 
-    let known: Option<Vec<u8>> = db_run!(conn: {
+    let known: Option<UserKeyRow> = db_run!(conn: {
         user_keys::table
             .find(key_id)
-            .select(user_keys::key_id)
+            .select(UserKeyRow::as_select())
             .first(conn)
             .await
             .optional()?
     });
-    if known.is_some() {
+    if let Some(row) = known {
+        let existing = UserKey::try_from(row)?;
+        // Publishing the device's current bundle again is a retry: answer as the first time
+        // did and change nothing. Any other reuse of a key id is a conflict.
+        let same_bundle = existing.user == key.user
+            && existing.device == key.device
+            && existing.identity_key == key.identity_key
+            && existing.signature == key.signature;
+        if same_bundle && existing.is_current() {
+            return Ok(existing);
+        }
         return Err(StoreError::AlreadyExists(format!(
             "user key {}",
             key.key_id
