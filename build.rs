@@ -16,6 +16,8 @@ const PROTOS: &[&str] = &[
     "proto/keyhold/v1/sessions.proto",
     "proto/keyhold/v1/escrow.proto",
     "proto/keyhold/v1/admin.proto",
+    "proto/keyhold/v1/messages.proto",
+    "proto/keyhold/v1/trust.proto",
     "proto/keyhold/v1/ratchet.proto",
     "proto/keyhold/v1/device_sync.proto",
 ];

@@ -22,8 +22,10 @@ use crate::proto::keyhold::v1::admin_client::AdminClient;
 use crate::proto::keyhold::v1::device_sync_client::DeviceSyncClient;
 use crate::proto::keyhold::v1::escrow_client::EscrowClient;
 use crate::proto::keyhold::v1::key_directory_client::KeyDirectoryClient;
+use crate::proto::keyhold::v1::messages_client::MessagesClient;
 use crate::proto::keyhold::v1::ratchet_client::RatchetClient;
 use crate::proto::keyhold::v1::sessions_client::SessionsClient;
+use crate::proto::keyhold::v1::trust_client::TrustClient;
 
 /// Adds `authorization: Bearer <token>` to every request.
 #[derive(Clone)]
@@ -113,6 +115,16 @@ impl Client {
     /// The DeviceSync service.
     pub fn device_sync(&self) -> DeviceSyncClient<Authed> {
         DeviceSyncClient::with_interceptor(self.channel.clone(), self.token.clone())
+    }
+
+    /// The Messages service.
+    pub fn messages(&self) -> MessagesClient<Authed> {
+        MessagesClient::with_interceptor(self.channel.clone(), self.token.clone())
+    }
+
+    /// The Trust service.
+    pub fn trust(&self) -> TrustClient<Authed> {
+        TrustClient::with_interceptor(self.channel.clone(), self.token.clone())
     }
 
     /// The Admin service.

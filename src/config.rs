@@ -108,6 +108,10 @@ settings! {
     max_key_package_bytes: usize = crate::service::Limits::DEFAULT.max_key_package_bytes, flag "max-key-package-bytes", env "KEYHOLD_MAX_KEY_PACKAGE_BYTES";
     /// Most unacknowledged key packages one device's inbox holds.
     max_inbox_packages: usize = crate::service::Limits::DEFAULT.max_inbox_packages, flag "max-inbox-packages", env "KEYHOLD_MAX_INBOX_PACKAGES";
+    /// Largest message PutMessages accepts: ciphertext plus associated data, in bytes (default 1 MiB).
+    max_message_bytes: usize = crate::service::Limits::DEFAULT.max_message_bytes, flag "max-message-bytes", env "KEYHOLD_MAX_MESSAGE_BYTES";
+    /// Most messages one PutMessages call may carry.
+    max_message_batch: usize = crate::service::Limits::DEFAULT.max_message_batch, flag "max-message-batch", env "KEYHOLD_MAX_MESSAGE_BATCH";
     /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info`, `keyhold=debug`).
     log: String = "info".to_string(), flag "log", env "KEYHOLD_LOG";
 }

@@ -197,6 +197,11 @@ mod tests {
             "keyhold.v1.KeyDirectory/GetUserKeys",
             "keyhold.v1.KeyDirectory/PublishDeviceKey",
             "keyhold.v1.KeyDirectory/RevokeDeviceKey",
+            "keyhold.v1.Messages/DeleteMessage",
+            "keyhold.v1.Messages/ListAuthorMessages",
+            "keyhold.v1.Messages/ListSessionMessages",
+            "keyhold.v1.Messages/PutMessages",
+            "keyhold.v1.Messages/Timeline",
             "keyhold.v1.KeyDirectory/UploadPrekeys",
             "keyhold.v1.KeyDirectory/ClaimPrekeys",
             "keyhold.v1.KeyDirectory/CountPrekeys",
@@ -211,6 +216,9 @@ mod tests {
             "keyhold.v1.Sessions/RemoveRecipients",
             "keyhold.v1.Sessions/RotateSession",
             "keyhold.v1.Sessions/SyncSessionKeys",
+            "keyhold.v1.Trust/AddTrustedUser",
+            "keyhold.v1.Trust/ListTrustedUsers",
+            "keyhold.v1.Trust/RemoveTrustedUser",
         ];
         want.sort();
         assert_eq!(got, want);

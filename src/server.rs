@@ -14,14 +14,18 @@ use crate::proto::keyhold::v1::admin_server::AdminServer;
 use crate::proto::keyhold::v1::device_sync_server::DeviceSyncServer;
 use crate::proto::keyhold::v1::escrow_server::EscrowServer;
 use crate::proto::keyhold::v1::key_directory_server::KeyDirectoryServer;
+use crate::proto::keyhold::v1::messages_server::MessagesServer;
 use crate::proto::keyhold::v1::ratchet_server::RatchetServer;
 use crate::proto::keyhold::v1::sessions_server::SessionsServer;
+use crate::proto::keyhold::v1::trust_server::TrustServer;
 use crate::service::admin::AdminService;
 use crate::service::device_sync::DeviceSyncService;
 use crate::service::escrow::EscrowService;
 use crate::service::key_directory::KeyDirectoryService;
+use crate::service::messages::MessagesService;
 use crate::service::ratchet::RatchetService;
 use crate::service::sessions::SessionsService;
+use crate::service::trust::TrustService;
 use crate::service::{store_status, AppState, Limits};
 use crate::store::Store;
 
@@ -94,6 +98,10 @@ pub async fn serve(
         .await;
     health.set_serving::<EscrowServer<EscrowService>>().await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    health
+        .set_serving::<MessagesServer<MessagesService>>()
+        .await;
+    health.set_serving::<TrustServer<TrustService>>().await;
     health.set_serving::<RatchetServer<RatchetService>>().await;
     health
         .set_serving::<DeviceSyncServer<DeviceSyncService>>()
@@ -136,6 +144,11 @@ pub async fn serve(
             DeviceSyncServer::new(DeviceSyncService::new(state.clone()))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
         )
+        .add_service(
+            MessagesServer::new(MessagesService::new(state.clone()))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+        )
+        .add_service(TrustServer::new(TrustService::new(state.clone())))
         .add_service(EscrowServer::new(EscrowService::new(state.clone())))
         .add_service(AdminServer::new(AdminService::new(state)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

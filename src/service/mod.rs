@@ -10,8 +10,10 @@ pub mod admin;
 pub mod device_sync;
 pub mod escrow;
 pub mod key_directory;
+pub mod messages;
 pub mod ratchet;
 pub mod sessions;
+pub mod trust;
 pub mod watch;
 
 use std::sync::Arc;
@@ -37,7 +39,7 @@ pub struct AppState {
     pub escrow_public_key: Arc<EncapsulationKey>,
     /// Most items accepted in one list (user ids, recipients).
     pub max_list_len: usize,
-    /// Bounds on prekeys, ratchet states and inboxes.
+    /// Bounds on prekeys, ratchet states, inboxes and messages.
     pub limits: Limits,
     /// Ends the server-streaming calls when the server shuts down.
     pub streams: watch::StreamStop,
@@ -59,6 +61,10 @@ pub struct Limits {
     pub max_key_package_bytes: usize,
     /// Most unacknowledged key packages one device's inbox holds.
     pub max_inbox_packages: usize,
+    /// Largest message PutMessages accepts: ciphertext plus associated data, in bytes.
+    pub max_message_bytes: usize,
+    /// Most messages in one PutMessages call.
+    pub max_message_batch: usize,
 }
 
 impl Limits {
@@ -73,6 +79,8 @@ impl Limits {
         max_ratchet_state_bytes: 64 * 1024,
         max_key_package_bytes: 64 * 1024,
         max_inbox_packages: 1000,
+        max_message_bytes: 1024 * 1024,
+        max_message_batch: 500,
     };
 
     /// The limits the settings name.
@@ -84,6 +92,8 @@ impl Limits {
             max_ratchet_state_bytes: settings.max_ratchet_state_bytes,
             max_key_package_bytes: settings.max_key_package_bytes,
             max_inbox_packages: settings.max_inbox_packages,
+            max_message_bytes: settings.max_message_bytes,
+            max_message_batch: settings.max_message_batch,
         }
     }
 }

@@ -425,9 +425,15 @@ impl Sessions for SessionsService {
             Some(pb::create_session_request::Recipients::UserIds(list)) => {
                 parse_user_list("user_ids.user_ids", &list.user_ids, self.state.max_list_len)?
             }
-            Some(pb::create_session_request::Recipients::TrustedUsersOfAuthor(_)) => {
-                return Err(Status::unimplemented(
-                    "trusted_users_of_author: trust relationships are not available yet; list the users",
+            Some(pb::create_session_request::Recipients::TrustedUsersOfAuthor(true)) => {
+                // Only someone acting for the author may learn (and use) whom it trusts.
+                super::require_acts_for(&caller, &author, None)?;
+                super::trust::trusted_recipients(&self.state, &author).await?
+            }
+            Some(pb::create_session_request::Recipients::TrustedUsersOfAuthor(false)) => {
+                return Err(invalid(
+                    "trusted_users_of_author",
+                    "set it to true, or name the recipients in user_ids",
                 ))
             }
             None => return Err(invalid("recipients", "name the recipient users (user_ids)")),

@@ -12,7 +12,8 @@
 //!   inboxes); [`events`] wakes watch streams across processes. Each query is
 //!   written once and compiled for both backends by the `db_run!` macro below; where the
 //!   backends must differ (locking, `BEGIN IMMEDIATE`) the macro's two-armed form keeps both
-//!   spellings side by side in the one place that needs them.
+//!   spellings side by side in the one place that needs them. [`messages`] keeps encrypted
+//!   messages and their keyset listings, [`trust`] the trusted users of each author.
 //! - **Transactions**: every store call that writes is one transaction; [`Store::transaction`]
 //!   runs several calls on a [`Tx`] as one (for example an audit event and the read it
 //!   records, so that the read fails if the audit write does).
@@ -42,12 +43,14 @@ mod error;
 pub mod events;
 pub mod key_packages;
 mod locks;
+pub mod messages;
 mod migrations;
 pub mod prekeys;
 pub mod ratchet_states;
 pub mod schema;
 pub mod sessions;
 pub mod tokens;
+pub mod trust;
 pub mod user_keys;
 
 use std::fmt;

@@ -156,6 +156,30 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    messages (message_id) {
+        message_id -> Binary,
+        session_id -> Binary,
+        epoch -> Integer,
+        author_user_id -> Text,
+        author_device_id -> Nullable<Text>,
+        nonce -> Binary,
+        ciphertext -> Binary,
+        associated_data -> Nullable<Binary>,
+        created_at -> BigInt,
+        deleted_at -> Nullable<BigInt>,
+    }
+}
+
+diesel::table! {
+    trusted_users (author_user_id, trusted_user_id) {
+        author_user_id -> Text,
+        trusted_user_id -> Text,
+        created_at -> BigInt,
+    }
+}
+
+diesel::joinable!(messages -> sessions (session_id));
 diesel::joinable!(session_keys -> sessions (session_id));
 diesel::joinable!(session_members -> sessions (session_id));
 diesel::joinable!(staff_keys -> sessions (session_id));
@@ -170,6 +194,8 @@ diesel::allow_tables_to_appear_in_same_query!(
     service_keys,
     audit_events,
     api_tokens,
+    messages,
+    trusted_users,
     prekeys,
     prekey_claim_windows,
     ratchet_states,

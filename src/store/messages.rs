@@ -1,0 +1,780 @@
+//! Encrypted messages (EncryptedMessage): stored as their authors sealed them, listed newest
+//! first by keyset cursors, hidden when deleted.
+//!
+//! # Who reads what
+//!
+//! Access follows keys: a device reads the messages of exactly the session epochs it holds a
+//! live session key for (a `session_keys` row for it with `revoked_at` unset). A device removed
+//! at epoch 2 keeps its epoch-1 key, so it still reads epoch-1 messages and never an epoch-2
+//! one. Deleting a session revokes its keys in the same transaction, which hides its messages
+//! from every listing; a deleted message (`deleted_at` set) is in no listing either.
+//!
+//! # Order and cursors
+//!
+//! Every listing is ordered by the **position** `(created_at, message_id)`, newest first.
+//! `message_id` is the primary key, so positions are unique and the order is total; a cursor
+//! is the position of the last message of a page, and the next page is the messages strictly
+//! older than it (a keyset, never an offset, so an insert or a delete elsewhere shifts
+//! nothing). `created_at` comes from the server, never from the caller: every message of one
+//! PutMessages batch shares it, and the ids order them within the batch.
+//!
+//! A newest-first cursor only stays exact if messages never appear *below* positions a reader
+//! has already been shown: otherwise a message committed late, with an older time than one
+//! already listed, would be stepped over by a cursor that has passed its position, and a
+//! client that catches up by paging from the top until it meets a message it already has
+//! would miss it. The store keeps that invariant, **new messages only appear above every
+//! message already listed**, on both backends:
+//!
+//! - **SQLite** has one writer at a time (`BEGIN IMMEDIATE`, and the store's single
+//!   connection). A batch takes its time after the write lock is held, so it is later than
+//!   every committed message, and no reader sees it before it commits.
+//! - **PostgreSQL** runs writers concurrently, and a writer that took its time first may
+//!   commit last. Taking times in commit order would need one lock for every message write
+//!   on every replica; instead listings stop at a **visibility horizon**. A PutMessages
+//!   transaction first marks itself as a message writer (`SET LOCAL application_name =
+//!   'keyhold:put-messages'`, which `pg_stat_activity` shows at once) and only then reads
+//!   the database clock for `created_at`, so each writer's messages are no older than its
+//!   transaction start. A listing first reads the horizon, the earlier of its own statement
+//!   time and the start of the oldest message writer still running in this database, and
+//!   then, in a later statement (so with a later snapshot), lists only messages older than
+//!   the horizon. A writer that was running when the horizon was read writes at or after
+//!   it; one that had not yet marked itself takes its time after the horizon was read; one
+//!   that had finished is committed and visible to the later snapshot. So every message
+//!   that will ever exist below the horizon is already visible, and nothing can later
+//!   appear below a listed one. The cost is that a message is listed only once every
+//!   message write that started before it has ended: a few milliseconds with short batches.
+//!   This needs the replicas to share one database role (so they see each other's
+//!   `xact_start`; or hold `pg_read_all_stats`), and a database clock that does not step
+//!   backwards (NTP slews it).
+//!
+//! One case stays outside the invariant by design: a device given a key to an *older* epoch
+//! (AddRecipients on a session it was not in) starts reading that epoch's older messages.
+//! It learns of the key through SyncSessionKeys and can list that session.
+//!
+//! # Indexes (see the migration)
+//!
+//! - The timeline and ListSessionMessages: the reader's live keys come from
+//!   `session_keys_live_by_recipient`; for each (session, epoch) a backward range scan of
+//!   `messages_by_session_epoch_time` starting below the cursor yields at most one page;
+//!   the newest page of those is kept and only its rows are read. On PostgreSQL that is one
+//!   statement (`LATERAL`); on SQLite, where calls are local, the same steps run on the
+//!   connection's thread. The cost depends on how many epochs the reader holds keys for and
+//!   on the page size, and grows only with the logarithm of the number of messages.
+//! - ListAuthorMessages: a backward range scan of `messages_by_author_time`, each row
+//!   checked against the reader's keys.
+
+use diesel::prelude::*;
+use diesel::sql_types::{BigInt, Binary, Text};
+use diesel_async::RunQueryDsl;
+
+use super::schema::{messages, session_keys};
+use super::sql::coalesce;
+use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp, Tx};
+use crate::crypto::ids::{DeviceId, Epoch, MessageId, SessionId, UserId};
+
+/// Rows per multi-row INSERT or `IN` list, under both backends' limits on bound parameters.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// The `application_name` a PutMessages transaction carries on PostgreSQL while it runs: the
+/// listings' visibility horizon waits for transactions that carry it (see the module docs).
+pub const MESSAGE_WRITER_APPLICATION_NAME: &str = "keyhold:put-messages";
+
+/// A message to store, already checked by the caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NewMessage {
+    /// Its id, chosen by the author (UUIDv7).
+    pub message_id: MessageId,
+    /// The session.
+    pub session_id: SessionId,
+    /// The epoch whose DEK sealed it.
+    pub epoch: Epoch,
+    /// The AES-GCM nonce.
+    pub nonce: Vec<u8>,
+    /// The ciphertext with its tag.
+    pub ciphertext: Vec<u8>,
+    /// Associated data the author bound, if any (stored in the clear).
+    pub associated_data: Option<Vec<u8>>,
+}
+
+/// Who wrote a batch: a user, and the device when a device wrote it itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Author {
+    /// The author user.
+    pub user: UserId,
+    /// The author device; `None` when an app server stored the message for the user.
+    pub device: Option<DeviceId>,
+}
+
+/// A stored message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Message {
+    /// Its id.
+    pub message_id: MessageId,
+    /// The session.
+    pub session_id: SessionId,
+    /// The epoch whose DEK sealed it.
+    pub epoch: Epoch,
+    /// Who wrote it.
+    pub author: Author,
+    /// The AES-GCM nonce.
+    pub nonce: Vec<u8>,
+    /// The ciphertext with its tag.
+    pub ciphertext: Vec<u8>,
+    /// Associated data, if any.
+    pub associated_data: Option<Vec<u8>>,
+    /// When the server stored it.
+    pub created_at: Timestamp,
+    /// When it was deleted, if it was.
+    pub deleted_at: Option<Timestamp>,
+}
+
+impl Message {
+    /// Its place in every listing.
+    pub fn position(&self) -> Position {
+        Position {
+            created_at: self.created_at,
+            message_id: self.message_id,
+        }
+    }
+
+    /// Whether `new`, written by `author`, is this same message: every stored byte equal.
+    pub fn is_same_as(&self, author: &Author, new: &NewMessage) -> bool {
+        self.message_id == new.message_id
+            && self.session_id == new.session_id
+            && self.epoch == new.epoch
+            && &self.author == author
+            && self.nonce == new.nonce
+            && self.ciphertext == new.ciphertext
+            && self.associated_data == new.associated_data
+    }
+}
+
+/// A place in the newest-first order of messages: `(created_at, message_id)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Position {
+    /// The message's server time.
+    pub created_at: Timestamp,
+    /// The message's id, which breaks ties between messages of the same time.
+    pub message_id: MessageId,
+}
+
+/// What PutMessages did with a batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Every message is stored: per message of the batch, in order, its server time and
+    /// whether this call stored it (`false`: it was already stored with the same bytes).
+    Stored(Vec<(Timestamp, bool)>),
+    /// The message at this index of the batch has an id already stored with other bytes.
+    /// Nothing was written.
+    Conflict(usize),
+}
+
+/// Whose view a listing takes: a device, by its keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reader {
+    /// The device's user.
+    pub user: UserId,
+    /// The device.
+    pub device: DeviceId,
+}
+
+#[derive(Queryable, Selectable, QueryableByName)]
+#[diesel(table_name = messages)]
+struct MessageRow {
+    message_id: Vec<u8>,
+    session_id: Vec<u8>,
+    epoch: i32,
+    author_user_id: String,
+    author_device_id: Option<String>,
+    nonce: Vec<u8>,
+    ciphertext: Vec<u8>,
+    associated_data: Option<Vec<u8>>,
+    created_at: i64,
+    deleted_at: Option<i64>,
+}
+
+impl TryFrom<MessageRow> for Message {
+    type Error = StoreError;
+    fn try_from(r: MessageRow) -> Result<Self, StoreError> {
+        Ok(Message {
+            message_id: MessageId::from_slice(&r.message_id)
+                .map_err(|e| StoreError::corrupt("message id", e))?,
+            session_id: SessionId::from_slice(&r.session_id)
+                .map_err(|e| StoreError::corrupt("message session id", e))?,
+            epoch: Epoch::new(unsigned("message epoch", r.epoch)?)
+                .map_err(|e| StoreError::corrupt("message epoch", e))?,
+            author: Author {
+                user: UserId::new(r.author_user_id)
+                    .map_err(|e| StoreError::corrupt("message author user id", e))?,
+                device: r
+                    .author_device_id
+                    .map(DeviceId::new)
+                    .transpose()
+                    .map_err(|e| StoreError::corrupt("message author device id", e))?,
+            },
+            nonce: r.nonce,
+            ciphertext: r.ciphertext,
+            associated_data: r.associated_data,
+            created_at: Timestamp::from_unix_micros(r.created_at),
+            deleted_at: r.deleted_at.map(Timestamp::from_unix_micros),
+        })
+    }
+}
+
+#[derive(Insertable)]
+#[diesel(table_name = messages)]
+struct MessageInsert<'a> {
+    message_id: &'a [u8],
+    session_id: &'a [u8],
+    epoch: i32,
+    author_user_id: &'a str,
+    author_device_id: Option<&'a str>,
+    nonce: &'a [u8],
+    ciphertext: &'a [u8],
+    associated_data: Option<&'a [u8]>,
+    created_at: i64,
+}
+
+/// A [`MessageInsert`] that owns its bytes, to move onto SQLite's connection thread.
+struct OwnedInsert {
+    message_id: Vec<u8>,
+    session_id: Vec<u8>,
+    epoch: i32,
+    author_user_id: String,
+    author_device_id: Option<String>,
+    nonce: Vec<u8>,
+    ciphertext: Vec<u8>,
+    associated_data: Option<Vec<u8>>,
+    created_at: i64,
+}
+
+impl From<&MessageInsert<'_>> for OwnedInsert {
+    fn from(r: &MessageInsert<'_>) -> Self {
+        OwnedInsert {
+            message_id: r.message_id.to_vec(),
+            session_id: r.session_id.to_vec(),
+            epoch: r.epoch,
+            author_user_id: r.author_user_id.to_owned(),
+            author_device_id: r.author_device_id.map(str::to_owned),
+            nonce: r.nonce.to_vec(),
+            ciphertext: r.ciphertext.to_vec(),
+            associated_data: r.associated_data.map(<[u8]>::to_vec),
+            created_at: r.created_at,
+        }
+    }
+}
+
+impl OwnedInsert {
+    fn borrowed(&self) -> MessageInsert<'_> {
+        MessageInsert {
+            message_id: &self.message_id,
+            session_id: &self.session_id,
+            epoch: self.epoch,
+            author_user_id: &self.author_user_id,
+            author_device_id: self.author_device_id.as_deref(),
+            nonce: &self.nonce,
+            ciphertext: &self.ciphertext,
+            associated_data: self.associated_data.as_deref(),
+            created_at: self.created_at,
+        }
+    }
+}
+
+fn epoch_db(e: Epoch) -> Result<i32, StoreError> {
+    i32::try_from(e.get())
+        .map_err(|_| StoreError::Internal(format!("epoch {e} does not fit the database")))
+}
+
+/// The bound a listing starts below: the cursor, or above every message.
+fn start_below(before: Option<Position>) -> (i64, Vec<u8>) {
+    match before {
+        Some(p) => (p.created_at.unix_micros(), p.message_id.as_bytes().to_vec()),
+        None => (i64::MAX, vec![0xFF; 16]),
+    }
+}
+
+#[derive(QueryableByName)]
+struct Micros {
+    #[diesel(sql_type = BigInt)]
+    micros: i64,
+}
+
+/// The time a batch's messages get; on PostgreSQL the transaction first marks itself as a
+/// message writer, so that listings hold their horizon at or below its start (module docs).
+async fn writer_time(conn: &mut DbConn) -> Result<Timestamp, StoreError> {
+    db_run!(conn: sqlite {
+        // The transaction holds SQLite's write lock already: later than every commit.
+        Ok(Timestamp::now())
+    } postgres {
+        // CASE evaluates its condition first: the mark is set before the clock is read.
+        let row: Micros = diesel::sql_query(
+            "SELECT CAST(EXTRACT(EPOCH FROM CASE \
+                 WHEN set_config('application_name', $1, true) IS NOT NULL \
+                 THEN clock_timestamp() END) * 1000000 AS BIGINT) AS micros",
+        )
+        .bind::<Text, _>(MESSAGE_WRITER_APPLICATION_NAME)
+        .get_result(conn)
+        .await?;
+        Ok(Timestamp::from_unix_micros(row.micros))
+    })
+}
+
+/// The visibility horizon of a listing: only messages older than it are listed (module
+/// docs). Must run outside a transaction, before the listing's own statement.
+async fn horizon(conn: &mut DbConn) -> Result<i64, StoreError> {
+    db_run!(conn: sqlite {
+        Ok(i64::MAX)
+    } postgres {
+        let row: Micros = diesel::sql_query(
+            "SELECT CAST(EXTRACT(EPOCH FROM LEAST(statement_timestamp(), MIN(xact_start))) \
+                 * 1000000 AS BIGINT) AS micros \
+             FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1 \
+               AND pid <> pg_backend_pid()",
+        )
+        .bind::<Text, _>(MESSAGE_WRITER_APPLICATION_NAME)
+        .get_result(conn)
+        .await?;
+        Ok(row.micros)
+    })
+}
+
+async fn messages_by_id(conn: &mut DbConn, ids: &[&[u8]]) -> Result<Vec<Message>, StoreError> {
+    let mut out = Vec::new();
+    for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        let rows: Vec<MessageRow> = db_run!(conn: {
+            messages::table
+                .filter(messages::message_id.eq_any(chunk))
+                .select(MessageRow::as_select())
+                .load(conn)
+                .await?
+        });
+        for row in rows {
+            out.push(Message::try_from(row)?);
+        }
+    }
+    Ok(out)
+}
+
+async fn put(
+    conn: &mut DbConn,
+    author: &Author,
+    batch: &[NewMessage],
+) -> Result<PutOutcome, StoreError> {
+    let ids: Vec<&[u8]> = batch
+        .iter()
+        .map(|m| m.message_id.as_bytes().as_slice())
+        .collect();
+    // Retries first: an id already stored must carry the same bytes.
+    let existing = messages_by_id(conn, &ids).await?;
+    let find = |id: MessageId, among: &[Message]| among.iter().position(|m| m.message_id == id);
+    for (i, new) in batch.iter().enumerate() {
+        if let Some(j) = find(new.message_id, &existing) {
+            if !existing[j].is_same_as(author, new) {
+                return Ok(PutOutcome::Conflict(i));
+            }
+        }
+    }
+    let fresh: Vec<&NewMessage> = batch
+        .iter()
+        .filter(|m| find(m.message_id, &existing).is_none())
+        .collect();
+    let now = if fresh.is_empty() {
+        Timestamp::now()
+    } else {
+        writer_time(conn).await?
+    };
+    let mut inserted: Vec<Vec<u8>> = Vec::with_capacity(fresh.len());
+    for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
+        let rows = chunk
+            .iter()
+            .map(|m| {
+                Ok(MessageInsert {
+                    message_id: m.message_id.as_bytes(),
+                    session_id: m.session_id.as_bytes(),
+                    epoch: epoch_db(m.epoch)?,
+                    author_user_id: author.user.as_str(),
+                    author_device_id: author.device.as_ref().map(DeviceId::as_str),
+                    nonce: &m.nonce,
+                    ciphertext: &m.ciphertext,
+                    associated_data: m.associated_data.as_deref(),
+                    created_at: now.unix_micros(),
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // PostgreSQL takes the chunk in one statement. Diesel has no multi-row INSERT with
+        // ON CONFLICT for SQLite, so there the rows go one by one, all on the connection's
+        // thread (each is a local call).
+        let ids: Vec<Vec<u8>> = db_run!(conn: sqlite {
+            let owned: Vec<OwnedInsert> = rows.iter().map(OwnedInsert::from).collect();
+            conn.spawn_blocking(move |c| {
+                let mut ids = Vec::with_capacity(owned.len());
+                for row in &owned {
+                    let id: Option<Vec<u8>> = diesel::RunQueryDsl::get_result(
+                        diesel::insert_into(messages::table)
+                            .values(row.borrowed())
+                            .on_conflict_do_nothing()
+                            .returning(messages::message_id),
+                        c,
+                    )
+                    .optional()?;
+                    ids.extend(id);
+                }
+                Ok(ids)
+            })
+            .await?
+        } postgres {
+            diesel::insert_into(messages::table)
+                .values(&rows)
+                .on_conflict_do_nothing()
+                .returning(messages::message_id)
+                .get_results(conn)
+                .await?
+        });
+        inserted.extend(ids);
+    }
+    let mut existing = existing;
+    if inserted.len() < fresh.len() {
+        // A concurrent call stored some of these ids between the read above and the insert
+        // (PostgreSQL waited for it to commit). The same bytes are a retry that raced; other
+        // bytes mean this transaction must not commit what it wrote.
+        let raced: Vec<&[u8]> = fresh
+            .iter()
+            .map(|m| m.message_id.as_bytes().as_slice())
+            .filter(|id| !inserted.iter().any(|i| i.as_slice() == *id))
+            .collect();
+        for stored in messages_by_id(conn, &raced).await? {
+            let same = fresh
+                .iter()
+                .any(|m| m.message_id == stored.message_id && stored.is_same_as(author, m));
+            if !same {
+                return Err(StoreError::VersionConflict(format!(
+                    "message {} was stored concurrently with other bytes",
+                    stored.message_id
+                )));
+            }
+            existing.push(stored);
+        }
+    }
+    let stored = batch
+        .iter()
+        .map(|m| match find(m.message_id, &existing) {
+            Some(j) => (existing[j].created_at, false),
+            None => (now, true),
+        })
+        .collect();
+    Ok(PutOutcome::Stored(stored))
+}
+
+/// Of `pairs`, the (session, epoch) pairs the device holds a live key for.
+async fn readable_pairs(
+    conn: &mut DbConn,
+    user: &UserId,
+    device: &DeviceId,
+    pairs: &[(SessionId, Epoch)],
+) -> Result<Vec<(SessionId, Epoch)>, StoreError> {
+    let mut sessions: Vec<&[u8]> = pairs.iter().map(|(s, _)| s.as_bytes().as_slice()).collect();
+    sessions.sort_unstable();
+    sessions.dedup();
+    let mut held = Vec::new();
+    for chunk in sessions.chunks(ROWS_PER_STATEMENT) {
+        let rows: Vec<(Vec<u8>, i32)> = db_run!(conn: {
+            session_keys::table
+                .filter(session_keys::recipient_user_id.eq(user.as_str()))
+                .filter(session_keys::recipient_device_id.eq(device.as_str()))
+                .filter(session_keys::session_id.eq_any(chunk))
+                .filter(session_keys::revoked_at.is_null())
+                .select((session_keys::session_id, session_keys::epoch))
+                .load(conn)
+                .await?
+        });
+        held.extend(rows);
+    }
+    let mut out = Vec::new();
+    for &(s, e) in pairs {
+        let e_db = epoch_db(e)?;
+        if held
+            .iter()
+            .any(|(hs, he)| hs.as_slice() == s.as_bytes() && *he == e_db)
+            && !out.contains(&(s, e))
+        {
+            out.push((s, e));
+        }
+    }
+    Ok(out)
+}
+
+async fn get_message(conn: &mut DbConn, id: &MessageId) -> Result<Option<Message>, StoreError> {
+    let row: Option<MessageRow> = db_run!(conn: {
+        messages::table
+            .find(id.as_bytes().as_slice())
+            .select(MessageRow::as_select())
+            .first(conn)
+            .await
+            .optional()?
+    });
+    row.map(Message::try_from).transpose()
+}
+
+async fn soft_delete(conn: &mut DbConn, id: &MessageId) -> Result<Timestamp, StoreError> {
+    let now = Timestamp::now().unix_micros();
+    let mid = id.as_bytes().as_slice();
+    let updated = db_run!(conn: {
+        diesel::update(messages::table.find(mid))
+            .set(messages::deleted_at.eq(coalesce(messages::deleted_at, now)))
+            .execute(conn)
+            .await?
+    });
+    if updated == 0 {
+        return Err(StoreError::NotFound);
+    }
+    let deleted_at: Option<i64> = db_run!(conn: {
+        messages::table.find(mid).select(messages::deleted_at).first(conn).await?
+    });
+    Ok(Timestamp::from_unix_micros(deleted_at.unwrap_or(now)))
+}
+
+/// The PostgreSQL timeline: the reader's live keys, one bounded backward scan per key, the
+/// newest page of those, and only then the page's rows. `{session}` is empty or a filter.
+const PG_TIMELINE: &str = "\
+WITH readable AS (
+    SELECT session_id, epoch FROM session_keys
+    WHERE recipient_user_id = $1 AND recipient_device_id = $2 AND revoked_at IS NULL{session}
+), page AS (
+    SELECT p.created_at AS at, p.message_id AS id FROM readable r
+    CROSS JOIN LATERAL (
+        SELECT m.created_at, m.message_id FROM messages m
+        WHERE m.session_id = r.session_id AND m.epoch = r.epoch AND m.deleted_at IS NULL
+          AND m.created_at < $3 AND (m.created_at, m.message_id) < ($4, $5)
+        ORDER BY m.created_at DESC, m.message_id DESC
+        LIMIT $6
+    ) p
+    ORDER BY p.created_at DESC, p.message_id DESC
+    LIMIT $6
+)
+SELECT m.message_id, m.session_id, m.epoch, m.author_user_id, m.author_device_id, m.nonce,
+       m.ciphertext, m.associated_data, m.created_at, m.deleted_at
+FROM page JOIN messages m ON m.message_id = page.id
+ORDER BY page.at DESC, page.id DESC";
+
+/// The timeline statement for PostgreSQL, with or without the one-session filter (`$7`).
+pub fn postgres_timeline_sql(one_session: bool) -> String {
+    PG_TIMELINE.replace(
+        "{session}",
+        if one_session {
+            " AND session_id = $7"
+        } else {
+            ""
+        },
+    )
+}
+
+async fn list_readable(
+    conn: &mut DbConn,
+    reader: &Reader,
+    session: Option<SessionId>,
+    before: Option<Position>,
+    limit: u32,
+) -> Result<Vec<Message>, StoreError> {
+    let horizon = horizon(conn).await?;
+    let (below_at, below_id) = start_below(before);
+    let rows: Vec<MessageRow> = db_run!(conn: sqlite {
+        let (user, device) = (reader.user.to_string(), reader.device.to_string());
+        conn.spawn_blocking(move |c| {
+            sqlite_timeline(c, &user, &device, session, below_at, below_id, i64::from(limit))
+        })
+        .await?
+    } postgres {
+        let query = diesel::sql_query(postgres_timeline_sql(session.is_some()))
+            .bind::<Text, _>(reader.user.as_str())
+            .bind::<Text, _>(reader.device.as_str())
+            .bind::<BigInt, _>(horizon)
+            .bind::<BigInt, _>(below_at)
+            .bind::<Binary, _>(below_id)
+            .bind::<BigInt, _>(i64::from(limit));
+        match session {
+            Some(s) => query.bind::<Binary, _>(s.as_bytes().to_vec()).load(conn).await?,
+            None => query.load(conn).await?,
+        }
+    });
+    rows.into_iter().map(Message::try_from).collect()
+}
+
+/// The SQLite timeline, the same steps as [`PG_TIMELINE`] run on the connection's thread:
+/// SQLite has no `LATERAL`, and each statement is a local call.
+fn sqlite_timeline(
+    c: &mut diesel::SqliteConnection,
+    user: &str,
+    device: &str,
+    session: Option<SessionId>,
+    below_at: i64,
+    below_id: Vec<u8>,
+    limit: i64,
+) -> QueryResult<Vec<MessageRow>> {
+    let mut keys = session_keys::table
+        .filter(session_keys::recipient_user_id.eq(user))
+        .filter(session_keys::recipient_device_id.eq(device))
+        .filter(session_keys::revoked_at.is_null())
+        .select((session_keys::session_id, session_keys::epoch))
+        .into_boxed();
+    if let Some(s) = session {
+        keys = keys.filter(session_keys::session_id.eq(s.as_bytes().to_vec()));
+    }
+    let keys: Vec<(Vec<u8>, i32)> = diesel::RunQueryDsl::load(keys, c)?;
+    let mut page: Vec<(i64, Vec<u8>)> = Vec::new();
+    for (sid, epoch) in keys {
+        let positions = messages::table
+            .filter(messages::session_id.eq(sid))
+            .filter(messages::epoch.eq(epoch))
+            .filter(messages::deleted_at.is_null())
+            .filter(messages::created_at.le(below_at))
+            .filter(
+                messages::created_at
+                    .lt(below_at)
+                    .or(messages::message_id.lt(&below_id)),
+            )
+            .order((messages::created_at.desc(), messages::message_id.desc()))
+            .limit(limit)
+            .select((messages::created_at, messages::message_id));
+        let positions: Vec<(i64, Vec<u8>)> = diesel::RunQueryDsl::load(positions, c)?;
+        page.extend(positions);
+        page.sort_unstable_by(|a, b| b.cmp(a));
+        page.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    }
+    let ids: Vec<Vec<u8>> = page.into_iter().map(|(_, id)| id).collect();
+    let rows = messages::table
+        .filter(messages::message_id.eq_any(&ids))
+        .select(MessageRow::as_select());
+    let mut rows: Vec<MessageRow> = diesel::RunQueryDsl::load(rows, c)?;
+    rows.sort_unstable_by(|a, b| (b.created_at, &b.message_id).cmp(&(a.created_at, &a.message_id)));
+    Ok(rows)
+}
+
+async fn list_by_author(
+    conn: &mut DbConn,
+    reader: &Reader,
+    author: &UserId,
+    before: Option<Position>,
+    limit: u32,
+) -> Result<Vec<Message>, StoreError> {
+    let horizon = horizon(conn).await?;
+    let (below_at, below_id) = start_below(before);
+    let rows: Vec<MessageRow> = db_run!(conn: {
+        let readable = session_keys::table
+            .filter(session_keys::session_id.eq(messages::session_id))
+            .filter(session_keys::epoch.eq(messages::epoch))
+            .filter(session_keys::recipient_user_id.eq(reader.user.as_str()))
+            .filter(session_keys::recipient_device_id.eq(reader.device.as_str()))
+            .filter(session_keys::revoked_at.is_null());
+        messages::table
+            .filter(messages::author_user_id.eq(author.as_str()))
+            .filter(messages::deleted_at.is_null())
+            .filter(messages::created_at.lt(horizon))
+            .filter(messages::created_at.le(below_at))
+            .filter(messages::created_at.lt(below_at).or(messages::message_id.lt(&below_id)))
+            .filter(diesel::dsl::exists(readable))
+            .order((messages::created_at.desc(), messages::message_id.desc()))
+            .limit(i64::from(limit))
+            .select(MessageRow::as_select())
+            .load(conn)
+            .await?
+    });
+    rows.into_iter().map(Message::try_from).collect()
+}
+
+impl Tx {
+    /// Stores a batch of messages by one author, or finds it already stored (a retry).
+    ///
+    /// An id already stored with the same bytes (session, epoch, author, nonce, ciphertext,
+    /// associated data) is not stored again and keeps its first time; an id stored with other
+    /// bytes makes the outcome [`PutOutcome::Conflict`] and nothing is written. The batch's
+    /// ids must be distinct, and the caller checks beforehand that the author may write each
+    /// (session, epoch). [`StoreError::VersionConflict`] if a concurrent call stored one of
+    /// the ids with other bytes while this one ran (roll back and retry: the retry finds it).
+    pub async fn put_messages(
+        &mut self,
+        author: &Author,
+        batch: &[NewMessage],
+    ) -> Result<PutOutcome, StoreError> {
+        put(&mut self.conn, author, batch).await
+    }
+
+    /// Of `pairs`, the (session, epoch) pairs the device holds a live session key for, in
+    /// the order given, each once.
+    pub async fn readable_epochs(
+        &mut self,
+        user: &UserId,
+        device: &DeviceId,
+        pairs: &[(SessionId, Epoch)],
+    ) -> Result<Vec<(SessionId, Epoch)>, StoreError> {
+        readable_pairs(&mut self.conn, user, device, pairs).await
+    }
+
+    /// The message with this id, deleted or not.
+    pub async fn message(&mut self, id: &MessageId) -> Result<Option<Message>, StoreError> {
+        get_message(&mut self.conn, id).await
+    }
+
+    /// Soft-deletes a message; returns when it was deleted (the first time, if it already
+    /// was). [`StoreError::NotFound`] if there is no such message.
+    pub async fn delete_message(&mut self, id: &MessageId) -> Result<Timestamp, StoreError> {
+        soft_delete(&mut self.conn, id).await
+    }
+}
+
+impl Store {
+    /// The messages a device can read (of the epochs it holds live keys for), across
+    /// sessions or in one session, newest first, strictly older than `before`, at most
+    /// `limit`. See the module docs for the order and the visibility horizon.
+    pub async fn readable_messages(
+        &self,
+        reader: &Reader,
+        session: Option<SessionId>,
+        before: Option<Position>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        list_readable(&mut self.conn().await?, reader, session, before, limit).await
+    }
+
+    /// The messages `author` wrote that a device can read, newest first, strictly older
+    /// than `before`, at most `limit`.
+    pub async fn author_messages(
+        &self,
+        reader: &Reader,
+        author: &UserId,
+        before: Option<Position>,
+        limit: u32,
+    ) -> Result<Vec<Message>, StoreError> {
+        list_by_author(&mut self.conn().await?, reader, author, before, limit).await
+    }
+
+    /// The epochs of one session the device holds a live key for, ascending.
+    pub async fn readable_session_epochs(
+        &self,
+        user: &UserId,
+        device: &DeviceId,
+        session: &SessionId,
+    ) -> Result<Vec<Epoch>, StoreError> {
+        let mut conn = self.conn().await?;
+        let conn = &mut conn;
+        let sid = session.as_bytes().as_slice();
+        let epochs: Vec<i32> = db_run!(conn: {
+            session_keys::table
+                .filter(session_keys::recipient_user_id.eq(user.as_str()))
+                .filter(session_keys::recipient_device_id.eq(device.as_str()))
+                .filter(session_keys::session_id.eq(sid))
+                .filter(session_keys::revoked_at.is_null())
+                .select(session_keys::epoch)
+                .order(session_keys::epoch)
+                .load(conn)
+                .await?
+        });
+        epochs
+            .into_iter()
+            .map(|e| {
+                Epoch::new(unsigned("session key epoch", e)?)
+                    .map_err(|err| StoreError::corrupt("session key epoch", err))
+            })
+            .collect()
+    }
+}
