@@ -64,7 +64,7 @@
 //!   checked against the reader's keys.
 
 use diesel::prelude::*;
-use diesel::sql_types::{BigInt, Binary, Text};
+use diesel::sql_types::{Array, BigInt, Binary, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 
 use super::schema::{messages, session_keys};
@@ -235,7 +235,7 @@ struct MessageInsert<'a> {
     created_at: i64,
 }
 
-/// A [`MessageInsert`] that owns its bytes, to move onto SQLite's connection thread.
+/// A message row that owns its bytes, to move onto SQLite's connection thread.
 struct OwnedInsert {
     message_id: Vec<u8>,
     session_id: Vec<u8>,
@@ -246,22 +246,6 @@ struct OwnedInsert {
     ciphertext: Vec<u8>,
     associated_data: Option<Vec<u8>>,
     created_at: i64,
-}
-
-impl From<&MessageInsert<'_>> for OwnedInsert {
-    fn from(r: &MessageInsert<'_>) -> Self {
-        OwnedInsert {
-            message_id: r.message_id.to_vec(),
-            session_id: r.session_id.to_vec(),
-            epoch: r.epoch,
-            author_user_id: r.author_user_id.to_owned(),
-            author_device_id: r.author_device_id.map(str::to_owned),
-            nonce: r.nonce.to_vec(),
-            ciphertext: r.ciphertext.to_vec(),
-            associated_data: r.associated_data.map(<[u8]>::to_vec),
-            created_at: r.created_at,
-        }
-    }
 }
 
 impl OwnedInsert {
@@ -299,23 +283,103 @@ struct Micros {
     micros: i64,
 }
 
-/// The time a batch's messages get; on PostgreSQL the transaction first marks itself as a
-/// message writer, so that listings hold their horizon at or below its start (module docs).
-async fn writer_time(conn: &mut DbConn) -> Result<Timestamp, StoreError> {
+/// The PostgreSQL insert of a batch, one statement whatever its length (one array per
+/// column). Its `writer` CTE first marks the transaction as a message writer, then reads the
+/// clock for `created_at` (CASE evaluates its condition first), so that listings hold their
+/// horizon at or below its start (module docs); it is volatile, so it runs once, before the
+/// first row is inserted.
+const PG_INSERT: &str = "\
+WITH writer AS (
+    SELECT CAST(EXTRACT(EPOCH FROM CASE
+               WHEN set_config('application_name', $1, true) IS NOT NULL
+               THEN clock_timestamp() END) * 1000000 AS BIGINT) AS now
+)
+INSERT INTO messages (message_id, session_id, epoch, author_user_id, author_device_id, nonce,
+                      ciphertext, associated_data, created_at)
+SELECT b.message_id, b.session_id, b.epoch, $2, $3, b.nonce, b.ciphertext, b.associated_data,
+       writer.now
+FROM writer, unnest($4::bytea[], $5::bytea[], $6::int4[], $7::bytea[], $8::bytea[], $9::bytea[])
+    AS b (message_id, session_id, epoch, nonce, ciphertext, associated_data)
+ON CONFLICT (message_id) DO NOTHING
+RETURNING message_id, created_at";
+
+#[derive(QueryableByName)]
+struct Inserted {
+    #[diesel(sql_type = Binary)]
+    message_id: Vec<u8>,
+    #[diesel(sql_type = BigInt)]
+    created_at: i64,
+}
+
+/// Inserts a batch, skipping ids already stored; returns the ids it stored and their time.
+async fn insert_new(
+    conn: &mut DbConn,
+    author: &Author,
+    batch: &[NewMessage],
+) -> Result<Vec<(Vec<u8>, i64)>, StoreError> {
+    let rows = batch
+        .iter()
+        .map(|m| {
+            Ok(OwnedInsert {
+                message_id: m.message_id.as_bytes().to_vec(),
+                session_id: m.session_id.as_bytes().to_vec(),
+                epoch: epoch_db(m.epoch)?,
+                author_user_id: author.user.to_string(),
+                author_device_id: author.device.as_ref().map(DeviceId::to_string),
+                nonce: m.nonce.clone(),
+                ciphertext: m.ciphertext.clone(),
+                associated_data: m.associated_data.clone(),
+                created_at: 0,
+            })
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
     db_run!(conn: sqlite {
-        // The transaction holds SQLite's write lock already: later than every commit.
-        Ok(Timestamp::now())
+        // The transaction holds SQLite's write lock already: later than every commit. Diesel
+        // has no multi-row INSERT with ON CONFLICT for SQLite; the rows go one by one on the
+        // connection's thread (each a local call).
+        let now = Timestamp::now().unix_micros();
+        Ok(conn
+            .spawn_blocking(move |c| {
+                let mut stored = Vec::with_capacity(rows.len());
+                for mut row in rows {
+                    row.created_at = now;
+                    let id: Option<Vec<u8>> = diesel::RunQueryDsl::get_result(
+                        diesel::insert_into(messages::table)
+                            .values(row.borrowed())
+                            .on_conflict_do_nothing()
+                            .returning(messages::message_id),
+                        c,
+                    )
+                    .optional()?;
+                    stored.extend(id.map(|id| (id, now)));
+                }
+                Ok(stored)
+            })
+            .await?)
     } postgres {
-        // CASE evaluates its condition first: the mark is set before the clock is read.
-        let row: Micros = diesel::sql_query(
-            "SELECT CAST(EXTRACT(EPOCH FROM CASE \
-                 WHEN set_config('application_name', $1, true) IS NOT NULL \
-                 THEN clock_timestamp() END) * 1000000 AS BIGINT) AS micros",
-        )
-        .bind::<Text, _>(MESSAGE_WRITER_APPLICATION_NAME)
-        .get_result(conn)
-        .await?;
-        Ok(Timestamp::from_unix_micros(row.micros))
+        let (mut ids, mut sessions, mut epochs, mut nonces, mut ciphertexts, mut ads) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for r in rows {
+            ids.push(r.message_id);
+            sessions.push(r.session_id);
+            epochs.push(r.epoch);
+            nonces.push(r.nonce);
+            ciphertexts.push(r.ciphertext);
+            ads.push(r.associated_data);
+        }
+        let stored: Vec<Inserted> = diesel::sql_query(PG_INSERT)
+            .bind::<Text, _>(MESSAGE_WRITER_APPLICATION_NAME)
+            .bind::<Text, _>(author.user.as_str())
+            .bind::<Nullable<Text>, _>(author.device.as_ref().map(DeviceId::as_str))
+            .bind::<Array<Binary>, _>(ids)
+            .bind::<Array<Binary>, _>(sessions)
+            .bind::<Array<Integer>, _>(epochs)
+            .bind::<Array<Binary>, _>(nonces)
+            .bind::<Array<Binary>, _>(ciphertexts)
+            .bind::<Array<Nullable<Binary>>, _>(ads)
+            .load(conn)
+            .await?;
+        Ok(stored.into_iter().map(|r| (r.message_id, r.created_at)).collect())
     })
 }
 
@@ -361,108 +425,48 @@ async fn put(
     author: &Author,
     batch: &[NewMessage],
 ) -> Result<PutOutcome, StoreError> {
-    let ids: Vec<&[u8]> = batch
+    // Insert first: a fresh batch, the common case, costs one statement. Ids already stored
+    // (a retry, or a concurrent writer PostgreSQL waited for) are skipped and checked after.
+    let inserted = insert_new(conn, author, batch).await?;
+    let time_of = |id: &MessageId| {
+        inserted
+            .iter()
+            .find(|(i, _)| i.as_slice() == id.as_bytes())
+            .map(|(_, at)| *at)
+    };
+    let skipped: Vec<&[u8]> = batch
         .iter()
+        .filter(|m| time_of(&m.message_id).is_none())
         .map(|m| m.message_id.as_bytes().as_slice())
         .collect();
-    // Retries first: an id already stored must carry the same bytes.
-    let existing = messages_by_id(conn, &ids).await?;
-    let find = |id: MessageId, among: &[Message]| among.iter().position(|m| m.message_id == id);
-    for (i, new) in batch.iter().enumerate() {
-        if let Some(j) = find(new.message_id, &existing) {
-            if !existing[j].is_same_as(author, new) {
+    let existing = if skipped.is_empty() {
+        Vec::new()
+    } else {
+        messages_by_id(conn, &skipped).await?
+    };
+    let mut stored = Vec::with_capacity(batch.len());
+    for (i, m) in batch.iter().enumerate() {
+        if let Some(at) = time_of(&m.message_id) {
+            stored.push((Timestamp::from_unix_micros(at), true));
+            continue;
+        }
+        match existing.iter().find(|e| e.message_id == m.message_id) {
+            Some(e) if e.is_same_as(author, m) => stored.push((e.created_at, false)),
+            _ => {
+                // Another message has this id: take back what this call inserted, so that
+                // the transaction commits nothing of the batch.
+                let ours: Vec<&[u8]> = inserted.iter().map(|(id, _)| id.as_slice()).collect();
+                for chunk in ours.chunks(ROWS_PER_STATEMENT) {
+                    db_run!(conn: {
+                        diesel::delete(messages::table.filter(messages::message_id.eq_any(chunk)))
+                            .execute(conn)
+                            .await?;
+                    });
+                }
                 return Ok(PutOutcome::Conflict(i));
             }
         }
     }
-    let fresh: Vec<&NewMessage> = batch
-        .iter()
-        .filter(|m| find(m.message_id, &existing).is_none())
-        .collect();
-    let now = if fresh.is_empty() {
-        Timestamp::now()
-    } else {
-        writer_time(conn).await?
-    };
-    let mut inserted: Vec<Vec<u8>> = Vec::with_capacity(fresh.len());
-    for chunk in fresh.chunks(ROWS_PER_STATEMENT) {
-        let rows = chunk
-            .iter()
-            .map(|m| {
-                Ok(MessageInsert {
-                    message_id: m.message_id.as_bytes(),
-                    session_id: m.session_id.as_bytes(),
-                    epoch: epoch_db(m.epoch)?,
-                    author_user_id: author.user.as_str(),
-                    author_device_id: author.device.as_ref().map(DeviceId::as_str),
-                    nonce: &m.nonce,
-                    ciphertext: &m.ciphertext,
-                    associated_data: m.associated_data.as_deref(),
-                    created_at: now.unix_micros(),
-                })
-            })
-            .collect::<Result<Vec<_>, StoreError>>()?;
-        // PostgreSQL takes the chunk in one statement. Diesel has no multi-row INSERT with
-        // ON CONFLICT for SQLite, so there the rows go one by one, all on the connection's
-        // thread (each is a local call).
-        let ids: Vec<Vec<u8>> = db_run!(conn: sqlite {
-            let owned: Vec<OwnedInsert> = rows.iter().map(OwnedInsert::from).collect();
-            conn.spawn_blocking(move |c| {
-                let mut ids = Vec::with_capacity(owned.len());
-                for row in &owned {
-                    let id: Option<Vec<u8>> = diesel::RunQueryDsl::get_result(
-                        diesel::insert_into(messages::table)
-                            .values(row.borrowed())
-                            .on_conflict_do_nothing()
-                            .returning(messages::message_id),
-                        c,
-                    )
-                    .optional()?;
-                    ids.extend(id);
-                }
-                Ok(ids)
-            })
-            .await?
-        } postgres {
-            diesel::insert_into(messages::table)
-                .values(&rows)
-                .on_conflict_do_nothing()
-                .returning(messages::message_id)
-                .get_results(conn)
-                .await?
-        });
-        inserted.extend(ids);
-    }
-    let mut existing = existing;
-    if inserted.len() < fresh.len() {
-        // A concurrent call stored some of these ids between the read above and the insert
-        // (PostgreSQL waited for it to commit). The same bytes are a retry that raced; other
-        // bytes mean this transaction must not commit what it wrote.
-        let raced: Vec<&[u8]> = fresh
-            .iter()
-            .map(|m| m.message_id.as_bytes().as_slice())
-            .filter(|id| !inserted.iter().any(|i| i.as_slice() == *id))
-            .collect();
-        for stored in messages_by_id(conn, &raced).await? {
-            let same = fresh
-                .iter()
-                .any(|m| m.message_id == stored.message_id && stored.is_same_as(author, m));
-            if !same {
-                return Err(StoreError::VersionConflict(format!(
-                    "message {} was stored concurrently with other bytes",
-                    stored.message_id
-                )));
-            }
-            existing.push(stored);
-        }
-    }
-    let stored = batch
-        .iter()
-        .map(|m| match find(m.message_id, &existing) {
-            Some(j) => (existing[j].created_at, false),
-            None => (now, true),
-        })
-        .collect();
     Ok(PutOutcome::Stored(stored))
 }
 
@@ -687,10 +691,10 @@ impl Tx {
     ///
     /// An id already stored with the same bytes (session, epoch, author, nonce, ciphertext,
     /// associated data) is not stored again and keeps its first time; an id stored with other
-    /// bytes makes the outcome [`PutOutcome::Conflict`] and nothing is written. The batch's
-    /// ids must be distinct, and the caller checks beforehand that the author may write each
-    /// (session, epoch). [`StoreError::VersionConflict`] if a concurrent call stored one of
-    /// the ids with other bytes while this one ran (roll back and retry: the retry finds it).
+    /// bytes, including by a concurrent call that commits first, makes the outcome
+    /// [`PutOutcome::Conflict`], and what this call inserted is taken back, so the transaction
+    /// commits nothing of the batch. The batch's ids must be distinct, and the caller checks
+    /// beforehand that the author may write each (session, epoch).
     pub async fn put_messages(
         &mut self,
         author: &Author,

@@ -19,8 +19,8 @@
 //! **Rate limit.** Each claim first counts itself in `prekey_claim_windows`, one row per
 //! (target device, claimer, fixed time window), with an upsert that returns the new count. Past
 //! the limit the whole transaction rolls back with [`StoreError::LimitExceeded`]. The counter
-//! lives in the database, so the limit holds across replicas; windows older than the previous
-//! one are deleted as claims go by.
+//! lives in the database, so the limit holds across replicas; the first claim of a new window
+//! deletes the device's windows older than the previous one.
 
 use std::time::Duration;
 
@@ -344,8 +344,12 @@ async fn count_claim(
             limit.window.as_secs().max(1)
         )));
     }
-    // Windows before the previous one count for nothing any more. (Keeping the previous one
-    // leaves room for replicas whose clocks disagree by less than a window.)
+    if claims > 1 {
+        return Ok(());
+    }
+    // The first claim of a window clears the windows before the previous one, which count for
+    // nothing any more. (Keeping the previous one leaves room for replicas whose clocks
+    // disagree by less than a window.) Later claims of the window skip this round trip.
     let stale = window_start.saturating_sub(window_us);
     db_run!(conn: {
         diesel::delete(
