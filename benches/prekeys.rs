@@ -7,12 +7,14 @@
 //! For each backend it starts a Keyhold server in this process on a fresh database and
 //! measures, each with 32 concurrent callers:
 //!
-//! - `upload`: UploadPrekeys calls of 100 signed one-time prekeys (32 devices x 10 calls);
+//! - `upload`: UploadPrekeys calls of 100 signed one-time prekeys (64 devices x 10 calls, each
+//!   caller uploading for two devices);
 //! - `claim`: ClaimPrekeys calls of one device's prekey (32 claimers x 250 claims, spread over
-//!   the 32 devices, every one a one-time prekey);
+//!   32 of the devices, every one a one-time prekey);
 //! - `reference: GetUserKeys`: the reference in the same run, a lookup of one user's keys
 //!   (authentication plus one indexed SELECT) over the same gRPC stack;
-//! - `reference: store claim`: the same claims straight on the store, without gRPC.
+//! - `reference: store claim`: the same claims straight on the store, without gRPC, on the
+//!   other 32 devices (so that neither claim phase runs over the rows the other deleted).
 //!
 //! It prints per-call p50 and p99 latency and throughput, then the ratios of claims to the
 //! references. The machine is shared, so compare ratios of one run, not absolute times.
@@ -243,8 +245,8 @@ fn upload_batch(d: &Device) -> Result<pb::UploadPrekeysRequest, BoxError> {
 async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
     let (server, admin_token) = start_server(url).await?;
     let admin = Client::connect(&server.endpoint, &admin_token).await?;
-    let mut targets = Vec::with_capacity(CALLERS);
-    for i in 0..CALLERS {
+    let mut targets = Vec::with_capacity(2 * CALLERS);
+    for i in 0..2 * CALLERS {
         targets.push(enroll(&server, &admin, &format!("target{i}")).await?);
     }
     let mut claimers = Vec::with_capacity(CALLERS);
@@ -252,7 +254,7 @@ async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
         claimers.push(enroll(&server, &admin, &format!("claimer{i}")).await?);
     }
     // Signed beforehand, so that the phase measures the service, not the client's keygen.
-    let mut batches = Vec::with_capacity(CALLERS);
+    let mut batches = Vec::with_capacity(2 * CALLERS);
     for d in &targets {
         let mut mine = Vec::with_capacity(UPLOADS_PER_DEVICE);
         for _ in 0..UPLOADS_PER_DEVICE {
@@ -268,18 +270,20 @@ async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
     }
     let batches = Arc::new(batches);
     let uploaders = Arc::new(clients);
+    // Caller c uploads for devices c and c + 32, alternately.
     phases.push(
         run_phase(
             "upload",
             "prekeys",
             PREKEYS_PER_UPLOAD,
-            UPLOADS_PER_DEVICE,
+            2 * UPLOADS_PER_DEVICE,
             move |caller, n| {
                 let (batches, uploaders) = (batches.clone(), uploaders.clone());
                 async move {
-                    uploaders[caller]
+                    let device = caller + (n % 2) * CALLERS;
+                    uploaders[device]
                         .key_directory()
-                        .upload_prekeys(batches[caller][n].clone())
+                        .upload_prekeys(batches[device][n / 2].clone())
                         .await?;
                     Ok(())
                 }
@@ -294,7 +298,7 @@ async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
     }
     let claimer_clients = Arc::new(clients);
     let target_refs: Arc<Vec<pb::DeviceRef>> = Arc::new(
-        targets
+        targets[..CALLERS]
             .iter()
             .map(|d| pb::DeviceRef {
                 user_id: d.user.to_string(),
@@ -356,7 +360,7 @@ async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
     {
         let store = server.store.clone();
         let claim_targets: Arc<Vec<ClaimTarget>> = Arc::new(
-            targets
+            targets[CALLERS..]
                 .iter()
                 .map(|d| ClaimTarget {
                     user: d.user.clone(),
