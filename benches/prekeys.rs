@@ -419,22 +419,22 @@ async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
 fn report(backend: &str, phases: &[Phase]) {
     println!("\n{backend}: {CALLERS} concurrent callers");
     println!(
-        "| {:<24} | {:>7} | {:>10} | {:>10} | {:>14} |",
+        "| {:<24} | {:>7} | {:>10} | {:>10} | {:>20} |",
         "phase", "calls", "p50", "p99", "throughput"
     );
     println!(
-        "|{:-<26}|{:->9}|{:->12}|{:->12}|{:->16}|",
+        "|{:-<26}|{:->9}|{:->12}|{:->12}|{:->22}|",
         "", "", "", "", ""
     );
     for p in phases {
+        let throughput = format!("{:.0} {}/s", p.per_second(), p.unit);
         println!(
-            "| {:<24} | {:>7} | {:>8.2}ms | {:>8.2}ms | {:>8.0} {:<5} |",
+            "| {:<24} | {:>7} | {:>8.2}ms | {:>8.2}ms | {:>20} |",
             p.name,
             p.latencies.len(),
             p.percentile(0.50).as_secs_f64() * 1e3,
             p.percentile(0.99).as_secs_f64() * 1e3,
-            p.per_second(),
-            format!("{}/s", p.unit).chars().take(5).collect::<String>(),
+            throughput,
         );
     }
     let find = |name: &str| phases.iter().find(|p| p.name == name);
