@@ -2,7 +2,7 @@
 //! bearer token, for app servers, devices, staff tooling and the integration tests.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
 //! let client = keyhold::client::Client::connect("http://127.0.0.1:50051", "kh_…").await?;
 //! let mut directory = client.key_directory();
 //! # Ok(()) }

@@ -91,7 +91,7 @@ fn message_id() -> impl Strategy<Value = MessageId> {
 }
 
 fn epoch() -> impl Strategy<Value = Epoch> {
-    (1..=u32::MAX).prop_map(|n| Epoch::new(n).expect("non-zero epoch"))
+    (1..=Epoch::MAX.get()).prop_map(|n| Epoch::new(n).expect("epoch in range"))
 }
 
 fn recipient() -> impl Strategy<Value = Recipient> {
