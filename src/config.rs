@@ -90,7 +90,7 @@ settings! {
     listen: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 50051)), flag "listen", env "KEYHOLD_LISTEN";
     /// The directory for the development KEK and escrow key pair generated on first start.
     data_dir: PathBuf = PathBuf::from("data"), flag "data-dir", env "KEYHOLD_DATA_DIR";
-    /// The KEK file (32 bytes, hex); generated in the data directory when absent.
+    /// The KEK file (`<version>:<64 hex digits>`); a development KEK is generated in the data directory when unset.
     kek_file: Option<PathBuf> = None, flag "kek-file", env "KEYHOLD_KEK_FILE";
     /// The staff escrow public key file (X-Wing encapsulation key, hex), as `keyhold escrow keygen` writes it.
     escrow_public_key_file: Option<PathBuf> = None, flag "escrow-public-key-file", env "KEYHOLD_ESCROW_PUBLIC_KEY_FILE";
