@@ -1404,6 +1404,46 @@ async fn bad_input_on_every_field(server: &TestServer) {
     assert!(!next.is_empty());
 }
 
+async fn large_messages_page_by_bytes(server: &TestServer) {
+    let w = World::new(server).await;
+    let s = w.session("alice", &["carol"]).await;
+    let alice = w.alice_phone.client(server).await;
+    let big: Vec<pb::NewMessage> = (0..4)
+        .map(|i| {
+            let mut m = filler(s, Epoch::FIRST, i);
+            m.ciphertext = vec![i as u8; 1024 * 1024];
+            m
+        })
+        .collect();
+    put(&alice, "alice", "phone", big.clone())
+        .await
+        .expect("four messages of 1 MiB");
+    // A page stops before 3 MiB of message bytes, with a cursor to the rest: every page fits
+    // the 4 MiB a gRPC client accepts by default, and paging still reaches every message.
+    let carol = w.carol_phone.client(server).await;
+    let me = reader(&w.carol_phone);
+    let (first, next) = page(&carol, &me, List::Session(s), "", 10)
+        .await
+        .expect("first page");
+    assert_eq!(first.len(), 2);
+    assert!(!next.is_empty());
+    let (rest, last) = page(&carol, &me, List::Session(s), &next, 10)
+        .await
+        .expect("second page");
+    assert_eq!(rest.len(), 2);
+    assert!(last.is_empty());
+    let got: BTreeSet<String> = first
+        .iter()
+        .chain(&rest)
+        .map(|m| m.message_id.clone())
+        .collect();
+    assert_eq!(got, id_set(big.iter().map(|m| &m.message_id)));
+    assert_eq!(
+        all(server, &w.carol_phone, List::Timeline, 50).await.len(),
+        4
+    );
+}
+
 /// The limits are settings: a server started with smaller ones enforces those.
 async fn configured_limits_apply(db: TestDb) {
     let limits = Limits {
@@ -1470,4 +1510,5 @@ on_both_servers! {
     deleted_messages_and_deleted_sessions_vanish => deleted_messages_and_sessions_vanish;
     authorization_matrix_of_messages => every_messages_call_by_every_caller;
     bad_input_on_every_messages_field => bad_input_on_every_field;
+    large_messages_page_by_bytes_under_the_client_limit => large_messages_page_by_bytes;
 }

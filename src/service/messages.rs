@@ -35,6 +35,9 @@ use crate::store::{StoreError, Timestamp};
 pub const DEFAULT_PAGE: u32 = 50;
 /// Largest page of the listings.
 pub const MAX_PAGE: u32 = 200;
+/// Most message bytes (nonce, ciphertext, associated data) in one page: under the 4 MiB a
+/// gRPC client accepts by default.
+pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 /// The Messages gRPC service.
 #[derive(Clone)]
@@ -120,14 +123,29 @@ fn message_to_wire(m: Message) -> pb::EncryptedMessage {
     }
 }
 
-/// A page on the wire and the cursor of the next one (empty when the page was not full).
+/// A page on the wire and the cursor of the next one: empty when the page was not full. A
+/// page also ends before its messages' bytes pass [`MAX_PAGE_BYTES`] (it always holds at
+/// least one message), and then has a next cursor too.
 fn page_to_wire(messages: Vec<Message>, limit: u32) -> (Vec<pb::EncryptedMessage>, String) {
-    let full = u32::try_from(messages.len()).is_ok_and(|n| n >= limit);
-    let next = match messages.last() {
-        Some(last) if full => format_cursor(last.position()),
+    let mut full = u32::try_from(messages.len()).is_ok_and(|n| n >= limit);
+    let mut bytes = 0;
+    let mut page = Vec::with_capacity(messages.len());
+    let mut last = None;
+    for m in messages {
+        bytes +=
+            m.nonce.len() + m.ciphertext.len() + m.associated_data.as_ref().map_or(0, Vec::len);
+        if bytes > MAX_PAGE_BYTES && !page.is_empty() {
+            full = true;
+            break;
+        }
+        last = Some(m.position());
+        page.push(message_to_wire(m));
+    }
+    let next = match last {
+        Some(p) if full => format_cursor(p),
         _ => String::new(),
     };
-    (messages.into_iter().map(message_to_wire).collect(), next)
+    (page, next)
 }
 
 /// Parses and checks one message of a batch, naming `messages[i].<field>` on failure.
@@ -456,6 +474,46 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
             assert!(err.message().starts_with("cursor:"), "{bad}");
         }
+    }
+
+    fn stored(len: usize, at: i64) -> Message {
+        Message {
+            message_id: MessageId::generate(),
+            session_id: SessionId::generate(),
+            epoch: Epoch::FIRST,
+            author: Author {
+                user: UserId::new("alice").unwrap(),
+                device: None,
+            },
+            nonce: vec![0; MESSAGE_NONCE_LEN],
+            ciphertext: vec![0; len],
+            associated_data: None,
+            created_at: Timestamp::from_unix_micros(at),
+            deleted_at: None,
+        }
+    }
+
+    #[test]
+    fn pages_stop_before_their_byte_budget_with_a_cursor_to_the_rest() {
+        let big = MAX_PAGE_BYTES / 3;
+        let messages: Vec<Message> = (0..5).map(|i| stored(big, 100 - i)).collect();
+        let (page, next) = page_to_wire(messages.clone(), 50);
+        assert_eq!(page.len(), 2, "a third message would pass the budget");
+        assert_eq!(next, format_cursor(messages[1].position()));
+        // One message larger than the budget still makes a page of one.
+        let (page, next) = page_to_wire(vec![stored(MAX_PAGE_BYTES + 1, 1)], 50);
+        assert_eq!(page.len(), 1);
+        assert!(
+            next.is_empty(),
+            "fewer than the page size and nothing cut: the end"
+        );
+        // Small messages: the page size decides.
+        let small: Vec<Message> = (0..3).map(|i| stored(32, 10 - i)).collect();
+        assert_eq!(
+            page_to_wire(small.clone(), 3).1,
+            format_cursor(small[2].position())
+        );
+        assert!(page_to_wire(small, 4).1.is_empty());
     }
 
     #[test]

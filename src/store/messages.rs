@@ -44,8 +44,8 @@
 //!   appear below a listed one. The cost is that a message is listed only once every
 //!   message write that started before it has ended: a few milliseconds with short batches.
 //!   This needs the replicas to share one database role (so they see each other's
-//!   `xact_start`; or hold `pg_read_all_stats`), and a database clock that does not step
-//!   backwards (NTP slews it).
+//!   `xact_start`; or hold `pg_read_all_stats`), `track_activities` on (the default), and a
+//!   database clock that does not step backwards (NTP slews it).
 //!
 //! One case stays outside the invariant by design: a device given a key to an *older* epoch
 //! (AddRecipients on a session it was not in) starts reading that epoch's older messages.
