@@ -34,12 +34,14 @@
 //!
 //! # What is measured
 //!
-//! A Keyhold server is started in-process on the filled database; the readers are devices
-//! sampled at random. Per reader: Timeline pages of 50 (the first and the two after it,
-//! following the cursor), and ListSessionMessages pages of 50 (first and two more) of one of
-//! its sessions. One pass warms the caches, the next two are recorded: p50 and p99 of every
-//! page request. On PostgreSQL the plan of the timeline statement, `EXPLAIN (ANALYZE,
-//! BUFFERS)`, is printed for the sampled reader with the most keys.
+//! A Keyhold server is started in-process on each filled database; the readers are devices
+//! sampled at random. Per reader and pass: Timeline pages of 50 (the first and the two after
+//! it, following the cursor), and ListSessionMessages pages of 50 (first and two more) of one
+//! of its sessions. One pass per size warms the caches; then four recorded passes, the sizes
+//! taking turns so that the load of this shared machine at any moment falls on all of them
+//! alike: p50 and p99 of every page request, and each p99 over the smallest size's. On
+//! PostgreSQL the plan of the timeline statement, `EXPLAIN (ANALYZE, BUFFERS)`, is printed for
+//! the sampled reader with the most keys.
 //!
 //! Then (PostgreSQL) the insert comparison: 4 concurrent writers store 1 KiB messages through
 //! PutMessages (gRPC, authentication, the key check, the idempotency check, the visibility
@@ -662,7 +664,12 @@ async fn start_server(url: &str) -> Result<Server, Error> {
         MessageId::generate().as_uuid().simple()
     ));
     let (keys, _) = keyhold::keyfiles::load_or_generate(&key_dir, None, None)?;
-    let store = Store::open(url).await?;
+    // A few connections: one client reads at a time, and the sizes share the server.
+    let options = keyhold::store::StoreOptions {
+        max_connections: 8,
+        ..Default::default()
+    };
+    let store = Store::open_with(url, options).await?;
     store.migrate().await?;
     let state = keyhold::server::app_state(store.clone(), keys, 1000, Limits::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -966,13 +973,25 @@ async fn insert_rate(
     Ok(stored as f64 / t.elapsed().as_secs_f64())
 }
 
-/// One size on one backend: fill (or reuse), measure, report.
-async fn run_size(
+/// One size on one backend, filled and served, with the latencies recorded so far.
+struct Prepared {
     backend: Backend,
     size: u64,
-    o: &Options,
-    report: &mut Vec<String>,
-) -> Result<(), Error> {
+    target: Target,
+    fill_secs: Option<f64>,
+    live: i64,
+    keys: i64,
+    disk: String,
+    server: Server,
+    readers: Vec<Reader>,
+    busiest: ReaderRow,
+    timeline: Vec<Duration>,
+    session: Vec<Duration>,
+}
+
+/// Fills (or reuses) the database of one size, starts a server on it, samples the readers
+/// and warms the caches with one unrecorded pass.
+async fn prepare(backend: Backend, size: u64, o: &Options) -> Result<Prepared, Error> {
     println!("\n== {} with {size} messages", backend.name());
     let mut target = open_target(backend, size, o.reuse).await?;
     if backend == Backend::Postgres {
@@ -1006,125 +1025,123 @@ async fn run_size(
         .db
         .count("SELECT COUNT(*) AS n FROM session_keys")
         .await?;
-    let size_line = match backend {
+    let disk = match backend {
         Backend::Postgres => target
             .db
             .lines("SELECT pg_size_pretty(pg_database_size(current_database())) AS line")
             .await?
             .join(""),
         Backend::Sqlite => {
-            let pages = target.db.count("SELECT page_count * page_size AS n FROM pragma_page_count(), pragma_page_size()").await?;
-            format!("{} MB", pages / 1_000_000)
+            let bytes = target
+                .db
+                .count(
+                    "SELECT page_count * page_size AS n \
+                     FROM pragma_page_count(), pragma_page_size()",
+                )
+                .await?;
+            format!("{} MB", bytes / 1_000_000)
         }
     };
-
     let server = start_server(&target.url).await?;
     let (readers, busiest) = sample_readers(&mut target.db, &server, o.readers).await?;
-    let _ = pass(&readers).await?; // warm-up, not recorded
-    let (mut timeline, mut session, mut rows) = (Vec::new(), Vec::new(), 0);
-    for _ in 0..2 {
-        let (t, s, r) = pass(&readers).await?;
-        timeline.extend(t);
-        session.extend(s);
-        rows += r;
-    }
-    let (t50, t99) = percentiles(&mut timeline);
-    let (s50, s99) = percentiles(&mut session);
+    let _ = pass(&readers).await?;
+    Ok(Prepared {
+        backend,
+        size,
+        target,
+        fill_secs,
+        live,
+        keys,
+        disk,
+        server,
+        readers,
+        busiest,
+        timeline: Vec::new(),
+        session: Vec::new(),
+    })
+}
+
+/// The plan of the timeline statement, printed and kept for the report (PostgreSQL).
+async fn show_plan(p: &Prepared, report: &mut Vec<String>) -> Result<(), Error> {
+    let plan = explain(&p.target.url, &p.busiest).await?;
+    let off_index = plan
+        .iter()
+        .any(|l| l.contains("Seq Scan on messages") || l.contains("Seq Scan on session_keys"));
     println!(
-        "  {} readers: Timeline p50 {t50:.2} ms p99 {t99:.2} ms ({} pages); ListSessionMessages p50 {s50:.2} ms p99 {s99:.2} ms ({} pages); {rows} messages read",
-        readers.len(),
-        timeline.len(),
-        session.len()
+        "\n== timeline plan at {} messages, for {}/{} ({} session keys); stays on indexes: {}",
+        p.size,
+        p.busiest.user_id,
+        p.busiest.device_id,
+        p.busiest.keys,
+        if off_index { "NO" } else { "yes" }
     );
-
-    let mut plan = Vec::new();
-    if backend == Backend::Postgres {
-        plan = explain(&target.url, &busiest).await?;
-        println!(
-            "  timeline plan for {}/{} ({} session keys):",
-            busiest.user_id, busiest.device_id, busiest.keys
-        );
-        for l in &plan {
-            println!("    {l}");
-        }
-        let off_index = plan
-            .iter()
-            .any(|l| l.contains("Seq Scan on messages") || l.contains("Seq Scan on session_keys"));
-        println!(
-            "  plan stays on indexes: {}",
-            if off_index { "NO" } else { "yes" }
-        );
+    for l in &plan {
+        println!("    {l}");
     }
-
-    let mut insert_lines = Vec::new();
-    if backend == Backend::Postgres && o.insert_messages > 0 {
-        let q = diesel::sql_query(
-            "SELECT DISTINCT ON (k.user_id, k.device_id) k.user_id, k.device_id, \
-                 s.session_id, k.epoch \
-             FROM bench_keys k JOIN bench_sessions s ON s.idx = k.idx AND k.epoch = s.epochs \
-             WHERE k.idx % 97 = 1 ORDER BY k.user_id, k.device_id LIMIT 4",
-        );
-        let writers: Vec<WriterRow> = match &mut target.db {
-            Db::Postgres(c) => diesel_async::RunQueryDsl::load(q, c.as_mut()).await?,
-            Db::Sqlite(_) => Vec::new(),
-        };
-        if writers.len() == WRITERS {
-            let start = now_micros();
-            for batch in [100usize, 10, 1] {
-                let total = o.insert_messages * batch.min(10) / 10;
-                let (mut plain, mut put) = (Vec::new(), Vec::new());
-                for _ in 0..3 {
-                    plain.push(
-                        insert_rate(&target.url, &server, &writers, total, batch, false).await?,
-                    );
-                    put.push(
-                        insert_rate(&target.url, &server, &writers, total, batch, true).await?,
-                    );
-                }
-                plain.sort_by(f64::total_cmp);
-                put.sort_by(f64::total_cmp);
-                let (p, q) = (plain[1], put[1]);
-                let line = format!("| {size} | {batch} | {p:.0} | {q:.0} | {:.2} |", q / p);
-                println!("  insert batch {batch}: plain {p:.0} msg/s, PutMessages {q:.0} msg/s, ratio {:.2} (rounds: plain {plain:.0?}, put {put:.0?})", q / p);
-                insert_lines.push(line);
-            }
-            target
-                .db
-                .batch(&format!("DELETE FROM messages WHERE created_at >= {start}"))
-                .await?;
-        } else {
-            println!("  not enough writers for the insert comparison");
-        }
-    }
-    server.shutdown().await;
-
     report.push(format!(
-        "| {} | {size} | {live} | {keys} | {size_line} | {} | {t50:.2} | {t99:.2} | {s50:.2} | {s99:.2} |",
-        backend.name(),
-        fill_secs.map_or("reused".to_string(), |s| format!("{s:.0} s")),
+        "PLAN {} messages, {}/{} ({} session keys)\n{}",
+        p.size,
+        p.busiest.user_id,
+        p.busiest.device_id,
+        p.busiest.keys,
+        plan.join("\n")
     ));
-    if !plan.is_empty() {
-        report.push(format!(
-            "PLAN {size} {}/{} ({} keys)\n{}",
-            busiest.user_id,
-            busiest.device_id,
-            busiest.keys,
-            plan.join("\n")
-        ));
-    }
-    report.extend(insert_lines.into_iter().map(|l| format!("INSERT {l}")));
-
-    if o.drop_after {
-        drop(target.db);
-        if let Some((admin_url, name)) = target.admin {
-            let mut admin = AsyncPgConnection::establish(&admin_url).await?;
-            admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await?;
-        }
-    }
     Ok(())
 }
+
+/// PutMessages against plain INSERTs of the same rows (PostgreSQL), then the rows removed.
+async fn compare_inserts(
+    p: &mut Prepared,
+    o: &Options,
+    report: &mut Vec<String>,
+) -> Result<(), Error> {
+    let q = diesel::sql_query(
+        "SELECT DISTINCT ON (k.user_id, k.device_id) k.user_id, k.device_id, \
+             s.session_id, k.epoch \
+         FROM bench_keys k JOIN bench_sessions s ON s.idx = k.idx AND k.epoch = s.epochs \
+         WHERE k.idx % 97 = 1 ORDER BY k.user_id, k.device_id LIMIT 4",
+    );
+    let writers: Vec<WriterRow> = match &mut p.target.db {
+        Db::Postgres(c) => diesel_async::RunQueryDsl::load(q, c.as_mut()).await?,
+        Db::Sqlite(_) => Vec::new(),
+    };
+    if writers.len() != WRITERS {
+        println!("  not enough writers for the insert comparison");
+        return Ok(());
+    }
+    println!("\n== inserts at {} messages", p.size);
+    let start = now_micros();
+    for batch in [100usize, 10, 1] {
+        let total = o.insert_messages * batch.min(10) / 10;
+        let (mut plain, mut put) = (Vec::new(), Vec::new());
+        for _ in 0..3 {
+            plain.push(insert_rate(&p.target.url, &p.server, &writers, total, batch, false).await?);
+            put.push(insert_rate(&p.target.url, &p.server, &writers, total, batch, true).await?);
+        }
+        plain.sort_by(f64::total_cmp);
+        put.sort_by(f64::total_cmp);
+        let (pl, pu) = (plain[1], put[1]);
+        println!(
+            "  batch {batch}: plain {pl:.0} msg/s, PutMessages {pu:.0} msg/s, ratio {:.2} \
+             (rounds: plain {plain:.0?}, put {put:.0?})",
+            pu / pl
+        );
+        report.push(format!(
+            "INSERT | {} | {batch} | {pl:.0} | {pu:.0} | {:.2} |",
+            p.size,
+            pu / pl
+        ));
+    }
+    p.target
+        .db
+        .batch(&format!("DELETE FROM messages WHERE created_at >= {start}"))
+        .await?;
+    Ok(())
+}
+
+/// Measured passes per size: the sizes take turns, so that the machine's load at any moment
+/// falls on all of them alike.
+const ROUNDS: usize = 4;
 
 fn main() -> Result<(), Error> {
     // `cargo test --all-targets` runs benches once without `--bench`: nothing to fill then.
@@ -1137,20 +1154,69 @@ fn main() -> Result<(), Error> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let mut report = Vec::new();
+        let mut prepared = Vec::new();
         for &size in &o.sizes {
             if o.postgres {
-                run_size(Backend::Postgres, size, &o, &mut report).await?;
+                prepared.push(prepare(Backend::Postgres, size, &o).await?);
             }
             if o.sqlite && size <= o.sqlite_max {
-                run_size(Backend::Sqlite, size, &o, &mut report).await?;
+                prepared.push(prepare(Backend::Sqlite, size, &o).await?);
             }
         }
-        println!("\n| backend | messages | live messages | session keys | database size | fill | Timeline p50 ms | Timeline p99 ms | ListSessionMessages p50 ms | ListSessionMessages p99 ms |");
-        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
-        for l in report.iter().filter(|l| l.starts_with('|')) {
-            println!("{l}");
+        println!("\n== measuring: {ROUNDS} rounds, the sizes in turn");
+        for round in 0..ROUNDS {
+            let n = prepared.len();
+            for k in 0..n {
+                let p = &mut prepared[(round + k) % n];
+                let (t, s, _) = pass(&p.readers).await?;
+                p.timeline.extend(t);
+                p.session.extend(s);
+            }
         }
+        let mut report = Vec::new();
+        for p in &mut prepared {
+            if p.backend == Backend::Postgres {
+                show_plan(p, &mut report).await?;
+                if o.insert_messages > 0 {
+                    compare_inserts(p, &o, &mut report).await?;
+                }
+            }
+        }
+
+        println!(
+            "\n| backend | messages | live messages | session keys | database size | fill | \
+             Timeline p50 ms | Timeline p99 ms | p99 / smallest | ListSessionMessages p50 ms | \
+             ListSessionMessages p99 ms |"
+        );
+        println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+        let mut smallest: Vec<(Backend, f64)> = Vec::new();
+        for p in &mut prepared {
+            let (t50, t99) = percentiles(&mut p.timeline);
+            let (s50, s99) = percentiles(&mut p.session);
+            let base = match smallest.iter().find(|(b, _)| *b == p.backend) {
+                Some((_, b)) => *b,
+                None => {
+                    smallest.push((p.backend, t99));
+                    t99
+                }
+            };
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {t50:.2} | {t99:.2} | {:.2} | {s50:.2} | {s99:.2} |",
+                p.backend.name(),
+                p.size,
+                p.live,
+                p.keys,
+                p.disk,
+                p.fill_secs.map_or("reused".to_string(), |s| format!("{s:.0} s")),
+                t99 / base,
+            );
+        }
+        println!(
+            "\n({} readers per size, {PAGES_PER_READER} Timeline and {PAGES_PER_READER} \
+             ListSessionMessages pages of {PAGE} each per pass, {ROUNDS} recorded passes after one \
+             warm-up pass)",
+            o.readers
+        );
         println!("\n| messages | batch | plain INSERT msg/s | PutMessages msg/s | ratio |");
         println!("| --- | --- | --- | --- | --- |");
         for l in report.iter().filter_map(|l| l.strip_prefix("INSERT ")) {
@@ -1158,6 +1224,19 @@ fn main() -> Result<(), Error> {
         }
         for l in report.iter().filter(|l| l.starts_with("PLAN ")) {
             println!("\n{l}");
+        }
+
+        for p in prepared {
+            p.server.shutdown().await;
+            if o.drop_after {
+                drop(p.target.db);
+                if let Some((admin_url, name)) = p.target.admin {
+                    let mut admin = AsyncPgConnection::establish(&admin_url).await?;
+                    admin
+                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .await?;
+                }
+            }
         }
         Ok::<_, Error>(())
     })
