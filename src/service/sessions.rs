@@ -367,6 +367,34 @@ fn check_key_set(
     })
 }
 
+/// Checks a key set uploaded for an existing client-wrapped session against its author
+/// device's current identity key (from `author_keys`); see [`check_key_set`].
+fn check_author_key_set(
+    state: &AppState,
+    ks: ParsedKeySet,
+    session: &Session,
+    author_keys: &[UserKey],
+    epoch: Epoch,
+    expected: &[Target],
+    escrow_required: bool,
+) -> Result<EpochKeys, Status> {
+    let author_device = session.author_device.as_ref().ok_or_else(|| {
+        tracing::error!(session = %session.session_id, "client-wrapped session without an author device");
+        Status::internal("internal error")
+    })?;
+    let identity = author_identity(author_keys, &session.author_user, author_device)?;
+    check_key_set(
+        state,
+        ks,
+        session.suite,
+        session.session_id,
+        epoch,
+        (&session.author_user, author_device, &identity),
+        expected,
+        escrow_required,
+    )
+}
+
 /// The author device's current identity key, from the recipients' current keys.
 fn author_identity(
     keys: &[UserKey],
@@ -586,24 +614,12 @@ impl Sessions for SessionsService {
                         }
                     }
                     Some(ks) => {
-                        let Some(author_device) = session.author_device.clone() else {
-                            return Ok(Err(Status::internal("internal error")));
-                        };
-                        let identity = match author_identity(
-                            &author_keys,
-                            &session.author_user,
-                            &author_device,
-                        ) {
-                            Ok(i) => i,
-                            Err(s) => return Ok(Err(s)),
-                        };
-                        match check_key_set(
+                        match check_author_key_set(
                             &state,
                             ks,
-                            session.suite,
-                            session_id,
+                            &session,
+                            &author_keys,
                             epoch,
-                            (&session.author_user, &author_device, &identity),
                             &new,
                             false,
                         ) {
@@ -1003,27 +1019,15 @@ impl SessionsService {
                         }
                     }
                     Some(ks) => {
-                        let Some(author_device) = session.author_device.clone() else {
-                            return Ok(Err(Status::internal("internal error")));
-                        };
                         let author_keys = tx
                             .current_user_keys(std::slice::from_ref(&session.author_user))
                             .await?;
-                        let identity = match author_identity(
-                            &author_keys,
-                            &session.author_user,
-                            &author_device,
-                        ) {
-                            Ok(i) => i,
-                            Err(s) => return Ok(Err(s)),
-                        };
-                        match check_key_set(
+                        match check_author_key_set(
                             &state,
                             ks,
-                            session.suite,
-                            session_id,
+                            &session,
+                            &author_keys,
                             to,
-                            (&session.author_user, &author_device, &identity),
                             &targets,
                             true,
                         ) {

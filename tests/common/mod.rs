@@ -157,4 +157,5 @@ impl Drop for TestDb {
         }
     }
 }
+pub mod raw_db;
 pub mod server;
