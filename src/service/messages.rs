@@ -15,7 +15,7 @@
 //! last message of a page; see [`crate::store::messages`] for why paging never skips or
 //! repeats a message, even while others are stored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use tonic::{Request, Response, Status};
 
@@ -242,12 +242,13 @@ impl Messages for MessagesService {
             .store
             .transaction(async move |tx| {
                 // Every refusal comes before any write, so answering it commits nothing.
-                let mut pairs: Vec<(SessionId, Epoch)> = Vec::new();
-                for m in &batch {
-                    if !pairs.contains(&(m.session_id, m.epoch)) {
-                        pairs.push((m.session_id, m.epoch));
-                    }
-                }
+                // The distinct (session, epoch) pairs, in the order they first appear.
+                let mut seen = BTreeSet::new();
+                let pairs: Vec<(SessionId, Epoch)> = batch
+                    .iter()
+                    .map(|m| (m.session_id, m.epoch))
+                    .filter(|p| seen.insert(*p))
+                    .collect();
                 let first_of = |s: SessionId, e: Option<Epoch>| {
                     batch
                         .iter()

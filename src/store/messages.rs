@@ -63,6 +63,8 @@
 //! - ListAuthorMessages: a backward range scan of `messages_by_author_time`, each row
 //!   checked against the reader's keys.
 
+use std::collections::{HashMap, HashSet};
+
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Binary, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
@@ -428,12 +430,11 @@ async fn put(
     // Insert first: a fresh batch, the common case, costs one statement. Ids already stored
     // (a retry, or a concurrent writer PostgreSQL waited for) are skipped and checked after.
     let inserted = insert_new(conn, author, batch).await?;
-    let time_of = |id: &MessageId| {
-        inserted
-            .iter()
-            .find(|(i, _)| i.as_slice() == id.as_bytes())
-            .map(|(_, at)| *at)
-    };
+    let times: HashMap<&[u8], i64> = inserted
+        .iter()
+        .map(|(id, at)| (id.as_slice(), *at))
+        .collect();
+    let time_of = |id: &MessageId| times.get(id.as_bytes().as_slice()).copied();
     let skipped: Vec<&[u8]> = batch
         .iter()
         .filter(|m| time_of(&m.message_id).is_none())
@@ -480,7 +481,7 @@ async fn readable_pairs(
     let mut sessions: Vec<&[u8]> = pairs.iter().map(|(s, _)| s.as_bytes().as_slice()).collect();
     sessions.sort_unstable();
     sessions.dedup();
-    let mut held = Vec::new();
+    let mut held: HashSet<(Vec<u8>, i32)> = HashSet::new();
     for chunk in sessions.chunks(ROWS_PER_STATEMENT) {
         let rows: Vec<(Vec<u8>, i32)> = db_run!(conn: {
             session_keys::table
@@ -496,12 +497,7 @@ async fn readable_pairs(
     }
     let mut out = Vec::new();
     for &(s, e) in pairs {
-        let e_db = epoch_db(e)?;
-        if held
-            .iter()
-            .any(|(hs, he)| hs.as_slice() == s.as_bytes() && *he == e_db)
-            && !out.contains(&(s, e))
-        {
+        if held.remove(&(s.as_bytes().to_vec(), epoch_db(e)?)) {
             out.push((s, e));
         }
     }
