@@ -15,7 +15,7 @@
 //! last message of a page; see [`crate::store::messages`] for why paging never skips or
 //! repeats a message, even while others are stored.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use tonic::{Request, Response, Status};
 
@@ -28,7 +28,7 @@ use crate::crypto::ids::{DeviceId, Epoch, MessageId, SessionId, UserId};
 use crate::crypto::message::{MESSAGE_NONCE_LEN, MESSAGE_TAG_LEN};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::messages_server::Messages;
-use crate::store::messages::{Author, Message, NewMessage, Position, PutOutcome, Reader};
+use crate::store::messages::{Author, Message, NewMessage, Position, PutOutcome, Reader, Writer};
 use crate::store::{StoreError, Timestamp};
 
 /// Page size of the listings when the caller gives none.
@@ -236,69 +236,20 @@ impl Messages for MessagesService {
         let caller = principal(&request)?.clone();
         require_role(&caller, &[Role::App, Role::Device])?;
         let (author, batch) = parse_put(&caller, request.into_inner(), &self.state.limits)?;
-        let ids: Vec<MessageId> = batch.iter().map(|m| m.message_id).collect();
+        let ids: Vec<(MessageId, SessionId, Epoch)> = batch
+            .iter()
+            .map(|m| (m.message_id, m.session_id, m.epoch))
+            .collect();
+        let writer = match caller {
+            Principal::App { .. } => Writer::AppServer,
+            _ => Writer::Device,
+        };
         let outcome = self
             .state
             .store
-            .transaction(async move |tx| {
-                // Every refusal comes before any write, so answering it commits nothing.
-                // The distinct (session, epoch) pairs, in the order they first appear.
-                let mut seen = BTreeSet::new();
-                let pairs: Vec<(SessionId, Epoch)> = batch
-                    .iter()
-                    .map(|m| (m.session_id, m.epoch))
-                    .filter(|p| seen.insert(*p))
-                    .collect();
-                let first_of = |s: SessionId, e: Option<Epoch>| {
-                    batch
-                        .iter()
-                        .position(|m| m.session_id == s && e.is_none_or(|e| m.epoch == e))
-                        .unwrap_or(0)
-                };
-                match &author.device {
-                    Some(device) if !matches!(caller, Principal::App { .. }) => {
-                        let readable = tx.readable_epochs(&author.user, device, &pairs).await?;
-                        if let Some(&(s, e)) = pairs.iter().find(|p| !readable.contains(p)) {
-                            return Ok(Err(Status::permission_denied(format!(
-                                "messages[{}]: this device holds no session key for session {s} epoch {e}",
-                                first_of(s, Some(e))
-                            ))));
-                        }
-                    }
-                    _ => {
-                        // An app server writes for the user into any epoch of a live session.
-                        let mut checked: Vec<SessionId> = Vec::new();
-                        for &(s, _) in &pairs {
-                            if checked.contains(&s) {
-                                continue;
-                            }
-                            checked.push(s);
-                            let i = first_of(s, None);
-                            let session = match tx.session(&s).await? {
-                                Some(session) if session.deleted_at.is_none() => session,
-                                _ => {
-                                    return Ok(Err(Status::not_found(format!(
-                                        "messages[{i}].session_id: no such session"
-                                    ))))
-                                }
-                            };
-                            if let Some(&(_, e)) = pairs
-                                .iter()
-                                .find(|(ps, pe)| *ps == s && *pe > session.current_epoch)
-                            {
-                                return Ok(Err(Status::failed_precondition(format!(
-                                    "messages[{}].epoch: the session is at epoch {}, not {e}",
-                                    first_of(s, Some(e)),
-                                    session.current_epoch
-                                ))));
-                            }
-                        }
-                    }
-                }
-                Ok(Ok(tx.put_messages(&author, &batch).await?))
-            })
+            .put_messages(writer, author, batch)
             .await
-            .map_err(store_status)??;
+            .map_err(store_status)?;
         let stored = match outcome {
             PutOutcome::Stored(stored) => stored,
             PutOutcome::Conflict(i) => {
@@ -306,12 +257,29 @@ impl Messages for MessagesService {
                     "messages[{i}].message_id: a message with this id is already stored with other bytes"
                 )))
             }
+            PutOutcome::NoKey(i) => {
+                let (_, s, e) = ids[i];
+                return Err(Status::permission_denied(format!(
+                    "messages[{i}]: this device holds no session key for session {s} epoch {e}"
+                )));
+            }
+            PutOutcome::NoSession(i) => {
+                return Err(Status::not_found(format!(
+                    "messages[{i}].session_id: no such session"
+                )))
+            }
+            PutOutcome::EpochAhead { index, current } => {
+                let (_, _, e) = ids[index];
+                return Err(Status::failed_precondition(format!(
+                    "messages[{index}].epoch: the session is at epoch {current}, not {e}"
+                )));
+            }
         };
         Ok(Response::new(pb::PutMessagesResponse {
             results: ids
                 .into_iter()
                 .zip(stored)
-                .map(|(id, (at, created))| pb::PutMessageResult {
+                .map(|((id, _, _), (at, created))| pb::PutMessageResult {
                     message_id: id.to_string(),
                     created_at: at.unix_micros(),
                     created,

@@ -66,10 +66,10 @@
 use std::collections::{HashMap, HashSet};
 
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Binary, Integer, Nullable, Text};
+use diesel::sql_types::{Array, BigInt, Binary, Bool, Integer, Nullable, Text};
 use diesel_async::RunQueryDsl;
 
-use super::schema::{messages, session_keys};
+use super::schema::{messages, session_keys, sessions};
 use super::sql::coalesce;
 use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, Epoch, MessageId, SessionId, UserId};
@@ -160,15 +160,35 @@ pub struct Position {
     pub message_id: MessageId,
 }
 
-/// What PutMessages did with a batch.
+/// Who is writing a batch, which decides the right it needs for each (session, epoch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Writer {
+    /// The author device itself: it must hold a live session key for the epoch.
+    Device,
+    /// An app server on the author's behalf: the session must exist, not be deleted, and
+    /// have reached the epoch.
+    AppServer,
+}
+
+/// What PutMessages did with a batch. Every outcome but `Stored` wrote nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum PutOutcome {
     /// Every message is stored: per message of the batch, in order, its server time and
     /// whether this call stored it (`false`: it was already stored with the same bytes).
     Stored(Vec<(Timestamp, bool)>),
     /// The message at this index of the batch has an id already stored with other bytes.
-    /// Nothing was written.
     Conflict(usize),
+    /// A device writer holds no live key for the epoch of the message at this index.
+    NoKey(usize),
+    /// The session of the message at this index does not exist or is deleted (app server).
+    NoSession(usize),
+    /// The message at `index` names an epoch its session has not reached (app server).
+    EpochAhead {
+        /// The message's index in the batch.
+        index: usize,
+        /// The session's current epoch.
+        current: Epoch,
+    },
 }
 
 /// Whose view a listing takes: a device, by its keys.
@@ -285,23 +305,41 @@ struct Micros {
     micros: i64,
 }
 
-/// The PostgreSQL insert of a batch, one statement whatever its length (one array per
-/// column). Its `writer` CTE first marks the transaction as a message writer, then reads the
-/// clock for `created_at` (CASE evaluates its condition first), so that listings hold their
-/// horizon at or below its start (module docs); it is volatile, so it runs once, before the
-/// first row is inserted.
+/// The PostgreSQL insert of a batch: one statement whatever its length (one array per
+/// column), which also checks the writer's right to every (session, epoch) and inserts
+/// nothing if one is refused (`$10`: a device writer must hold a live key; an app server
+/// needs a live session at or past the epoch). Its `writer` CTE first marks the transaction
+/// as a message writer, then reads the clock for `created_at` (CASE evaluates its condition
+/// first), so that listings hold their horizon at or below its start (module docs); it is
+/// volatile, so it runs once, before the first row is inserted.
 const PG_INSERT: &str = "\
 WITH writer AS (
     SELECT CAST(EXTRACT(EPOCH FROM CASE
                WHEN set_config('application_name', $1, true) IS NOT NULL
                THEN clock_timestamp() END) * 1000000 AS BIGINT) AS now
+), batch AS (
+    SELECT * FROM unnest($4::bytea[], $5::bytea[], $6::int4[], $7::bytea[], $8::bytea[],
+                         $9::bytea[])
+        AS b (message_id, session_id, epoch, nonce, ciphertext, associated_data)
+), refused AS (
+    SELECT 1 FROM batch b
+    WHERE NOT CASE WHEN $10 THEN EXISTS (
+              SELECT 1 FROM session_keys k
+              WHERE k.recipient_user_id = $2 AND k.recipient_device_id = $3
+                AND k.session_id = b.session_id AND k.epoch = b.epoch AND k.revoked_at IS NULL)
+          ELSE EXISTS (
+              SELECT 1 FROM sessions s
+              WHERE s.session_id = b.session_id AND s.deleted_at IS NULL
+                AND s.current_epoch >= b.epoch)
+          END
+    LIMIT 1
 )
 INSERT INTO messages (message_id, session_id, epoch, author_user_id, author_device_id, nonce,
                       ciphertext, associated_data, created_at)
 SELECT b.message_id, b.session_id, b.epoch, $2, $3, b.nonce, b.ciphertext, b.associated_data,
        writer.now
-FROM writer, unnest($4::bytea[], $5::bytea[], $6::int4[], $7::bytea[], $8::bytea[], $9::bytea[])
-    AS b (message_id, session_id, epoch, nonce, ciphertext, associated_data)
+FROM writer, batch b
+WHERE NOT EXISTS (SELECT 1 FROM refused)
 ON CONFLICT (message_id) DO NOTHING
 RETURNING message_id, created_at";
 
@@ -313,9 +351,11 @@ struct Inserted {
     created_at: i64,
 }
 
-/// Inserts a batch, skipping ids already stored; returns the ids it stored and their time.
+/// Inserts a batch, skipping ids already stored, if the writer may write every (session,
+/// epoch) of it (nothing otherwise); returns the ids it stored and their time.
 async fn insert_new(
     conn: &mut DbConn,
+    writer: Writer,
     author: &Author,
     batch: &[NewMessage],
 ) -> Result<Vec<(Vec<u8>, i64)>, StoreError> {
@@ -335,6 +375,10 @@ async fn insert_new(
             })
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
+    // On SQLite, where calls are local, the right is checked by its own queries first.
+    if matches!(conn, DbConn::Sqlite(_)) && refusal(conn, writer, author, batch).await?.is_some() {
+        return Ok(Vec::new());
+    }
     db_run!(conn: sqlite {
         // The transaction holds SQLite's write lock already: later than every commit. Diesel
         // has no multi-row INSERT with ON CONFLICT for SQLite; the rows go one by one on the
@@ -379,6 +423,7 @@ async fn insert_new(
             .bind::<Array<Binary>, _>(nonces)
             .bind::<Array<Binary>, _>(ciphertexts)
             .bind::<Array<Nullable<Binary>>, _>(ads)
+            .bind::<Bool, _>(writer == Writer::Device)
             .load(conn)
             .await?;
         Ok(stored.into_iter().map(|r| (r.message_id, r.created_at)).collect())
@@ -422,14 +467,101 @@ async fn messages_by_id(conn: &mut DbConn, ids: &[&[u8]]) -> Result<Vec<Message>
     Ok(out)
 }
 
+/// Why a batch may not be written, if it may not: the first message whose (session, epoch)
+/// the writer has no right to.
+async fn refusal(
+    conn: &mut DbConn,
+    writer: Writer,
+    author: &Author,
+    batch: &[NewMessage],
+) -> Result<Option<PutOutcome>, StoreError> {
+    let mut seen = HashSet::new();
+    let pairs: Vec<(SessionId, Epoch)> = batch
+        .iter()
+        .map(|m| (m.session_id, m.epoch))
+        .filter(|p| seen.insert(*p))
+        .collect();
+    let first = |pair: (SessionId, Epoch)| {
+        batch
+            .iter()
+            .position(|m| (m.session_id, m.epoch) == pair)
+            .unwrap_or(0)
+    };
+    match (writer, &author.device) {
+        (Writer::Device, Some(device)) => {
+            let readable = readable_pairs(conn, &author.user, device, &pairs).await?;
+            Ok(pairs
+                .iter()
+                .find(|p| !readable.contains(p))
+                .map(|p| PutOutcome::NoKey(first(*p))))
+        }
+        (Writer::Device, None) => Ok(Some(PutOutcome::NoKey(0))),
+        (Writer::AppServer, _) => {
+            let mut sessions: HashMap<SessionId, Option<Epoch>> = HashMap::new();
+            for &(s, e) in &pairs {
+                let current = match sessions.get(&s) {
+                    Some(current) => *current,
+                    None => {
+                        let current = get_session_epoch(conn, &s).await?;
+                        sessions.insert(s, current);
+                        current
+                    }
+                };
+                match current {
+                    None => {
+                        return Ok(Some(PutOutcome::NoSession(
+                            batch.iter().position(|m| m.session_id == s).unwrap_or(0),
+                        )))
+                    }
+                    Some(current) if e > current => {
+                        return Ok(Some(PutOutcome::EpochAhead {
+                            index: first((s, e)),
+                            current,
+                        }))
+                    }
+                    Some(_) => {}
+                }
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// The current epoch of a live (not deleted) session.
+async fn get_session_epoch(conn: &mut DbConn, id: &SessionId) -> Result<Option<Epoch>, StoreError> {
+    let sid = id.as_bytes().as_slice();
+    let current: Option<i32> = db_run!(conn: {
+        sessions::table
+            .filter(sessions::session_id.eq(sid))
+            .filter(sessions::deleted_at.is_null())
+            .select(sessions::current_epoch)
+            .first(conn)
+            .await
+            .optional()?
+    });
+    current
+        .map(|e| {
+            Epoch::new(unsigned("session epoch", e)?)
+                .map_err(|err| StoreError::corrupt("session epoch", err))
+        })
+        .transpose()
+}
+
 async fn put(
     conn: &mut DbConn,
+    writer: Writer,
     author: &Author,
     batch: &[NewMessage],
 ) -> Result<PutOutcome, StoreError> {
-    // Insert first: a fresh batch, the common case, costs one statement. Ids already stored
-    // (a retry, or a concurrent writer PostgreSQL waited for) are skipped and checked after.
-    let inserted = insert_new(conn, author, batch).await?;
+    // Insert first: a fresh batch, the common case, costs one statement, the writer's right
+    // checked in it. Ids already stored (a retry, or a concurrent writer PostgreSQL waited
+    // for) are skipped and checked after.
+    let inserted = insert_new(conn, writer, author, batch).await?;
+    if inserted.is_empty() {
+        if let Some(refused) = refusal(conn, writer, author, batch).await? {
+            return Ok(refused);
+        }
+    }
     let times: HashMap<&[u8], i64> = inserted
         .iter()
         .map(|(id, at)| (id.as_slice(), *at))
@@ -455,7 +587,8 @@ async fn put(
             Some(e) if e.is_same_as(author, m) => stored.push((e.created_at, false)),
             _ => {
                 // Another message has this id: take back what this call inserted, so that
-                // the transaction commits nothing of the batch.
+                // the transaction commits nothing of the batch. (A batch of one inserted
+                // nothing, so the statement that ran without a transaction wrote nothing.)
                 let ours: Vec<&[u8]> = inserted.iter().map(|(id, _)| id.as_slice()).collect();
                 for chunk in ours.chunks(ROWS_PER_STATEMENT) {
                     db_run!(conn: {
@@ -683,20 +816,18 @@ async fn list_by_author(
 }
 
 impl Tx {
-    /// Stores a batch of messages by one author, or finds it already stored (a retry).
+    /// Stores a batch of messages by one author, or finds it already stored (a retry), if the
+    /// writer may write each of its (session, epoch) pairs; see [`Store::put_messages`].
     ///
-    /// An id already stored with the same bytes (session, epoch, author, nonce, ciphertext,
-    /// associated data) is not stored again and keeps its first time; an id stored with other
-    /// bytes, including by a concurrent call that commits first, makes the outcome
-    /// [`PutOutcome::Conflict`], and what this call inserted is taken back, so the transaction
-    /// commits nothing of the batch. The batch's ids must be distinct, and the caller checks
-    /// beforehand that the author may write each (session, epoch).
+    /// What this call inserted is taken back before it returns any outcome but
+    /// [`PutOutcome::Stored`], so the transaction then commits nothing of the batch.
     pub async fn put_messages(
         &mut self,
+        writer: Writer,
         author: &Author,
         batch: &[NewMessage],
     ) -> Result<PutOutcome, StoreError> {
-        put(&mut self.conn, author, batch).await
+        put(&mut self.conn, writer, author, batch).await
     }
 
     /// Of `pairs`, the (session, epoch) pairs the device holds a live session key for, in
@@ -723,6 +854,32 @@ impl Tx {
 }
 
 impl Store {
+    /// Stores a batch of messages by one author, all or nothing, or finds it already stored
+    /// (a retry).
+    ///
+    /// An id already stored with the same bytes (session, epoch, author, nonce, ciphertext,
+    /// associated data) is not stored again and keeps its first time; an id stored with other
+    /// bytes, including by a concurrent call that commits first, is [`PutOutcome::Conflict`].
+    /// The writer's right to every (session, epoch) is checked in the same statement as the
+    /// insert on PostgreSQL; a refusal is [`PutOutcome::NoKey`], [`PutOutcome::NoSession`] or
+    /// [`PutOutcome::EpochAhead`]. The batch's ids must be distinct.
+    ///
+    /// A batch of several messages is one transaction. On PostgreSQL a batch of one is the
+    /// insert statement alone, which is atomic by itself: with nothing to take back, it needs
+    /// no BEGIN and COMMIT (three round trips fewer, most of a single message's cost).
+    pub async fn put_messages(
+        &self,
+        writer: Writer,
+        author: Author,
+        batch: Vec<NewMessage>,
+    ) -> Result<PutOutcome, StoreError> {
+        if batch.len() == 1 && self.backend() == super::Backend::Postgres {
+            return put(&mut self.conn().await?, writer, &author, &batch).await;
+        }
+        self.transaction(async move |tx| tx.put_messages(writer, &author, &batch).await)
+            .await
+    }
+
     /// The messages a device can read (of the epochs it holds live keys for), across
     /// sessions or in one session, newest first, strictly older than `before`, at most
     /// `limit`. See the module docs for the order and the visibility horizon.
