@@ -10,6 +10,7 @@ mod common;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
+use common::raw_db::{Fingerprint, RawDb};
 use common::server::{TestDevice, TestServer};
 use common::{Kind, TestDb};
 use keyhold::client::Client;
@@ -19,7 +20,7 @@ use keyhold::crypto::keys::Dek;
 use keyhold::crypto::message::{open_message, seal_message, MessageContext};
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::Limits;
-use keyhold::store::messages::{Author, NewMessage, PutOutcome};
+use keyhold::store::messages::{Author, NewMessage, PutOutcome, Writer};
 use tonic::{Code, Status};
 
 /// Who is in the tests: alice (phone, laptop) authors; bob (phone, laptop) and carol (phone)
@@ -309,42 +310,10 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, field:
     );
 }
 
-/// Row counts of the message table, read behind the server's back: equal before and after a
-/// call means the call wrote nothing.
-#[derive(diesel::QueryableByName, Debug, PartialEq, Eq)]
-struct Fingerprint {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    messages: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    deleted_messages: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    sessions: i64,
-}
-
+/// Every table's row counts, read behind the server's back (`common::raw_db`): equal before
+/// and after a call means the call wrote nothing.
 async fn fingerprint(db: &TestDb) -> Fingerprint {
-    use diesel::Connection;
-    use diesel_async::AsyncConnection;
-    let query = diesel::sql_query(
-        "SELECT (SELECT COUNT(*) FROM messages) AS messages, \
-         (SELECT COUNT(*) FROM messages WHERE deleted_at IS NOT NULL) AS deleted_messages, \
-         (SELECT COUNT(*) FROM sessions) AS sessions",
-    );
-    match db.kind {
-        Kind::Sqlite => {
-            let mut conn =
-                diesel::SqliteConnection::establish(db.url.trim_start_matches("sqlite://"))
-                    .expect("open SQLite");
-            diesel::RunQueryDsl::get_result(query, &mut conn).expect("fingerprint")
-        }
-        Kind::Postgres => {
-            let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
-                .await
-                .expect("connect");
-            diesel_async::RunQueryDsl::get_result(query, &mut conn)
-                .await
-                .expect("fingerprint")
-        }
-    }
+    RawDb::open(db).await.fingerprint().await
 }
 
 async fn access_follows_keys(server: &TestServer) {
@@ -615,7 +584,7 @@ async fn concurrent_writers_of_one_id_store_one_version(server: &TestServer) {
     let holder = tokio::spawn(async move {
         store
             .transaction(async move |tx| {
-                let outcome = tx.put_messages(&a, &[first]).await?;
+                let outcome = tx.put_messages(Writer::Device, &a, &[first]).await?;
                 let _ = inserted_tx.send(());
                 let _ = release_rx.await;
                 Ok(outcome)
@@ -627,7 +596,7 @@ async fn concurrent_writers_of_one_id_store_one_version(server: &TestServer) {
     let (a, second) = (author.clone(), version(2));
     let racer = tokio::spawn(async move {
         store
-            .transaction(async move |tx| tx.put_messages(&a, &[second]).await)
+            .transaction(async move |tx| tx.put_messages(Writer::Device, &a, &[second]).await)
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -782,7 +751,7 @@ async fn a_late_commit_never_lands_below_a_listed_message(server: &TestServer) {
     let holder = tokio::spawn(async move {
         store
             .transaction(async move |tx| {
-                tx.put_messages(&author, &[slow]).await?;
+                tx.put_messages(Writer::Device, &author, &[slow]).await?;
                 let _ = inserted_tx.send(());
                 let _ = release_rx.await;
                 Ok(())

@@ -7,8 +7,9 @@ mod common;
 
 use std::collections::BTreeSet;
 
+use common::raw_db::{Fingerprint, RawDb};
 use common::server::{TestDevice, TestServer};
-use common::{Kind, TestDb};
+use common::TestDb;
 use keyhold::client::Client;
 use keyhold::crypto::envelope::{open_dek, wrap_dek, DekEnvelope, Recipient, WrapContext};
 use keyhold::crypto::ids::{Epoch, SessionId};
@@ -253,41 +254,10 @@ fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, field:
     );
 }
 
-/// Row counts read behind the server's back: equal before and after means nothing written.
-#[derive(diesel::QueryableByName, Debug, PartialEq, Eq)]
-struct Fingerprint {
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    trusted_users: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    sessions: i64,
-    #[diesel(sql_type = diesel::sql_types::BigInt)]
-    session_keys: i64,
-}
-
-const FINGERPRINT_SQL: &str = "SELECT (SELECT COUNT(*) FROM trusted_users) AS trusted_users, \
-     (SELECT COUNT(*) FROM sessions) AS sessions, \
-     (SELECT COUNT(*) FROM session_keys) AS session_keys";
-
+/// Every table's row counts, read behind the server's back (`common::raw_db`): equal before
+/// and after a call means the call wrote nothing.
 async fn fingerprint(db: &TestDb) -> Fingerprint {
-    use diesel::Connection;
-    use diesel_async::AsyncConnection;
-    let query = diesel::sql_query(FINGERPRINT_SQL);
-    match db.kind {
-        Kind::Sqlite => {
-            let mut conn =
-                diesel::SqliteConnection::establish(db.url.trim_start_matches("sqlite://"))
-                    .expect("open SQLite");
-            diesel::RunQueryDsl::get_result(query, &mut conn).expect("fingerprint")
-        }
-        Kind::Postgres => {
-            let mut conn = diesel_async::AsyncPgConnection::establish(&db.url)
-                .await
-                .expect("connect");
-            diesel_async::RunQueryDsl::get_result(query, &mut conn)
-                .await
-                .expect("fingerprint")
-        }
-    }
+    RawDb::open(db).await.fingerprint().await
 }
 
 async fn trust_is_added_listed_and_removed(server: &TestServer) {

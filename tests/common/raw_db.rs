@@ -37,6 +37,12 @@ pub struct Fingerprint {
     pub api_tokens: i64,
     #[diesel(sql_type = diesel::sql_types::BigInt)]
     pub revoked_tokens: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub messages: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub deleted_messages: i64,
+    #[diesel(sql_type = diesel::sql_types::BigInt)]
+    pub trusted_users: i64,
 }
 
 /// The query behind [`Fingerprint`].
@@ -55,7 +61,10 @@ pub const FINGERPRINT_SQL: &str = "SELECT \
     (SELECT COUNT(*) FROM service_keys) AS service_keys, \
     (SELECT COUNT(*) FROM audit_events) AS audit_events, \
     (SELECT COUNT(*) FROM api_tokens) AS api_tokens, \
-    (SELECT COUNT(*) FROM api_tokens WHERE revoked_at IS NOT NULL) AS revoked_tokens";
+    (SELECT COUNT(*) FROM api_tokens WHERE revoked_at IS NOT NULL) AS revoked_tokens, \
+    (SELECT COUNT(*) FROM messages) AS messages, \
+    (SELECT COUNT(*) FROM messages WHERE deleted_at IS NOT NULL) AS deleted_messages, \
+    (SELECT COUNT(*) FROM trusted_users) AS trusted_users";
 
 /// A connection of the test's own to the server's database.
 pub enum RawDb {
