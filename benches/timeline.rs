@@ -48,7 +48,9 @@
 //! mark) and, alternately, 4 concurrent connections run plain multi-row INSERTs of the same
 //! rows (same sessions, epochs, authors and sizes) into the same table, pgbench style: one
 //! statement per transaction, no RETURNING, no conflict handling.
-//! Batches of 100, 10 and 1 (a tenth of the messages for batches of 1). The rates are
+//! Batches of 100, 10 and 1 (a tenth of the messages for batches of 1). Beside them, the
+//! rate of an authenticated call that touches no record (GetEscrowKey): the ceiling that the
+//! token check and gRPC alone put on calls of one message. The rates are
 //! compared within the run, alternating the two sides three times and taking the medians;
 //! the rows are deleted afterwards.
 
@@ -883,6 +885,32 @@ struct PlainRow {
     created_at: i64,
 }
 
+/// Calls per second of an authenticated call that touches no record (GetEscrowKey answers
+/// from memory): what the token check and gRPC alone cost, with the same 4 concurrent
+/// clients as the writers. PutMessages of one message cannot go faster than this.
+async fn noop_rate(server: &Server, writers: &[WriterRow], total: usize) -> Result<f64, Error> {
+    let per_writer = (total / writers.len()).max(1);
+    let mut clients = Vec::new();
+    for w in writers {
+        clients.push(server.device_client(&w.user_id, &w.device_id).await?);
+    }
+    let t = Instant::now();
+    let mut tasks = Vec::new();
+    for client in clients {
+        tasks.push(tokio::spawn(async move {
+            let mut directory = client.key_directory();
+            for _ in 0..per_writer {
+                directory.get_escrow_key(pb::GetEscrowKeyRequest {}).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok((per_writer * writers.len()) as f64 / t.elapsed().as_secs_f64())
+}
+
 /// How one writer of the insert comparison stores.
 enum Side {
     Put(Client),
@@ -1110,6 +1138,9 @@ async fn compare_inserts(
         return Ok(());
     }
     println!("\n== inserts at {} messages", p.size);
+    let calls = noop_rate(&p.server, &writers, o.insert_messages / 10).await?;
+    println!("  authenticated no-op calls (KeyDirectory.GetEscrowKey): {calls:.0} calls/s");
+    report.push(format!("NOOP | {} | {calls:.0} |", p.size));
     let start = now_micros();
     for batch in [100usize, 10, 1] {
         let total = o.insert_messages * batch.min(10) / 10;
@@ -1220,6 +1251,11 @@ fn main() -> Result<(), Error> {
         println!("\n| messages | batch | plain INSERT msg/s | PutMessages msg/s | ratio |");
         println!("| --- | --- | --- | --- | --- |");
         for l in report.iter().filter_map(|l| l.strip_prefix("INSERT ")) {
+            println!("{l}");
+        }
+        println!("\n| messages | authenticated no-op calls/s |");
+        println!("| --- | --- |");
+        for l in report.iter().filter_map(|l| l.strip_prefix("NOOP ")) {
             println!("{l}");
         }
         for l in report.iter().filter(|l| l.starts_with("PLAN ")) {
