@@ -351,6 +351,69 @@ struct Inserted {
     created_at: i64,
 }
 
+/// [`PG_INSERT`] with its values, as a query type of its own with a static id, so that
+/// diesel-async prepares it once per connection and PostgreSQL parses it once (a raw
+/// `sql_query` is parsed and planned again at every call: measured ~0.6 ms of a single
+/// message's ~1.2 ms in the database).
+struct PgInsert<'a> {
+    user: &'a str,
+    device: Option<&'a str>,
+    device_writer: bool,
+    ids: Vec<Vec<u8>>,
+    sessions: Vec<Vec<u8>>,
+    epochs: Vec<i32>,
+    nonces: Vec<Vec<u8>>,
+    ciphertexts: Vec<Vec<u8>>,
+    ads: Vec<Option<Vec<u8>>>,
+}
+
+impl diesel::query_builder::QueryId for PgInsert<'_> {
+    type QueryId = PgInsert<'static>;
+    const HAS_STATIC_QUERY_ID: bool = true;
+}
+
+impl diesel::query_builder::Query for PgInsert<'_> {
+    type SqlType = diesel::sql_types::Untyped;
+}
+
+impl diesel::query_builder::QueryFragment<diesel::pg::Pg> for PgInsert<'_> {
+    /// Writes [`PG_INSERT`], each `$n` in it becoming a bind of the n-th value (Diesel numbers
+    /// the binds itself, in the order they are pushed).
+    fn walk_ast<'b>(
+        &'b self,
+        mut out: diesel::query_builder::AstPass<'_, 'b, diesel::pg::Pg>,
+    ) -> QueryResult<()> {
+        let mut rest = PG_INSERT;
+        while let Some(at) = rest.find('$') {
+            out.push_sql(&rest[..at]);
+            let digits = rest[at + 1..]
+                .bytes()
+                .take_while(u8::is_ascii_digit)
+                .count();
+            match &rest[at + 1..at + 1 + digits] {
+                "1" => out.push_bind_param::<Text, _>(MESSAGE_WRITER_APPLICATION_NAME)?,
+                "2" => out.push_bind_param::<Text, _>(self.user)?,
+                "3" => out.push_bind_param::<Nullable<Text>, _>(&self.device)?,
+                "4" => out.push_bind_param::<Array<Binary>, _>(&self.ids)?,
+                "5" => out.push_bind_param::<Array<Binary>, _>(&self.sessions)?,
+                "6" => out.push_bind_param::<Array<Integer>, _>(&self.epochs)?,
+                "7" => out.push_bind_param::<Array<Binary>, _>(&self.nonces)?,
+                "8" => out.push_bind_param::<Array<Binary>, _>(&self.ciphertexts)?,
+                "9" => out.push_bind_param::<Array<Nullable<Binary>>, _>(&self.ads)?,
+                "10" => out.push_bind_param::<Bool, _>(&self.device_writer)?,
+                other => {
+                    return Err(diesel::result::Error::QueryBuilderError(
+                        format!("PG_INSERT has no parameter ${other}").into(),
+                    ))
+                }
+            }
+            rest = &rest[at + 1 + digits..];
+        }
+        out.push_sql(rest);
+        Ok(())
+    }
+}
+
 /// Inserts a batch, skipping ids already stored, if the writer may write every (session,
 /// epoch) of it (nothing otherwise); returns the ids it stored and their time.
 async fn insert_new(
@@ -403,29 +466,26 @@ async fn insert_new(
             })
             .await?)
     } postgres {
-        let (mut ids, mut sessions, mut epochs, mut nonces, mut ciphertexts, mut ads) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut insert = PgInsert {
+            user: author.user.as_str(),
+            device: author.device.as_ref().map(DeviceId::as_str),
+            device_writer: writer == Writer::Device,
+            ids: Vec::with_capacity(rows.len()),
+            sessions: Vec::with_capacity(rows.len()),
+            epochs: Vec::with_capacity(rows.len()),
+            nonces: Vec::with_capacity(rows.len()),
+            ciphertexts: Vec::with_capacity(rows.len()),
+            ads: Vec::with_capacity(rows.len()),
+        };
         for r in rows {
-            ids.push(r.message_id);
-            sessions.push(r.session_id);
-            epochs.push(r.epoch);
-            nonces.push(r.nonce);
-            ciphertexts.push(r.ciphertext);
-            ads.push(r.associated_data);
+            insert.ids.push(r.message_id);
+            insert.sessions.push(r.session_id);
+            insert.epochs.push(r.epoch);
+            insert.nonces.push(r.nonce);
+            insert.ciphertexts.push(r.ciphertext);
+            insert.ads.push(r.associated_data);
         }
-        let stored: Vec<Inserted> = diesel::sql_query(PG_INSERT)
-            .bind::<Text, _>(MESSAGE_WRITER_APPLICATION_NAME)
-            .bind::<Text, _>(author.user.as_str())
-            .bind::<Nullable<Text>, _>(author.device.as_ref().map(DeviceId::as_str))
-            .bind::<Array<Binary>, _>(ids)
-            .bind::<Array<Binary>, _>(sessions)
-            .bind::<Array<Integer>, _>(epochs)
-            .bind::<Array<Binary>, _>(nonces)
-            .bind::<Array<Binary>, _>(ciphertexts)
-            .bind::<Array<Nullable<Binary>>, _>(ads)
-            .bind::<Bool, _>(writer == Writer::Device)
-            .load(conn)
-            .await?;
+        let stored: Vec<Inserted> = insert.load(conn).await?;
         Ok(stored.into_iter().map(|r| (r.message_id, r.created_at)).collect())
     })
 }
