@@ -815,6 +815,33 @@ fn parse_cursor(cursor: &str) -> Result<i64, Status> {
 }
 
 impl SessionsService {
+    /// Stores a new session at epoch 1 with its members and first epoch's keys, in one
+    /// transaction. A taken session id (client-chosen) is ALREADY_EXISTS.
+    async fn store_new_session(
+        &self,
+        session: NewSession,
+        targets: &[Target],
+        keys: EpochKeys,
+    ) -> Result<(), Status> {
+        let members = members_of(targets);
+        let session_id = session.session_id;
+        self.state
+            .store
+            .transaction(async move |tx| {
+                tx.insert_session(&session).await?;
+                tx.add_members(&session_id, Epoch::FIRST, &members).await?;
+                tx.insert_epoch_keys(&session_id, &keys).await?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| match e {
+                StoreError::AlreadyExists(_) => {
+                    Status::already_exists("session_id: a session with this id exists")
+                }
+                other => store_status(other),
+            })
+    }
+
     async fn create_service_wrapped(
         &self,
         author: UserId,
@@ -842,18 +869,8 @@ impl SessionsService {
             mode: SessionMode::ServiceWrapped,
             suite,
         };
-        let members = members_of(&targets);
         let wire = session_keys_to_wire(session_id, epoch, &keys.session_keys);
-        self.state
-            .store
-            .transaction(async move |tx| {
-                tx.insert_session(&session).await?;
-                tx.add_members(&session_id, epoch, &members).await?;
-                tx.insert_epoch_keys(&session_id, &keys).await?;
-                Ok(())
-            })
-            .await
-            .map_err(store_status)?;
+        self.store_new_session(session, &targets, keys).await?;
         Ok(Response::new(pb::CreateSessionResponse {
             session_id: session_id.to_string(),
             epoch: epoch.get(),
@@ -900,23 +917,9 @@ impl SessionsService {
             mode: SessionMode::ClientWrapped,
             suite,
         };
-        let members = members_of(&targets);
         let wire = session_keys_to_wire(session_id, epoch, &epoch_keys.session_keys);
-        self.state
-            .store
-            .transaction(async move |tx| {
-                tx.insert_session(&session).await?;
-                tx.add_members(&session_id, epoch, &members).await?;
-                tx.insert_epoch_keys(&session_id, &epoch_keys).await?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| match e {
-                StoreError::AlreadyExists(_) => {
-                    Status::already_exists("session_id: a session with this id exists")
-                }
-                other => store_status(other),
-            })?;
+        self.store_new_session(session, &targets, epoch_keys)
+            .await?;
         Ok(Response::new(pb::CreateSessionResponse {
             session_id: session_id.to_string(),
             epoch: epoch.get(),
