@@ -136,8 +136,12 @@ impl IdentityPublicKey {
 
     /// Checks `signature` over the canonical encoding of `item`.
     pub fn verify(&self, item: &impl Signable, signature: &Signature) -> Result<(), CryptoError> {
+        self.verify_bytes(&item.canonical_encoding(), signature)
+    }
+
+    fn verify_bytes(&self, msg: &[u8], signature: &Signature) -> Result<(), CryptoError> {
         UnparsedPublicKey::new(&ED25519, &self.0)
-            .verify(&item.canonical_encoding(), &signature.0)
+            .verify(msg, &signature.0)
             .map_err(|_| CryptoError::BadSignature)
     }
 }
@@ -540,5 +544,71 @@ mod tests {
             ));
         }
         assert!(!format!("{id:?}").contains(&format!("{:?}", id.expose_seed())));
+    }
+
+    #[derive(serde::Deserialize)]
+    struct EddsaGroup {
+        #[serde(rename = "publicKey")]
+        public_key: EddsaKey,
+        tests: Vec<EddsaCase>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct EddsaKey {
+        curve: String,
+        pk: String,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct EddsaCase {
+        #[serde(rename = "tcId")]
+        tc_id: u32,
+        msg: String,
+        sig: String,
+        result: String,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct EddsaFile {
+        #[serde(rename = "numberOfTests")]
+        number_of_tests: usize,
+        #[serde(rename = "testGroups")]
+        test_groups: Vec<EddsaGroup>,
+    }
+
+    /// Project Wycheproof's Ed25519 cases through identity-key parsing, signature parsing
+    /// and verification: every valid case verifies, every invalid one is refused at one of
+    /// the three steps.
+    #[test]
+    fn wycheproof_ed25519_cases() {
+        let file: EddsaFile = serde_json::from_str(include_str!(
+            "../../tests/vectors/wycheproof-ed25519_test.json"
+        ))
+        .unwrap();
+        let (mut valid, mut invalid) = (0, 0);
+        for group in &file.test_groups {
+            assert_eq!(group.public_key.curve, "edwards25519");
+            let key = IdentityPublicKey::from_slice(&hex::decode(&group.public_key.pk).unwrap());
+            for case in &group.tests {
+                let msg = hex::decode(&case.msg).unwrap();
+                let verdict = key.as_ref().map_err(Clone::clone).and_then(|key| {
+                    let sig = Signature::from_slice(&hex::decode(&case.sig).unwrap())?;
+                    key.verify_bytes(&msg, &sig)
+                });
+                match case.result.as_str() {
+                    "valid" => {
+                        assert_eq!(verdict, Ok(()), "tcId {}", case.tc_id);
+                        valid += 1;
+                    }
+                    "invalid" => {
+                        assert!(verdict.is_err(), "tcId {} must be refused", case.tc_id);
+                        invalid += 1;
+                    }
+                    other => panic!("tcId {}: unexpected result {other}", case.tc_id),
+                }
+            }
+        }
+        assert_eq!(valid + invalid, file.number_of_tests);
+        assert!(valid > 0 && invalid > 0);
     }
 }

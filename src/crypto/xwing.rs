@@ -122,7 +122,8 @@ impl EncapsulationKey {
     /// Parses and validates a 1,216-byte encapsulation key.
     ///
     /// The ML-KEM part must pass FIPS 203's modulus check (every coefficient reduced mod q);
-    /// the X25519 part is any 32 bytes, as RFC 7748 allows.
+    /// the X25519 part is any 32 bytes RFC 7748 accepts except a point of order dividing 8
+    /// (on the curve or its twist), whose shared secret is all zero for every private key.
     pub fn from_slice(bytes: &[u8]) -> Result<Self, CryptoError> {
         let bytes = exact::<ENCAPSULATION_KEY_LEN>("X-Wing encapsulation key", bytes)?;
         let (m, x) = bytes.split_at(MLKEM_EK_LEN);
@@ -135,7 +136,7 @@ impl EncapsulationKey {
         let mlkem = mlkem768::PublicKey::from_bytes(m)
             .map_err(|_| CryptoError::InvalidKey("X-Wing encapsulation key"))?;
         let x25519 = exact::<X25519_LEN>("X25519 public key", x)?;
-        if is_low_order_x25519(&x25519) {
+        if x25519_yields_zero_secret(&x25519) {
             // Every encapsulation to such a key would give an all-zero Diffie-Hellman secret,
             // which AWS-LC refuses: one such device key would make every wrap to its sessions
             // fail. Refused here, where the key enters.
@@ -225,29 +226,24 @@ impl fmt::Debug for EncapsulationKey {
     }
 }
 
-/// Whether an X25519 public key (as RFC 7748 reads it: bit 255 ignored) is a point of order
-/// dividing 8. The canonical u-coordinates are those of curve25519-dalek's eight-torsion
-/// points; the only non-canonical encodings of them below 2^255 are p and p + 1.
-fn is_low_order_x25519(u: &[u8; X25519_LEN]) -> bool {
-    static LOW_ORDER: std::sync::OnceLock<Vec<[u8; 32]>> = std::sync::OnceLock::new();
-    let list = LOW_ORDER.get_or_init(|| {
-        let mut list: Vec<[u8; 32]> = curve25519_dalek::constants::EIGHT_TORSION
-            .iter()
-            .map(|p| p.to_montgomery().to_bytes())
-            .collect();
-        let mut p = [0xffu8; 32];
-        p[0] = 0xed;
-        p[31] = 0x7f;
-        let mut p_plus_1 = p;
-        p_plus_1[0] = 0xee;
-        list.extend([p, p_plus_1]);
-        list.sort_unstable();
-        list.dedup();
-        list
-    });
-    let mut masked = *u;
-    masked[31] &= 0x7f;
-    list.contains(&masked)
+/// Whether an X25519 public value gives an all-zero shared secret with some private key: the
+/// rule behind every refusal of an X25519 part, applied to every value Keyhold parses (device
+/// keys, prekeys, the escrow key).
+///
+/// RFC 7748 reads `u` with bit 255 ignored and reduced mod p = 2^255 − 19; the value names a
+/// point P on Curve25519 (group order 8·ℓ) or on its twist (order 4·ℓ′), ℓ and ℓ′ primes
+/// above 2^252. X25519(k, u) is the u-coordinate of \[k\]P, which is 0 exactly when
+/// \[k\]P is the identity (or the point (0, 0) of order 2, whose double is the identity).
+/// A clamped scalar is k = 8·m with 2^251 ≤ m < 2^252 < ℓ, ℓ′, so \[k\]P is the identity
+/// if and only if the order of P divides 8. That is checked directly, with no list of
+/// points to keep: compute \[8\]P with the x-only Montgomery ladder (valid on the curve and
+/// the twist alike) and refuse when its u-coordinate is 0. Four ladder steps and one
+/// inversion, a few microseconds.
+pub(crate) fn x25519_yields_zero_secret(u: &[u8; X25519_LEN]) -> bool {
+    let point = curve25519_dalek::montgomery::MontgomeryPoint(*u);
+    // 8 = 0b1000, most significant bit first.
+    let times_eight = point.mul_bits_be([true, false, false, false].into_iter());
+    times_eight.to_bytes() == [0u8; X25519_LEN]
 }
 
 /// The fingerprint of a 1,216-byte encapsulation key.
@@ -559,6 +555,148 @@ mod tests {
         // An ordinary key still parses and wraps.
         let ek = EncapsulationKey::from_slice(&good).unwrap();
         assert!(ek.encapsulate().is_ok());
+    }
+
+    #[test]
+    fn x25519_minus_one_and_its_high_bit_form_are_refused_at_parse() {
+        // Regression (u = p − 1, a point of order 4 on the twist): it parsed, then every wrap
+        // to it failed, so one device broke every session its user was in.
+        let dk = DecapsulationKey::generate().unwrap();
+        let good = dk.encapsulation_key().to_bytes();
+        for last in [0x7fu8, 0xff] {
+            let mut bytes = good.clone();
+            bytes[MLKEM_EK_LEN..].fill(0xff);
+            bytes[MLKEM_EK_LEN] = 0xec;
+            bytes[ENCAPSULATION_KEY_LEN - 1] = last;
+            assert_eq!(
+                EncapsulationKey::from_slice(&bytes).unwrap_err(),
+                CryptoError::InvalidKey(
+                    "X-Wing encapsulation key (X25519 part is a low-order point)"
+                )
+            );
+        }
+    }
+
+    #[derive(serde::Deserialize)]
+    struct WycheproofFile<G> {
+        #[serde(rename = "numberOfTests")]
+        number_of_tests: usize,
+        #[serde(rename = "testGroups")]
+        test_groups: Vec<G>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct X25519Group {
+        curve: String,
+        tests: Vec<X25519Case>,
+    }
+
+    #[derive(serde::Deserialize)]
+    struct X25519Case {
+        #[serde(rename = "tcId")]
+        tc_id: u32,
+        flags: Vec<String>,
+        public: String,
+        private: String,
+        shared: String,
+        result: String,
+    }
+
+    fn x25519_cases() -> Vec<X25519Case> {
+        let file: WycheproofFile<X25519Group> = serde_json::from_str(include_str!(
+            "../../tests/vectors/wycheproof-x25519_test.json"
+        ))
+        .expect("Wycheproof X25519 file parses");
+        let cases: Vec<X25519Case> = file
+            .test_groups
+            .into_iter()
+            .inspect(|g| assert_eq!(g.curve, "curve25519"))
+            .flat_map(|g| g.tests)
+            .collect();
+        assert_eq!(cases.len(), file.number_of_tests);
+        cases
+    }
+
+    fn hex32(s: &str) -> [u8; 32] {
+        hex::decode(s).unwrap().try_into().unwrap()
+    }
+
+    /// Every Wycheproof X25519 public value through the key parser: refused exactly when its
+    /// shared secret is all zero (the file's `ZeroSharedSecret` cases, which include every
+    /// low-order point on the curve and the twist, canonical or not), accepted otherwise.
+    #[test]
+    fn wycheproof_x25519_publics_through_the_key_parser() {
+        let dk = DecapsulationKey::generate().unwrap();
+        let good = dk.encapsulation_key().to_bytes();
+        let (mut refused, mut accepted) = (0, 0);
+        for case in x25519_cases() {
+            let zero = case.flags.iter().any(|f| f == "ZeroSharedSecret");
+            assert_eq!(zero, case.shared == "00".repeat(32), "tcId {}", case.tc_id);
+            let mut bytes = good.clone();
+            bytes[MLKEM_EK_LEN..].copy_from_slice(&hex32(&case.public));
+            let parsed = EncapsulationKey::from_slice(&bytes);
+            if zero {
+                assert!(
+                    matches!(parsed, Err(CryptoError::InvalidKey(_))),
+                    "tcId {} must be refused",
+                    case.tc_id
+                );
+                refused += 1;
+            } else {
+                let ek = parsed.unwrap_or_else(|e| panic!("tcId {}: {e}", case.tc_id));
+                assert!(ek.encapsulate().is_ok(), "tcId {}", case.tc_id);
+                accepted += 1;
+            }
+        }
+        // The file's count of all-zero cases (tcIds 32-63, 65, 68, 71, 78, 154 among them).
+        assert_eq!(refused, 31);
+        assert_eq!(accepted, 518 - 31);
+    }
+
+    /// Every Wycheproof X25519 case through the Diffie-Hellman that decapsulation runs: the
+    /// expected shared secret for every case whose secret is not all zero, a failure to open
+    /// otherwise; and the X25519 part of a real ciphertext replaced by the case's public value
+    /// decapsulates as the `x-wing` crate does (or fails, where the secret would be zero).
+    #[test]
+    fn wycheproof_x25519_cases_through_decapsulation() {
+        use x_wing::{Decapsulate, KeyInit};
+        let seed = *random_bytes::<32>().unwrap();
+        let ours = DecapsulationKey::from_seed(&seed).unwrap();
+        let theirs = x_wing::DecapsulationKey::new(&seed.into());
+        let (ct, _) = ours.encapsulation_key().encapsulate().unwrap();
+        for case in x25519_cases() {
+            let zero = case.shared == "00".repeat(32);
+            let private =
+                agreement::PrivateKey::from_private_key(&X25519, &hex32(&case.private)).unwrap();
+            match x25519_agree(&private, &hex32(&case.public)) {
+                Ok(ss) => {
+                    assert!(!zero, "tcId {}", case.tc_id);
+                    assert_ne!(case.result, "invalid", "tcId {}", case.tc_id);
+                    assert_eq!(hex::encode(*ss), case.shared, "tcId {}", case.tc_id);
+                }
+                Err(e) => {
+                    assert!(zero, "tcId {}: {e}", case.tc_id);
+                    assert_eq!(e, CryptoError::OpenFailed);
+                }
+            }
+
+            let mut bytes = *ct.as_bytes();
+            bytes[MLKEM_CT_LEN..].copy_from_slice(&hex32(&case.public));
+            let changed = Ciphertext::from_slice(&bytes).unwrap();
+            let their_ct = x_wing::Ciphertext::try_from(bytes.as_slice()).unwrap();
+            match ours.decapsulate(&changed) {
+                Ok(ss) => assert_eq!(
+                    ss.expose_secret(),
+                    theirs.decapsulate(&their_ct).as_slice(),
+                    "tcId {}",
+                    case.tc_id
+                ),
+                Err(e) => {
+                    assert!(zero, "tcId {}: {e}", case.tc_id);
+                    assert_eq!(e, CryptoError::OpenFailed);
+                }
+            }
+        }
     }
 
     #[test]
