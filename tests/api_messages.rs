@@ -21,6 +21,7 @@ use keyhold::crypto::message::{open_message, seal_message, MessageContext};
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::Limits;
 use keyhold::store::messages::{Author, NewMessage, PutOutcome, Writer};
+use keyhold::store::StoreError;
 use tonic::{Code, Status};
 
 /// Who is in the tests: alice (phone, laptop) authors; bob (phone, laptop) and carol (phone)
@@ -583,7 +584,7 @@ async fn concurrent_writers_of_one_id_store_one_version(server: &TestServer) {
     let (a, first) = (author.clone(), version(1));
     let holder = tokio::spawn(async move {
         store
-            .transaction(async move |tx| {
+            .transaction(async move |tx| -> Result<_, StoreError> {
                 let outcome = tx.put_messages(Writer::Device, &a, &[first]).await?;
                 let _ = inserted_tx.send(());
                 let _ = release_rx.await;
@@ -750,7 +751,7 @@ async fn a_late_commit_never_lands_below_a_listed_message(server: &TestServer) {
     let store = server.store.clone();
     let holder = tokio::spawn(async move {
         store
-            .transaction(async move |tx| {
+            .transaction(async move |tx| -> Result<_, StoreError> {
                 tx.put_messages(Writer::Device, &author, &[slow]).await?;
                 let _ = inserted_tx.send(());
                 let _ = release_rx.await;

@@ -449,7 +449,7 @@ async fn audit_event_in_a_rolled_back_transaction_is_not_kept(db: &TestDb) {
     let ev = event(3);
     let key = new_key(7, "dave", "phone");
     let (appended, published) = store
-        .transaction(async |tx| {
+        .transaction(async |tx| -> Result<_, StoreError> {
             let appended = tx.append_audit_event(&ev).await?;
             let published = tx.publish_user_key(&key).await?;
             Ok((appended, published))

@@ -34,8 +34,8 @@
 //! # Concurrency
 //!
 //! `seq` is the last `seq` plus one, read and written in the caller's transaction. On
-//! PostgreSQL the transaction first takes the transaction-scoped advisory lock
-//! [`AUDIT_LOCK_KEY`], so concurrent appends (from any replica) queue instead of reading the
+//! PostgreSQL the transaction first takes the audit chain's transaction-scoped advisory lock
+//! (`locks::TxLock::AuditChain`), so concurrent appends (from any replica) queue instead of reading the
 //! same last event; on SQLite the write transaction already excludes other writers. `seq` is
 //! the primary key, so if that ever failed, the second insert would fail loudly rather than
 //! fork the chain.
@@ -43,11 +43,9 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
+use super::locks::{lock, TxLock};
 use super::schema::audit_events;
 use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp, Tx};
-
-/// The advisory lock key that serialises audit appends on PostgreSQL ("keyhold" then 2).
-pub const AUDIT_LOCK_KEY: i64 = 0x6b65_7968_6f6c_6402;
 
 /// The label that starts every event encoding.
 const LABEL: &str = "keyhold/v1/audit-event";
@@ -214,14 +212,7 @@ impl TryFrom<AuditRow> for AuditEvent {
 
 /// Appends an event; must run inside a transaction (the lock is transaction-scoped).
 async fn append(conn: &mut DbConn, event: &NewAuditEvent) -> Result<AuditEvent, StoreError> {
-    db_run!(conn: sqlite {
-        // BEGIN IMMEDIATE already made this the only writer.
-    } postgres {
-        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-            .bind::<diesel::sql_types::BigInt, _>(AUDIT_LOCK_KEY)
-            .execute(conn)
-            .await?;
-    });
+    lock(conn, TxLock::AuditChain).await?;
 
     let last: Option<(i64, Vec<u8>)> = db_run!(conn: {
         audit_events::table
@@ -320,7 +311,7 @@ async fn verify(store: &Store) -> Result<AuditChainCheck, StoreError> {
     let mut intact = 0u64;
     let head = |intact: u64, seq: u64, hash: [u8; 32]| (intact > 0).then_some((seq, hash));
     loop {
-        let page = list_after(&mut store.conn().await?, expected_seq - 1, MAX_AUDIT_PAGE).await?;
+        let page = list_after(&mut store.db_conn().await?, expected_seq - 1, MAX_AUDIT_PAGE).await?;
         if page.is_empty() {
             break;
         }
@@ -352,7 +343,7 @@ impl Tx {
         &mut self,
         event: &NewAuditEvent,
     ) -> Result<AuditEvent, StoreError> {
-        append(&mut self.conn, event).await
+        append(&mut self.conn.db, event).await
     }
 }
 
@@ -370,7 +361,7 @@ impl Store {
         after: u64,
         limit: u32,
     ) -> Result<Vec<AuditEvent>, StoreError> {
-        list_after(&mut self.conn().await?, after, limit)
+        list_after(&mut self.db_conn().await?, after, limit)
             .await?
             .into_iter()
             .map(AuditEvent::try_from)

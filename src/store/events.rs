@@ -215,7 +215,7 @@ struct DataVersion {
 
 /// SQLite's `data_version` of the store's connection.
 async fn sqlite_data_version(store: &Store) -> Result<i64, StoreError> {
-    let mut conn = store.conn().await?;
+    let mut conn = store.db_conn().await?;
     let conn = &mut conn;
     let v: i64 = db_run!(conn: sqlite {
         diesel::sql_query("PRAGMA data_version")

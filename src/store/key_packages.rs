@@ -17,7 +17,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::events::{notify_in_tx, DeviceEvent, EventKind};
-use super::locks::{lock_device, LockScope};
+use super::locks::{lock, DeviceScope, TxLock};
 use super::schema::key_packages;
 use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
@@ -128,7 +128,7 @@ async fn send(
     recipients.sort();
     recipients.dedup();
     for r in &recipients {
-        lock_device(conn, LockScope::Inbox, user, r).await?;
+        lock(conn, TxLock::Device(DeviceScope::Inbox, user, r)).await?;
         let held = inbox_len(conn, user, r).await?;
         let adding = packages
             .iter()
@@ -222,7 +222,7 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<KeyPackage>, StoreError> {
-        inbox(&mut self.conn().await?, user, device, after, limit).await
+        inbox(&mut self.db_conn().await?, user, device, after, limit).await
     }
 
     /// Removes packages from a device's inbox (one transaction); ids of other devices'
@@ -233,7 +233,7 @@ impl Store {
         device: DeviceId,
         ids: Vec<i64>,
     ) -> Result<u64, StoreError> {
-        self.transaction(async move |tx| ack(&mut tx.conn, &user, &device, &ids).await)
+        self.transaction(async move |tx| ack(&mut tx.conn.db, &user, &device, &ids).await)
             .await
     }
 
@@ -276,7 +276,7 @@ impl Store {
                         Some(_) => {}
                     }
                 }
-                send(&mut tx.conn, &user, &sender, &packages, inbox_max)
+                send(&mut tx.conn.db, &user, &sender, &packages, inbox_max)
                     .await
                     .map(Ok)
             })

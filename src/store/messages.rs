@@ -920,7 +920,7 @@ impl Tx {
         author: &Author,
         batch: &[NewMessage],
     ) -> Result<PutOutcome, StoreError> {
-        put(&mut self.conn, writer, author, batch).await
+        put(&mut self.conn.db, writer, author, batch).await
     }
 
     /// Of `pairs`, the (session, epoch) pairs the device holds a live session key for, in
@@ -931,18 +931,18 @@ impl Tx {
         device: &DeviceId,
         pairs: &[(SessionId, Epoch)],
     ) -> Result<Vec<(SessionId, Epoch)>, StoreError> {
-        readable_pairs(&mut self.conn, user, device, pairs).await
+        readable_pairs(&mut self.conn.db, user, device, pairs).await
     }
 
     /// The message with this id, deleted or not.
     pub async fn message(&mut self, id: &MessageId) -> Result<Option<Message>, StoreError> {
-        get_message(&mut self.conn, id).await
+        get_message(&mut self.conn.db, id).await
     }
 
     /// Soft-deletes a message; returns when it was deleted (the first time, if it already
     /// was). [`StoreError::NotFound`] if there is no such message.
     pub async fn delete_message(&mut self, id: &MessageId) -> Result<Timestamp, StoreError> {
-        soft_delete(&mut self.conn, id).await
+        soft_delete(&mut self.conn.db, id).await
     }
 }
 
@@ -967,7 +967,7 @@ impl Store {
         batch: Vec<NewMessage>,
     ) -> Result<PutOutcome, StoreError> {
         if batch.len() == 1 && self.backend() == super::Backend::Postgres {
-            return put(&mut self.conn().await?, writer, &author, &batch).await;
+            return put(&mut self.db_conn().await?, writer, &author, &batch).await;
         }
         self.transaction(async move |tx| tx.put_messages(writer, &author, &batch).await)
             .await
@@ -983,7 +983,7 @@ impl Store {
         before: Option<Position>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        list_readable(&mut self.conn().await?, reader, session, before, limit).await
+        list_readable(&mut self.db_conn().await?, reader, session, before, limit).await
     }
 
     /// The messages `author` wrote that a device can read, newest first, strictly older
@@ -995,7 +995,7 @@ impl Store {
         before: Option<Position>,
         limit: u32,
     ) -> Result<Vec<Message>, StoreError> {
-        list_by_author(&mut self.conn().await?, reader, author, before, limit).await
+        list_by_author(&mut self.db_conn().await?, reader, author, before, limit).await
     }
 
     /// The epochs of one session the device holds a live key for, ascending.
@@ -1005,7 +1005,7 @@ impl Store {
         device: &DeviceId,
         session: &SessionId,
     ) -> Result<Vec<Epoch>, StoreError> {
-        let mut conn = self.conn().await?;
+        let mut conn = self.db_conn().await?;
         let conn = &mut conn;
         let sid = session.as_bytes().as_slice();
         let epochs: Vec<i32> = db_run!(conn: {

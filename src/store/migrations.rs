@@ -9,7 +9,7 @@
 //! write lock: a second process migrating the same file waits, then finds nothing to do.
 //!
 //! On PostgreSQL every migration call first takes a session-level advisory lock
-//! ([`MIGRATION_LOCK_KEY`]), polling `pg_try_advisory_lock` until
+//! (`locks::try_lock_migrations`), polling `pg_try_advisory_lock` until
 //! [`StoreOptions::migration_lock_timeout`](super::StoreOptions) runs out. Replicas started
 //! together therefore take turns: the first applies what is pending, the others then find
 //! nothing to do. Even reading the status takes the lock, because Diesel creates its
@@ -21,7 +21,7 @@ use std::time::Instant;
 use diesel::backend::Backend as DieselBackend;
 use diesel::migration::{Migration, MigrationSource};
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::{AsyncConnection, RunQueryDsl};
+use diesel_async::AsyncConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use super::{PgConn, Store, StoreError};
@@ -31,19 +31,6 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/po
 /// The SQLite migrations, from `migrations/sqlite/`.
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
-/// The advisory lock key that serialises migrations across replicas ("keyhold" then 1).
-const MIGRATION_LOCK_KEY: i64 = 0x6b65_7968_6f6c_6401;
-
-mod pg {
-    diesel::define_sql_function! {
-        /// Takes a session-level advisory lock if it is free; true if taken.
-        fn pg_try_advisory_lock(key: diesel::sql_types::BigInt) -> diesel::sql_types::Bool;
-    }
-    diesel::define_sql_function! {
-        /// Releases a session-level advisory lock; true if it was held.
-        fn pg_advisory_unlock(key: diesel::sql_types::BigInt) -> diesel::sql_types::Bool;
-    }
-}
 
 /// One embedded migration and whether the database has applied it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -136,7 +123,7 @@ impl Store {
     }
 
     async fn run_migrations(&self, op: Op) -> Result<Outcome, StoreError> {
-        match self.conn().await? {
+        match self.db_conn().await? {
             super::DbConn::Sqlite(mut conn) => conn
                 .spawn_blocking(move |c| {
                     // One IMMEDIATE transaction around the lot is SQLite's migration lock:
@@ -166,9 +153,7 @@ impl Store {
 
         let deadline = Instant::now() + self.options.migration_lock_timeout;
         loop {
-            let locked: bool = diesel::select(pg::pg_try_advisory_lock(MIGRATION_LOCK_KEY))
-                .get_result(&mut conn)
-                .await?;
+            let locked = super::locks::try_lock_migrations(&mut conn).await?;
             if locked {
                 break;
             }
@@ -190,9 +175,7 @@ impl Store {
         .map_err(migration_failed)?;
         let (mut conn, outcome) = joined;
 
-        let unlocked = diesel::select(pg::pg_advisory_unlock(MIGRATION_LOCK_KEY))
-            .get_result::<bool>(&mut conn)
-            .await;
+        let unlocked = super::locks::unlock_migrations(&mut conn).await;
         if let Err(e) = unlocked {
             // Dropping the connection below ends the session, which releases the lock too.
             tracing::warn!(error = %e, "releasing the migration lock failed");

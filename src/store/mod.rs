@@ -216,17 +216,47 @@ pub(crate) enum DbConn {
     Postgres(Object<PgConn>),
 }
 
+/// A connection taken from the pool ([`Store::conn`]), outside any transaction.
+///
+/// This is the one shape of store access: each record module writes a query once, as a
+/// method of `Conn` when it may run on its own (a read, or a write that is one statement) or
+/// of [`Tx`] when it must share a transaction with other statements. A `Tx` derefs to its
+/// `Conn`, so every `Conn` query also runs inside a transaction.
+pub struct Conn {
+    pub(crate) db: DbConn,
+}
+
+impl fmt::Debug for Conn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Conn")
+    }
+}
+
 /// An open transaction, handed to the closure given to [`Store::transaction`].
 ///
-/// Each record module adds the methods it allows inside a transaction; all of them commit
-/// or roll back together.
+/// Each record module adds the methods that need a transaction; all of them commit or roll
+/// back together. Through `Deref` the [`Conn`] queries run in it as well.
 pub struct Tx {
-    conn: DbConn,
+    conn: Conn,
 }
 
 impl fmt::Debug for Tx {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Tx")
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = Conn;
+
+    fn deref(&self) -> &Conn {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut Conn {
+        &mut self.conn
     }
 }
 
@@ -339,7 +369,7 @@ impl Store {
             events: Arc::default(),
         };
         // Fail now, not at the first request, if the database cannot be reached.
-        drop(store.conn().await?);
+        drop(store.db_conn().await?);
         Ok(store)
     }
 
@@ -361,8 +391,16 @@ impl Store {
         }
     }
 
+    /// Takes a connection from the pool, waiting at most the acquire timeout, for queries
+    /// that need no transaction of their own: `store.conn().await?.trusted_users(..)`.
+    pub async fn conn(&self) -> Result<Conn, StoreError> {
+        Ok(Conn {
+            db: self.db_conn().await?,
+        })
+    }
+
     /// Takes a connection from the pool, waiting at most the acquire timeout.
-    pub(crate) async fn conn(&self) -> Result<DbConn, StoreError> {
+    pub(crate) async fn db_conn(&self) -> Result<DbConn, StoreError> {
         let wait = self.options.acquire_timeout;
         let timed_out =
             || StoreError::Unavailable(format!("no database connection within {wait:?}"));
@@ -383,6 +421,10 @@ impl Store {
     /// Runs `f` in one transaction: committed if it returns `Ok`, rolled back if it returns
     /// `Err` (which is then returned as is) or if its future is dropped.
     ///
+    /// The error is any type a [`StoreError`] converts into, so a domain workflow returns its
+    /// own error (a refusal rolls back like a database failure) with no `Result` nested in
+    /// another.
+    ///
     /// ```no_run
     /// # async fn example(store: keyhold::store::Store) -> Result<(), keyhold::store::StoreError> {
     /// use keyhold::store::audit::NewAuditEvent;
@@ -397,12 +439,13 @@ impl Store {
     ///     .await
     /// # }
     /// ```
-    pub async fn transaction<R, F>(&self, f: F) -> Result<R, StoreError>
+    pub async fn transaction<R, E, F>(&self, f: F) -> Result<R, E>
     where
-        for<'r> F: AsyncFnOnce(&'r mut Tx) -> Result<R, StoreError>
-            + TxFn<&'r mut Tx, Result<R, StoreError>, Fut: Send>
+        for<'r> F: AsyncFnOnce(&'r mut Tx) -> Result<R, E>
+            + TxFn<&'r mut Tx, Result<R, E>, Fut: Send>
             + Send,
         R: Send,
+        E: From<StoreError> + fmt::Display + Send,
     {
         let mut tx = Tx {
             conn: self.conn().await?,
@@ -426,7 +469,7 @@ impl Store {
 
 impl Tx {
     async fn begin(&mut self) -> Result<(), StoreError> {
-        let conn = &mut self.conn;
+        let conn = &mut self.conn.db;
         db_run!(conn: sqlite {
             // Take the write lock now, not at the first write, so that a read-then-write
             // transaction never fails on lock upgrade; a busy database is waited for.
@@ -444,7 +487,7 @@ impl Tx {
     }
 
     async fn commit(&mut self) -> Result<(), StoreError> {
-        let conn = &mut self.conn;
+        let conn = &mut self.conn.db;
         db_run!(conn: sqlite {
             SyncTransactionManagerWrapper::<diesel::connection::AnsiTransactionManager>
                 ::commit_transaction(conn).await?;
@@ -455,7 +498,7 @@ impl Tx {
     }
 
     async fn rollback(&mut self) -> Result<(), StoreError> {
-        let conn = &mut self.conn;
+        let conn = &mut self.conn.db;
         db_run!(conn: sqlite {
             SyncTransactionManagerWrapper::<diesel::connection::AnsiTransactionManager>
                 ::rollback_transaction(conn).await?;

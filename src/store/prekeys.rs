@@ -28,7 +28,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::events::{notify_in_tx, DeviceEvent, EventKind};
-use super::locks::{lock_device, LockScope};
+use super::locks::{lock, DeviceScope, TxLock};
 use super::schema::{prekey_claim_windows, prekeys};
 use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
@@ -215,7 +215,11 @@ async fn stock(
 async fn upload(conn: &mut DbConn, up: &PrekeyUpload) -> Result<PrekeyStock, StoreError> {
     let (u, d) = (up.user.as_str(), up.device.as_str());
     let ik = up.identity_key.as_slice();
-    lock_device(conn, LockScope::Prekeys, &up.user, &up.device).await?;
+    lock(
+        conn,
+        TxLock::Device(DeviceScope::Prekeys, &up.user, &up.device),
+    )
+    .await?;
     // Prekeys signed by an identity key the device no longer has can never be handed out.
     db_run!(conn: {
         diesel::delete(
@@ -456,7 +460,7 @@ impl Tx {
         &mut self,
         prekeys: &PrekeyUpload,
     ) -> Result<PrekeyStock, StoreError> {
-        upload(&mut self.conn, prekeys).await
+        upload(&mut self.conn.db, prekeys).await
     }
 }
 
@@ -484,7 +488,7 @@ impl Store {
         device: &DeviceId,
         identity_key: &[u8],
     ) -> Result<PrekeyStock, StoreError> {
-        stock(&mut self.conn().await?, user, device, identity_key).await
+        stock(&mut self.db_conn().await?, user, device, identity_key).await
     }
 
     /// Claims one prekey of each target for `claimer`, in one transaction: per target, the
@@ -501,8 +505,8 @@ impl Store {
         limit: ClaimRateLimit,
     ) -> Result<Vec<Option<ClaimedPrekey>>, StoreError> {
         let claimed = self
-            .transaction(async move |tx| {
-                let claimed = claim(&mut tx.conn, &claimer, &targets, limit).await?;
+            .transaction(async move |tx| -> Result<_, StoreError> {
+                let claimed = claim(&mut tx.conn.db, &claimer, &targets, limit).await?;
                 Ok((targets, claimed))
             })
             .await?;

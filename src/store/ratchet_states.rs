@@ -235,7 +235,7 @@ impl Store {
         &self,
         key: &RatchetKey,
     ) -> Result<Option<StoredRatchetState>, StoreError> {
-        get(&mut self.conn().await?, key).await
+        get(&mut self.db_conn().await?, key).await
     }
 
     /// Writes a sealed ratchet state if its current version is `write.expected_version`
@@ -245,7 +245,7 @@ impl Store {
         key: RatchetKey,
         write: RatchetWrite,
     ) -> Result<CasOutcome, StoreError> {
-        self.transaction(async move |tx| put(&mut tx.conn, &key, &write).await)
+        self.transaction(async move |tx| put(&mut tx.conn.db, &key, &write).await)
             .await
     }
 
@@ -258,7 +258,7 @@ impl Store {
         key: RatchetKey,
         expected_version: Option<u64>,
     ) -> Result<CasOutcome, StoreError> {
-        self.transaction(async move |tx| delete(&mut tx.conn, &key, expected_version).await)
+        self.transaction(async move |tx| delete(&mut tx.conn.db, &key, expected_version).await)
             .await
     }
 }

@@ -12,6 +12,7 @@
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
+use super::locks::{lock, TxLock};
 use super::schema::{service_keys, session_keys, session_members, sessions, staff_keys};
 use super::sql::coalesce;
 use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp, Tx};
@@ -251,9 +252,6 @@ struct MemberInsert<'a> {
     added_epoch: i32,
 }
 
-/// The advisory lock that orders session-key inserts on PostgreSQL ("keyhold-sk" in ASCII).
-const SESSION_KEYS_LOCK_KEY: i64 = 0x6B68_2D73_6B00;
-
 /// Rows per multi-row INSERT, under both backends' limits on bound parameters.
 const ROWS_PER_INSERT: usize = 500;
 
@@ -299,18 +297,8 @@ async fn insert_epoch_keys(
     let now = Timestamp::now().unix_micros();
     let sid = id.as_bytes().as_slice();
     let epoch = epoch_db(keys.epoch)?;
-    // Sync cursors read session keys in `id` order. On PostgreSQL identity values are drawn
-    // before commit, so two transactions could commit out of id order and a cursor could
-    // step past a row that commits later with a lower id. Holding one transaction-scoped
-    // advisory lock while drawing ids makes ids follow commit order. SQLite already has a
-    // single writer (BEGIN IMMEDIATE).
-    db_run!(conn: sqlite {
-    } postgres {
-        diesel::sql_query("SELECT pg_advisory_xact_lock($1)")
-            .bind::<diesel::sql_types::BigInt, _>(SESSION_KEYS_LOCK_KEY)
-            .execute(conn)
-            .await?;
-    });
+    // Sync cursors read session keys in `id` order: ids must follow commit order.
+    lock(conn, TxLock::SessionKeyOrder).await?;
     for chunk in keys.session_keys.chunks(ROWS_PER_INSERT) {
         let rows: Vec<SessionKeyInsert<'_>> = chunk
             .iter()
@@ -637,12 +625,12 @@ async fn soft_delete(conn: &mut DbConn, id: &SessionId) -> Result<Timestamp, Sto
 impl Tx {
     /// Creates a session at epoch 1.
     pub async fn insert_session(&mut self, session: &NewSession) -> Result<(), StoreError> {
-        insert_session(&mut self.conn, session).await
+        insert_session(&mut self.conn.db, session).await
     }
 
     /// The session with this id, deleted or not.
     pub async fn session(&mut self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        get_session(&mut self.conn, id).await
+        get_session(&mut self.conn.db, id).await
     }
 
     /// Stores one epoch's session keys, escrow copy and service copy.
@@ -651,7 +639,7 @@ impl Tx {
         id: &SessionId,
         keys: &EpochKeys,
     ) -> Result<(), StoreError> {
-        insert_epoch_keys(&mut self.conn, id, keys).await
+        insert_epoch_keys(&mut self.conn.db, id, keys).await
     }
 
     /// Makes these devices members from `epoch` on (again, if they were removed).
@@ -661,12 +649,12 @@ impl Tx {
         epoch: Epoch,
         members: &[Member],
     ) -> Result<(), StoreError> {
-        add_members(&mut self.conn, id, epoch, members).await
+        add_members(&mut self.conn.db, id, epoch, members).await
     }
 
     /// The session's current member devices, ordered by user then device.
     pub async fn active_members(&mut self, id: &SessionId) -> Result<Vec<Member>, StoreError> {
-        active_members(&mut self.conn, id).await
+        active_members(&mut self.conn.db, id).await
     }
 
     /// Ends these devices' membership at `epoch` (they get no key of it or later).
@@ -676,7 +664,7 @@ impl Tx {
         epoch: Epoch,
         members: &[(UserId, DeviceId)],
     ) -> Result<(), StoreError> {
-        remove_members(&mut self.conn, id, epoch, members).await
+        remove_members(&mut self.conn.db, id, epoch, members).await
     }
 
     /// Moves the session from epoch `from` to the next one, if it is still at `from` and not
@@ -686,13 +674,13 @@ impl Tx {
         id: &SessionId,
         from: Epoch,
     ) -> Result<Epoch, StoreError> {
-        advance_epoch(&mut self.conn, id, from).await
+        advance_epoch(&mut self.conn.db, id, from).await
     }
 
     /// Holds the session at `epoch` until the transaction ends; [`StoreError::VersionConflict`]
     /// if it is no longer there (or was deleted).
     pub async fn lock_epoch(&mut self, id: &SessionId, epoch: Epoch) -> Result<(), StoreError> {
-        lock_epoch(&mut self.conn, id, epoch).await
+        lock_epoch(&mut self.conn.db, id, epoch).await
     }
 
     /// The service copy of an epoch's DEK: (KEK version, envelope).
@@ -701,7 +689,7 @@ impl Tx {
         id: &SessionId,
         epoch: Epoch,
     ) -> Result<Option<(u32, Vec<u8>)>, StoreError> {
-        service_key(&mut self.conn, id, epoch).await
+        service_key(&mut self.conn.db, id, epoch).await
     }
 
     /// The escrow copies of the given epochs of a session (all epochs when `epochs` is empty).
@@ -710,20 +698,20 @@ impl Tx {
         id: &SessionId,
         epochs: &[Epoch],
     ) -> Result<Vec<StaffKeyRecord>, StoreError> {
-        staff_keys_of(&mut self.conn, id, epochs).await
+        staff_keys_of(&mut self.conn.db, id, epochs).await
     }
 
     /// Soft-deletes a session and revokes its session keys; returns when it was deleted
     /// (the first time, if it already was).
     pub async fn delete_session(&mut self, id: &SessionId) -> Result<Timestamp, StoreError> {
-        soft_delete(&mut self.conn, id).await
+        soft_delete(&mut self.conn.db, id).await
     }
 }
 
 impl Store {
     /// The session with this id, deleted or not.
     pub async fn session(&self, id: &SessionId) -> Result<Option<Session>, StoreError> {
-        get_session(&mut self.conn().await?, id).await
+        get_session(&mut self.db_conn().await?, id).await
     }
 
     /// One device's live session keys of a session, oldest first; one epoch or all.
@@ -734,7 +722,7 @@ impl Store {
         device: &DeviceId,
         epoch: Option<Epoch>,
     ) -> Result<Vec<SessionKeyRecord>, StoreError> {
-        device_session_keys(&mut self.conn().await?, id, user, device, epoch).await
+        device_session_keys(&mut self.db_conn().await?, id, user, device, epoch).await
     }
 
     /// One device's live session keys across sessions with `seq > after`, in `seq` order,
@@ -746,6 +734,6 @@ impl Store {
         after: i64,
         limit: i64,
     ) -> Result<Vec<SessionKeyRecord>, StoreError> {
-        sync_device_keys(&mut self.conn().await?, user, device, after, limit).await
+        sync_device_keys(&mut self.db_conn().await?, user, device, after, limit).await
     }
 }

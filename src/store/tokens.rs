@@ -280,18 +280,18 @@ async fn count_active_admins(conn: &mut DbConn) -> Result<u64, StoreError> {
 impl Tx {
     /// Records a new token. [`StoreError::AlreadyExists`] if its id or hash is taken.
     pub async fn insert_token(&mut self, token: &NewApiToken) -> Result<ApiToken, StoreError> {
-        insert(&mut self.conn, token).await
+        insert(&mut self.conn.db, token).await
     }
 
     /// Revokes a token by id; revoking a revoked token changes nothing.
     /// [`StoreError::NotFound`] if no token has this id.
     pub async fn revoke_token(&mut self, token_id: &TokenId) -> Result<(), StoreError> {
-        revoke(&mut self.conn, token_id).await
+        revoke(&mut self.conn.db, token_id).await
     }
 
     /// The number of unrevoked admin tokens (so the last one is not revoked by mistake).
     pub async fn count_active_admin_tokens(&mut self) -> Result<u64, StoreError> {
-        count_active_admins(&mut self.conn).await
+        count_active_admins(&mut self.conn.db).await
     }
 }
 
@@ -307,13 +307,13 @@ impl Store {
         &self,
         hash: &TokenHash,
     ) -> Result<Option<ApiToken>, StoreError> {
-        find_active(&mut self.conn().await?, hash).await
+        find_active(&mut self.db_conn().await?, hash).await
     }
 
     /// The token with this id, revoked or not; the caller checks `revoked_at` and compares
     /// the hash with [`TokenHash::matches`].
     pub async fn find_token(&self, token_id: &TokenId) -> Result<Option<ApiToken>, StoreError> {
-        find_by_id(&mut self.conn().await?, token_id).await
+        find_by_id(&mut self.db_conn().await?, token_id).await
     }
 
     /// Revokes a token by id; revoking a revoked token changes nothing.
@@ -325,6 +325,6 @@ impl Store {
 
     /// The number of unrevoked admin tokens.
     pub async fn count_active_admin_tokens(&self) -> Result<u64, StoreError> {
-        count_active_admins(&mut self.conn().await?).await
+        count_active_admins(&mut self.db_conn().await?).await
     }
 }

@@ -4,20 +4,16 @@
 //! The primary key `(author_user_id, trusted_user_id)` is also the index of "trusted users of
 //! an author", listed in user-id order with a keyset cursor. An author trusts at most a given
 //! number of users (the service passes its recipient-list limit): the count and the insert
-//! run in one transaction which, on PostgreSQL, first takes a transaction-scoped advisory lock
-//! on the author, so two concurrent additions cannot both pass the count; SQLite's single
-//! writer already excludes that.
+//! run in one transaction under the author's lock (`locks::TxLock::Trust`), so two
+//! concurrent additions cannot both pass the count.
 
 use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
+use super::locks::{lock, TxLock};
 use super::schema::trusted_users;
 use super::{db_run, DbConn, Store, StoreError, Timestamp, Tx};
 use crate::crypto::ids::UserId;
-
-/// The advisory lock class of per-author trust changes on PostgreSQL ("khtu" in ASCII); the
-/// second key is `hashtext(author)`.
-const TRUST_LOCK_CLASS: i32 = 0x6b68_7475;
 
 /// One trusted user of an author.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,25 +35,13 @@ pub enum AddTrust {
     LimitReached,
 }
 
-async fn lock_author(conn: &mut DbConn, author: &UserId) -> Result<(), StoreError> {
-    db_run!(conn: sqlite {
-    } postgres {
-        diesel::sql_query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
-            .bind::<diesel::sql_types::Integer, _>(TRUST_LOCK_CLASS)
-            .bind::<diesel::sql_types::Text, _>(author.as_str())
-            .execute(conn)
-            .await?;
-    });
-    Ok(())
-}
-
 async fn add(
     conn: &mut DbConn,
     author: &UserId,
     trusted: &UserId,
     max: usize,
 ) -> Result<AddTrust, StoreError> {
-    lock_author(conn, author).await?;
+    lock(conn, TxLock::Trust(author)).await?;
     let since: Option<i64> = db_run!(conn: {
         trusted_users::table
             .find((author.as_str(), trusted.as_str()))
@@ -94,7 +78,7 @@ async fn add(
 }
 
 async fn remove(conn: &mut DbConn, author: &UserId, trusted: &UserId) -> Result<(), StoreError> {
-    lock_author(conn, author).await?;
+    lock(conn, TxLock::Trust(author)).await?;
     let deleted = db_run!(conn: {
         diesel::delete(trusted_users::table.find((author.as_str(), trusted.as_str())))
             .execute(conn)
@@ -141,7 +125,7 @@ impl Tx {
         trusted: &UserId,
         max: usize,
     ) -> Result<AddTrust, StoreError> {
-        add(&mut self.conn, author, trusted, max).await
+        add(&mut self.conn.db, author, trusted, max).await
     }
 
     /// Ends `author`'s trust in `trusted`; [`StoreError::NotFound`] if it did not trust them.
@@ -150,7 +134,7 @@ impl Tx {
         author: &UserId,
         trusted: &UserId,
     ) -> Result<(), StoreError> {
-        remove(&mut self.conn, author, trusted).await
+        remove(&mut self.conn.db, author, trusted).await
     }
 }
 
@@ -183,6 +167,6 @@ impl Store {
         after: Option<&UserId>,
         limit: i64,
     ) -> Result<Vec<TrustedUser>, StoreError> {
-        list(&mut self.conn().await?, author, after, limit).await
+        list(&mut self.db_conn().await?, author, after, limit).await
     }
 }

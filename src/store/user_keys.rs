@@ -285,7 +285,7 @@ impl Tx {
     /// [`StoreError::AlreadyExists`] if this key id was ever published (by any device);
     /// [`StoreError::VersionConflict`] if a concurrent publish for the same device won.
     pub async fn publish_user_key(&mut self, key: &NewUserKey) -> Result<UserKey, StoreError> {
-        publish(&mut self.conn, key).await
+        publish(&mut self.conn.db, key).await
     }
 
     /// Revokes one key of a device; the row is kept. Revoking twice changes nothing.
@@ -296,12 +296,12 @@ impl Tx {
         device: &DeviceId,
         key_id: &KeyId,
     ) -> Result<(), StoreError> {
-        revoke(&mut self.conn, user, device, key_id).await
+        revoke(&mut self.conn.db, user, device, key_id).await
     }
 
     /// The key with this id, current or not.
     pub async fn user_key(&mut self, key_id: &KeyId) -> Result<Option<UserKey>, StoreError> {
-        get(&mut self.conn, key_id).await
+        get(&mut self.conn.db, key_id).await
     }
 
     /// The current keys of every device of these users, ordered by user then device.
@@ -309,7 +309,7 @@ impl Tx {
         &mut self,
         users: &[UserId],
     ) -> Result<Vec<UserKey>, StoreError> {
-        current_of_users(&mut self.conn, users).await
+        current_of_users(&mut self.conn.db, users).await
     }
 }
 
@@ -334,12 +334,12 @@ impl Store {
 
     /// The key with this id, current or not.
     pub async fn user_key(&self, key_id: &KeyId) -> Result<Option<UserKey>, StoreError> {
-        get(&mut self.conn().await?, key_id).await
+        get(&mut self.db_conn().await?, key_id).await
     }
 
     /// The current keys of every device of these users, ordered by user then device; users
     /// without keys are simply absent.
     pub async fn current_user_keys(&self, users: &[UserId]) -> Result<Vec<UserKey>, StoreError> {
-        current_of_users(&mut self.conn().await?, users).await
+        current_of_users(&mut self.db_conn().await?, users).await
     }
 }
