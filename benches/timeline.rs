@@ -66,7 +66,7 @@ use keyhold::client::Client;
 use keyhold::crypto::ids::{DeviceId, MessageId, UserId};
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::admin::{create_token, TokenRequest};
-use keyhold::service::Limits;
+use keyhold::config::Limits;
 use keyhold::store::messages::postgres_timeline_sql;
 use keyhold::store::Store;
 

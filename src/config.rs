@@ -8,6 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::time::Duration;
 
 /// A setting could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -97,23 +98,82 @@ settings! {
     /// Most user ids or recipients accepted in one call.
     max_list_len: usize = 1000, flag "max-list-len", env "KEYHOLD_MAX_LIST_LEN";
     /// Most unused one-time prekeys one device may hold; an upload past it is refused.
-    max_unused_prekeys: usize = crate::service::Limits::DEFAULT.max_unused_prekeys, flag "max-unused-prekeys", env "KEYHOLD_MAX_UNUSED_PREKEYS";
+    max_unused_prekeys: usize = Limits::DEFAULT.max_unused_prekeys, flag "max-unused-prekeys", env "KEYHOLD_MAX_UNUSED_PREKEYS";
     /// Prekey claims one claimer may make on one device per claim window (kept in the database, so it holds across replicas).
-    prekey_claim_limit: u32 = crate::service::Limits::DEFAULT.prekey_claim_limit, flag "prekey-claim-limit", env "KEYHOLD_PREKEY_CLAIM_LIMIT";
+    prekey_claim_limit: u32 = Limits::DEFAULT.prekey_claim_limit, flag "prekey-claim-limit", env "KEYHOLD_PREKEY_CLAIM_LIMIT";
     /// The prekey claim window, in seconds.
-    prekey_claim_window_secs: u32 = crate::service::Limits::DEFAULT_CLAIM_WINDOW_SECS, flag "prekey-claim-window-secs", env "KEYHOLD_PREKEY_CLAIM_WINDOW_SECS";
+    prekey_claim_window_secs: u32 = Limits::DEFAULT_CLAIM_WINDOW_SECS, flag "prekey-claim-window-secs", env "KEYHOLD_PREKEY_CLAIM_WINDOW_SECS";
     /// Largest ratchet state a device may back up, in bytes.
-    max_ratchet_state_bytes: usize = crate::service::Limits::DEFAULT.max_ratchet_state_bytes, flag "max-ratchet-state-bytes", env "KEYHOLD_MAX_RATCHET_STATE_BYTES";
+    max_ratchet_state_bytes: usize = Limits::DEFAULT.max_ratchet_state_bytes, flag "max-ratchet-state-bytes", env "KEYHOLD_MAX_RATCHET_STATE_BYTES";
     /// Largest key package payload, in bytes.
-    max_key_package_bytes: usize = crate::service::Limits::DEFAULT.max_key_package_bytes, flag "max-key-package-bytes", env "KEYHOLD_MAX_KEY_PACKAGE_BYTES";
+    max_key_package_bytes: usize = Limits::DEFAULT.max_key_package_bytes, flag "max-key-package-bytes", env "KEYHOLD_MAX_KEY_PACKAGE_BYTES";
     /// Most unacknowledged key packages one device's inbox holds.
-    max_inbox_packages: usize = crate::service::Limits::DEFAULT.max_inbox_packages, flag "max-inbox-packages", env "KEYHOLD_MAX_INBOX_PACKAGES";
+    max_inbox_packages: usize = Limits::DEFAULT.max_inbox_packages, flag "max-inbox-packages", env "KEYHOLD_MAX_INBOX_PACKAGES";
     /// Largest message PutMessages accepts: ciphertext plus associated data, in bytes (default 1 MiB).
-    max_message_bytes: usize = crate::service::Limits::DEFAULT.max_message_bytes, flag "max-message-bytes", env "KEYHOLD_MAX_MESSAGE_BYTES";
+    max_message_bytes: usize = Limits::DEFAULT.max_message_bytes, flag "max-message-bytes", env "KEYHOLD_MAX_MESSAGE_BYTES";
     /// Most messages one PutMessages call may carry.
-    max_message_batch: usize = crate::service::Limits::DEFAULT.max_message_batch, flag "max-message-batch", env "KEYHOLD_MAX_MESSAGE_BATCH";
+    max_message_batch: usize = Limits::DEFAULT.max_message_batch, flag "max-message-batch", env "KEYHOLD_MAX_MESSAGE_BATCH";
     /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info`, `keyhold=debug`).
     log: String = "info".to_string(), flag "log", env "KEYHOLD_LOG";
+}
+
+/// Bounds on what devices store and how fast they claim prekeys, from the settings
+/// ([`Settings`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Most unused one-time prekeys one device may hold.
+    pub max_unused_prekeys: usize,
+    /// Prekey claims one claimer may make on one device per `prekey_claim_window`.
+    pub prekey_claim_limit: u32,
+    /// The prekey claim rate window.
+    pub prekey_claim_window: Duration,
+    /// Largest ratchet state, in bytes.
+    pub max_ratchet_state_bytes: usize,
+    /// Largest key package payload, in bytes.
+    pub max_key_package_bytes: usize,
+    /// Most unacknowledged key packages one device's inbox holds.
+    pub max_inbox_packages: usize,
+    /// Largest message PutMessages accepts: ciphertext plus associated data, in bytes.
+    pub max_message_bytes: usize,
+    /// Most messages in one PutMessages call.
+    pub max_message_batch: usize,
+}
+
+impl Limits {
+    /// The default prekey claim window, in seconds.
+    pub const DEFAULT_CLAIM_WINDOW_SECS: u32 = 60;
+
+    /// The defaults, which the settings also use.
+    pub const DEFAULT: Limits = Limits {
+        max_unused_prekeys: 1000,
+        prekey_claim_limit: 20,
+        prekey_claim_window: Duration::from_secs(Limits::DEFAULT_CLAIM_WINDOW_SECS as u64),
+        max_ratchet_state_bytes: 64 * 1024,
+        max_key_package_bytes: 64 * 1024,
+        max_inbox_packages: 1000,
+        max_message_bytes: 1024 * 1024,
+        max_message_batch: 500,
+    };
+
+    /// The limits the settings name.
+    pub fn from_settings(settings: &Settings) -> Self {
+        Limits {
+            max_unused_prekeys: settings.max_unused_prekeys,
+            prekey_claim_limit: settings.prekey_claim_limit,
+            prekey_claim_window: Duration::from_secs(u64::from(settings.prekey_claim_window_secs)),
+            max_ratchet_state_bytes: settings.max_ratchet_state_bytes,
+            max_key_package_bytes: settings.max_key_package_bytes,
+            max_inbox_packages: settings.max_inbox_packages,
+            max_message_bytes: settings.max_message_bytes,
+            max_message_batch: settings.max_message_batch,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::DEFAULT
+    }
 }
 
 fn read_file(path: &PathBuf) -> Result<toml::Table, ConfigError> {

@@ -67,7 +67,7 @@ pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
         store,
         keys,
         settings.max_list_len,
-        crate::service::Limits::from_settings(settings),
+        crate::config::Limits::from_settings(settings),
     );
     if state.store.count_active_admin_tokens().await? == 0 {
         let issued = create_token(

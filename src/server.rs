@@ -26,7 +26,8 @@ use crate::service::messages::MessagesService;
 use crate::service::ratchet::RatchetService;
 use crate::service::sessions::SessionsService;
 use crate::service::trust::TrustService;
-use crate::service::{store_status, AppState, Limits};
+use crate::config::Limits;
+use crate::service::{store_status, AppState};
 use crate::store::Store;
 
 /// Largest request the server accepts, in bytes.

@@ -12,7 +12,7 @@ use keyhold::crypto::envelope::{open_dek, wrap_dek, DekEnvelope, Recipient, Wrap
 use keyhold::crypto::ids::{Epoch, SessionId};
 use keyhold::crypto::keys::Dek;
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::Limits;
+use keyhold::config::Limits;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
 

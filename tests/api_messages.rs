@@ -19,7 +19,7 @@ use keyhold::crypto::ids::{Epoch, MessageId, SessionId};
 use keyhold::crypto::keys::Dek;
 use keyhold::crypto::message::{open_message, seal_message, MessageContext};
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::Limits;
+use keyhold::config::Limits;
 use keyhold::store::messages::{Author, NewMessage, PutOutcome, Writer};
 use keyhold::store::StoreError;
 use tonic::{Code, Status};

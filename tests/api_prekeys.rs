@@ -15,7 +15,7 @@ use keyhold::crypto::sign::{IdentityPublicKey, Prekey, PrekeyKind, Signature};
 use keyhold::crypto::xwing::{DecapsulationKey, EncapsulationKey};
 use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::Limits;
+use keyhold::config::Limits;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
 

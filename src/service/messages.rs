@@ -21,9 +21,9 @@ use tonic::{Request, Response, Status};
 
 use super::{
     check_list_len, invalid, parse_field, require_acts_for, require_role, store_status, AppState,
-    Limits,
 };
 use crate::auth::{principal, Principal, Role};
+use crate::config::Limits;
 use crate::crypto::ids::{DeviceId, Epoch, MessageId, SessionId, UserId};
 use crate::crypto::message::{MESSAGE_NONCE_LEN, MESSAGE_TAG_LEN};
 use crate::proto::keyhold::v1 as pb;

@@ -7,7 +7,9 @@
 //! UNAVAILABLE. Internal details are logged, never sent.
 
 pub mod admin;
+pub(crate) mod cursor;
 pub mod device_sync;
+pub(crate) mod error;
 pub mod escrow;
 pub mod key_directory;
 pub mod messages;
@@ -17,7 +19,6 @@ pub mod trust;
 pub mod watch;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tonic::Status;
 
@@ -25,6 +26,7 @@ use crate::auth::{Principal, Role};
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::keys::Kek;
 use crate::crypto::xwing::EncapsulationKey;
+use crate::config::Limits;
 use crate::crypto::CryptoError;
 use crate::store::{Store, StoreError};
 
@@ -43,65 +45,6 @@ pub struct AppState {
     pub limits: Limits,
     /// Ends the server-streaming calls when the server shuts down.
     pub streams: watch::StreamStop,
-}
-
-/// Bounds on what devices store and how fast they claim prekeys, from the settings
-/// ([`crate::config::Settings`]).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Limits {
-    /// Most unused one-time prekeys one device may hold.
-    pub max_unused_prekeys: usize,
-    /// Prekey claims one claimer may make on one device per `prekey_claim_window`.
-    pub prekey_claim_limit: u32,
-    /// The prekey claim rate window.
-    pub prekey_claim_window: Duration,
-    /// Largest ratchet state, in bytes.
-    pub max_ratchet_state_bytes: usize,
-    /// Largest key package payload, in bytes.
-    pub max_key_package_bytes: usize,
-    /// Most unacknowledged key packages one device's inbox holds.
-    pub max_inbox_packages: usize,
-    /// Largest message PutMessages accepts: ciphertext plus associated data, in bytes.
-    pub max_message_bytes: usize,
-    /// Most messages in one PutMessages call.
-    pub max_message_batch: usize,
-}
-
-impl Limits {
-    /// The default prekey claim window, in seconds.
-    pub const DEFAULT_CLAIM_WINDOW_SECS: u32 = 60;
-
-    /// The defaults, which the settings also use.
-    pub const DEFAULT: Limits = Limits {
-        max_unused_prekeys: 1000,
-        prekey_claim_limit: 20,
-        prekey_claim_window: Duration::from_secs(Limits::DEFAULT_CLAIM_WINDOW_SECS as u64),
-        max_ratchet_state_bytes: 64 * 1024,
-        max_key_package_bytes: 64 * 1024,
-        max_inbox_packages: 1000,
-        max_message_bytes: 1024 * 1024,
-        max_message_batch: 500,
-    };
-
-    /// The limits the settings name.
-    pub fn from_settings(settings: &crate::config::Settings) -> Self {
-        Limits {
-            max_unused_prekeys: settings.max_unused_prekeys,
-            prekey_claim_limit: settings.prekey_claim_limit,
-            prekey_claim_window: Duration::from_secs(u64::from(settings.prekey_claim_window_secs)),
-            max_ratchet_state_bytes: settings.max_ratchet_state_bytes,
-            max_key_package_bytes: settings.max_key_package_bytes,
-            max_inbox_packages: settings.max_inbox_packages,
-            max_message_bytes: settings.max_message_bytes,
-            max_message_batch: settings.max_message_batch,
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits::DEFAULT
-    }
 }
 
 /// INVALID_ARGUMENT naming `field`.
@@ -127,30 +70,14 @@ pub fn check_list_len(field: &str, len: usize, max: usize, required: bool) -> Re
     Ok(())
 }
 
-/// Maps a store error to its gRPC status. Internal details are logged here and not sent.
+/// Maps a store error to its gRPC status ([`error::status`], the one mapping).
 pub fn store_status(e: StoreError) -> Status {
-    match e {
-        StoreError::NotFound => Status::not_found("not found"),
-        StoreError::AlreadyExists(what) => {
-            Status::already_exists(format!("already exists ({what})"))
-        }
-        StoreError::VersionConflict(what) => Status::aborted(format!("conflict: {what}; retry")),
-        StoreError::LimitExceeded(what) => Status::resource_exhausted(what),
-        StoreError::Unavailable(what) => {
-            tracing::warn!(error = %what, "database unavailable");
-            Status::unavailable("database unavailable")
-        }
-        other => {
-            tracing::error!(error = %other, "store failure");
-            Status::internal("internal error")
-        }
-    }
+    error::status(e)
 }
 
 /// Maps a crypto failure on the service's own keys (not the caller's input) to INTERNAL.
 pub fn crypto_internal(e: CryptoError) -> Status {
-    tracing::error!(error = %e, "crypto failure on service keys");
-    Status::internal("internal error")
+    error::status(error::ServiceCrypto(e))
 }
 
 /// The caller must have one of `roles`.

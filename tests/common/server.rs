@@ -12,7 +12,7 @@ use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::admin::{create_token, TokenRequest};
-use keyhold::service::Limits;
+use keyhold::config::Limits;
 use keyhold::store::Store;
 use tokio::sync::oneshot;
 
