@@ -63,10 +63,10 @@ use diesel::sql_types::{BigInt, Binary, Integer, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use keyhold::auth::Role;
 use keyhold::client::Client;
+use keyhold::config::Limits;
 use keyhold::crypto::ids::{DeviceId, MessageId, UserId};
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::admin::{create_token, TokenRequest};
-use keyhold::config::Limits;
 use keyhold::store::messages::postgres_timeline_sql;
 use keyhold::store::Store;
 

@@ -9,6 +9,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
 use crate::auth::{AuthLayer, PresentedToken, Principal, Role, TokenLookup};
+use crate::config::Limits;
 use crate::keyfiles::ServiceKeys;
 use crate::proto::keyhold::v1::admin_server::AdminServer;
 use crate::proto::keyhold::v1::device_sync_server::DeviceSyncServer;
@@ -26,7 +27,6 @@ use crate::service::messages::MessagesService;
 use crate::service::ratchet::RatchetService;
 use crate::service::sessions::SessionsService;
 use crate::service::trust::TrustService;
-use crate::config::Limits;
 use crate::service::{store_status, AppState};
 use crate::store::Store;
 

@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
+use keyhold::config::Limits;
 use keyhold::crypto::envelope::{open_dek, wrap_dek, DekEnvelope, Recipient, WrapContext};
 use keyhold::crypto::ids::{Epoch, SessionId};
 use keyhold::crypto::keys::Dek;
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::config::Limits;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
 

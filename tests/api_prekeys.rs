@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
+use keyhold::config::Limits;
 use keyhold::crypto::ids::KeyId;
 use keyhold::crypto::sign::{IdentityPublicKey, Prekey, PrekeyKind, Signature};
 use keyhold::crypto::xwing::{DecapsulationKey, EncapsulationKey};
 use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::config::Limits;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
 

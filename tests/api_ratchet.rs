@@ -6,10 +6,10 @@ mod common;
 
 use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
+use keyhold::config::Limits;
 use keyhold::crypto::ids::{ConversationId, DeviceId, UserId};
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::ratchet::CURRENT_VERSION_TRAILER;
-use keyhold::config::Limits;
 use keyhold::store::ratchet_states::RatchetKey;
 use tonic::Code;
 

@@ -293,7 +293,11 @@ mod tests {
             let nonce: [u8; MESSAGE_NONCE_LEN] = hex::decode(&case.iv).unwrap().try_into().unwrap();
             let aad = hex::decode(&case.aad).unwrap();
             let msg = hex::decode(&case.msg).unwrap();
-            let sealed = [hex::decode(&case.ct).unwrap(), hex::decode(&case.tag).unwrap()].concat();
+            let sealed = [
+                hex::decode(&case.ct).unwrap(),
+                hex::decode(&case.tag).unwrap(),
+            ]
+            .concat();
 
             let mut opened = sealed.clone();
             let open = key.open_in_place(&nonce, &mut opened, &aad);
@@ -302,7 +306,8 @@ mod tests {
                     assert_eq!(open, Ok(()), "tcId {}", case.tc_id);
                     assert_eq!(opened, msg, "tcId {}", case.tc_id);
                     let mut buffer = msg.clone();
-                    key.seal_in_place_with_nonce(nonce, &mut buffer, &aad).unwrap();
+                    key.seal_in_place_with_nonce(nonce, &mut buffer, &aad)
+                        .unwrap();
                     assert_eq!(buffer, sealed, "tcId {}", case.tc_id);
                     valid += 1;
                 }

@@ -70,7 +70,9 @@ fn decode<C: Cursor>(text: &str) -> Option<C> {
     if let Some(body) = text.strip_prefix(PREFIX) {
         let bytes = hex::decode(body).ok()?;
         let (&kind, position) = bytes.split_first()?;
-        return (kind == C::KIND as u8).then(|| C::decode(position)).flatten();
+        return (kind == C::KIND as u8)
+            .then(|| C::decode(position))
+            .flatten();
     }
     let legacy = C::LEGACY_PREFIX?;
     C::decode_legacy(text.strip_prefix(legacy)?)
@@ -152,7 +154,11 @@ mod tests {
         ] {
             let err = parse::<Pos>("cursor", bad).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
-            assert!(err.message().starts_with("cursor:"), "{bad}: {}", err.message());
+            assert!(
+                err.message().starts_with("cursor:"),
+                "{bad}: {}",
+                err.message()
+            );
         }
         // A listing without a legacy codec refuses the old prefix too.
         assert!(parse::<Other>("cursor", "old.1").is_err());

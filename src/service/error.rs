@@ -137,7 +137,10 @@ mod tests {
                 StoreError::AlreadyExists("t_pkey".into()),
                 tonic::Code::AlreadyExists,
             ),
-            (StoreError::VersionConflict("x".into()), tonic::Code::Aborted),
+            (
+                StoreError::VersionConflict("x".into()),
+                tonic::Code::Aborted,
+            ),
             (
                 StoreError::LimitExceeded("inbox".into()),
                 tonic::Code::ResourceExhausted,

@@ -23,10 +23,10 @@ use std::sync::Arc;
 use tonic::Status;
 
 use crate::auth::{Principal, Role};
+use crate::config::Limits;
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::keys::Kek;
 use crate::crypto::xwing::EncapsulationKey;
-use crate::config::Limits;
 use crate::crypto::CryptoError;
 use crate::store::{Store, StoreError};
 

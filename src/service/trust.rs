@@ -6,7 +6,9 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{invalid, parse_field, require_acts_for, require_role, store_status, AppState};
+use super::cursor::{self, Cursor, CursorKind};
+use super::error::{into_status, DomainError, ErrorClass};
+use super::{invalid, parse_field, require_acts_for, require_role, AppState};
 use crate::auth::{principal, Principal, Role};
 use crate::crypto::ids::UserId;
 use crate::proto::keyhold::v1 as pb;
@@ -18,8 +20,6 @@ use crate::store::StoreError;
 pub const DEFAULT_PAGE: u32 = 100;
 /// Largest ListTrustedUsers page.
 pub const MAX_PAGE: u32 = 1000;
-
-const CURSOR_PREFIX: &str = "tu1.";
 
 /// The Trust gRPC service.
 #[derive(Clone)]
@@ -34,22 +34,71 @@ impl TrustService {
     }
 }
 
-/// The opaque cursor after a trusted user: a version prefix and the user id in hex.
-fn format_cursor(after: &UserId) -> String {
-    format!("{CURSOR_PREFIX}{}", hex::encode(after.as_str()))
+/// What the Trust workflow refuses.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TrustError {
+    /// RemoveTrustedUser of a user the author does not trust.
+    #[error("trusted_user_id: the author does not trust this user")]
+    NotTrusted,
+    /// AddTrustedUser past the per-author bound.
+    #[error("trusted_user_id: {author} already trusts {max} users, the most allowed")]
+    LimitReached {
+        /// The author.
+        author: UserId,
+        /// The bound.
+        max: usize,
+    },
+    /// A session "with the author's trusted users" when they are more than one call takes
+    /// (possible if the setting was lowered since they were added).
+    #[error("trusted_users_of_author: {author} trusts more than {max} users, the most recipients one call takes")]
+    TooManyRecipients {
+        /// The author.
+        author: UserId,
+        /// The most recipients one call takes.
+        max: usize,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-fn parse_cursor(cursor: &str) -> Result<Option<UserId>, Status> {
-    if cursor.is_empty() {
-        return Ok(None);
+impl DomainError for TrustError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            TrustError::NotTrusted => ErrorClass::NotFound,
+            TrustError::LimitReached { .. } | TrustError::TooManyRecipients { .. } => {
+                ErrorClass::ResourceExhausted
+            }
+            TrustError::Store(e) => e.class(),
+        }
     }
-    cursor
-        .strip_prefix(CURSOR_PREFIX)
-        .and_then(|h| hex::decode(h).ok())
-        .and_then(|b| String::from_utf8(b).ok())
-        .and_then(|s| UserId::new(s).ok())
-        .map(Some)
-        .ok_or_else(|| invalid("cursor", "not a cursor this service returned"))
+
+    fn public_message(&self) -> String {
+        match self {
+            TrustError::Store(e) => e.public_message(),
+            other => other.to_string(),
+        }
+    }
+}
+
+into_status!(TrustError);
+
+/// The cursor after a trusted user: the user id's UTF-8 bytes.
+impl Cursor for UserId {
+    const KIND: CursorKind = CursorKind::TrustedUsers;
+    const LEGACY_PREFIX: Option<&'static str> = Some("tu1.");
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(self.as_str().as_bytes());
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        UserId::new(std::str::from_utf8(bytes).ok()?).ok()
+    }
+
+    fn decode_legacy(text: &str) -> Option<Self> {
+        Self::decode(&hex::decode(text).ok()?)
+    }
 }
 
 /// Parses the author of a Trust call and checks the caller acts for it.
@@ -65,15 +114,15 @@ fn parse_author(caller: &Principal, author: &str) -> Result<UserId, Status> {
 pub async fn trusted_recipients(state: &AppState, author: &UserId) -> Result<Vec<UserId>, Status> {
     let max = state.max_list_len;
     let limit = i64::try_from(max).unwrap_or(i64::MAX - 1) + 1;
-    let trusted = state
-        .store
+    let trusted = (state.store.conn().await?)
         .trusted_users(author, None, limit)
-        .await
-        .map_err(store_status)?;
+        .await?;
     if trusted.len() > max {
-        return Err(Status::resource_exhausted(format!(
-            "trusted_users_of_author: {author} trusts more than {max} users, the most recipients one call takes"
-        )));
+        return Err(TrustError::TooManyRecipients {
+            author: author.clone(),
+            max,
+        }
+        .into());
     }
     Ok(trusted.into_iter().map(|t| t.user).collect())
 }
@@ -96,20 +145,15 @@ impl Trust for TrustService {
             ));
         }
         let max = self.state.max_list_len;
-        let (created_at, created) = match self
+        let added = self
             .state
             .store
-            .add_trusted_user(author.clone(), trusted, max)
-            .await
-            .map_err(store_status)?
-        {
+            .transaction(async |tx| tx.add_trusted_user(&author, &trusted, max).await)
+            .await?;
+        let (created_at, created) = match added {
             AddTrust::Added(at) => (at, true),
             AddTrust::AlreadyTrusted(at) => (at, false),
-            AddTrust::LimitReached => {
-                return Err(Status::resource_exhausted(format!(
-                    "trusted_user_id: {author} already trusts {max} users, the most allowed"
-                )))
-            }
+            AddTrust::LimitReached => return Err(TrustError::LimitReached { author, max }.into()),
         };
         Ok(Response::new(pb::AddTrustedUserResponse {
             created_at: created_at.unix_micros(),
@@ -128,14 +172,13 @@ impl Trust for TrustService {
         let trusted = parse_field("trusted_user_id", UserId::new(req.trusted_user_id.clone()))?;
         self.state
             .store
-            .remove_trusted_user(author, trusted)
-            .await
-            .map_err(|e| match e {
-                StoreError::NotFound => {
-                    Status::not_found("trusted_user_id: the author does not trust this user")
-                }
-                other => store_status(other),
-            })?;
+            .transaction(
+                async |tx| match tx.remove_trusted_user(&author, &trusted).await {
+                    Err(StoreError::NotFound) => Err(TrustError::NotTrusted),
+                    other => Ok(other?),
+                },
+            )
+            .await?;
         Ok(Response::new(pb::RemoveTrustedUserResponse {}))
     }
 
@@ -147,19 +190,16 @@ impl Trust for TrustService {
         require_role(&caller, &[Role::App, Role::Device])?;
         let req = request.get_ref();
         let author = parse_author(&caller, &req.author_user_id)?;
-        let after = parse_cursor(&req.cursor)?;
+        let after = cursor::parse::<UserId>("cursor", &req.cursor)?;
         let limit = match req.page_size {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let page = self
-            .state
-            .store
+        let page = (self.state.store.conn().await?)
             .trusted_users(&author, after.as_ref(), i64::from(limit))
-            .await
-            .map_err(store_status)?;
+            .await?;
         let next_cursor = match page.last() {
-            Some(last) if page.len() >= limit as usize => format_cursor(&last.user),
+            Some(last) if page.len() >= limit as usize => cursor::format(&last.user),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListTrustedUsersResponse {
@@ -182,10 +222,20 @@ mod tests {
     #[test]
     fn cursors_round_trip_and_refuse_anything_else() {
         let u = UserId::new("bob@example").unwrap();
-        assert_eq!(parse_cursor(&format_cursor(&u)).unwrap(), Some(u));
-        assert_eq!(parse_cursor("").unwrap(), None);
-        for bad in ["tu1.", "tu1.zz", "tu2.626f62", "626f62", "tu1.20"] {
-            let err = parse_cursor(bad).unwrap_err();
+        let parse = |c: &str| cursor::parse::<UserId>("cursor", c);
+        assert_eq!(parse(&cursor::format(&u)).unwrap(), Some(u.clone()));
+        assert_eq!(parse("tu1.626f62406578616d706c65").unwrap(), Some(u));
+        assert_eq!(parse("").unwrap(), None);
+        for bad in [
+            "tu1.",
+            "tu1.zz",
+            "tu2.626f62",
+            "626f62",
+            "tu1.20",
+            "c1.03",
+            "c1.0320",
+        ] {
+            let err = parse(bad).unwrap_err();
             assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
         }
     }

@@ -311,7 +311,12 @@ async fn verify(store: &Store) -> Result<AuditChainCheck, StoreError> {
     let mut intact = 0u64;
     let head = |intact: u64, seq: u64, hash: [u8; 32]| (intact > 0).then_some((seq, hash));
     loop {
-        let page = list_after(&mut store.db_conn().await?, expected_seq - 1, MAX_AUDIT_PAGE).await?;
+        let page = list_after(
+            &mut store.db_conn().await?,
+            expected_seq - 1,
+            MAX_AUDIT_PAGE,
+        )
+        .await?;
         if page.is_empty() {
             break;
         }

@@ -31,7 +31,6 @@ const POSTGRES_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/po
 /// The SQLite migrations, from `migrations/sqlite/`.
 const SQLITE_MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations/sqlite");
 
-
 /// One embedded migration and whether the database has applied it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MigrationStatus {

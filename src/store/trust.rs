@@ -12,7 +12,7 @@ use diesel_async::RunQueryDsl;
 
 use super::locks::{lock, TxLock};
 use super::schema::trusted_users;
-use super::{db_run, DbConn, Store, StoreError, Timestamp, Tx};
+use super::{db_run, Conn, StoreError, Timestamp, Tx};
 use crate::crypto::ids::UserId;
 
 /// One trusted user of an author.
@@ -35,88 +35,6 @@ pub enum AddTrust {
     LimitReached,
 }
 
-async fn add(
-    conn: &mut DbConn,
-    author: &UserId,
-    trusted: &UserId,
-    max: usize,
-) -> Result<AddTrust, StoreError> {
-    lock(conn, TxLock::Trust(author)).await?;
-    let since: Option<i64> = db_run!(conn: {
-        trusted_users::table
-            .find((author.as_str(), trusted.as_str()))
-            .select(trusted_users::created_at)
-            .first(conn)
-            .await
-            .optional()?
-    });
-    if let Some(at) = since {
-        return Ok(AddTrust::AlreadyTrusted(Timestamp::from_unix_micros(at)));
-    }
-    let count: i64 = db_run!(conn: {
-        trusted_users::table
-            .filter(trusted_users::author_user_id.eq(author.as_str()))
-            .count()
-            .get_result(conn)
-            .await?
-    });
-    if usize::try_from(count).unwrap_or(usize::MAX) >= max {
-        return Ok(AddTrust::LimitReached);
-    }
-    let now = Timestamp::now();
-    db_run!(conn: {
-        diesel::insert_into(trusted_users::table)
-            .values((
-                trusted_users::author_user_id.eq(author.as_str()),
-                trusted_users::trusted_user_id.eq(trusted.as_str()),
-                trusted_users::created_at.eq(now.unix_micros()),
-            ))
-            .execute(conn)
-            .await?;
-    });
-    Ok(AddTrust::Added(now))
-}
-
-async fn remove(conn: &mut DbConn, author: &UserId, trusted: &UserId) -> Result<(), StoreError> {
-    lock(conn, TxLock::Trust(author)).await?;
-    let deleted = db_run!(conn: {
-        diesel::delete(trusted_users::table.find((author.as_str(), trusted.as_str())))
-            .execute(conn)
-            .await?
-    });
-    if deleted == 0 {
-        return Err(StoreError::NotFound);
-    }
-    Ok(())
-}
-
-async fn list(
-    conn: &mut DbConn,
-    author: &UserId,
-    after: Option<&UserId>,
-    limit: i64,
-) -> Result<Vec<TrustedUser>, StoreError> {
-    let after = after.map(UserId::as_str).unwrap_or("");
-    let rows: Vec<(String, i64)> = db_run!(conn: {
-        trusted_users::table
-            .filter(trusted_users::author_user_id.eq(author.as_str()))
-            .filter(trusted_users::trusted_user_id.gt(after))
-            .order(trusted_users::trusted_user_id)
-            .limit(limit)
-            .select((trusted_users::trusted_user_id, trusted_users::created_at))
-            .load(conn)
-            .await?
-    });
-    rows.into_iter()
-        .map(|(u, at)| {
-            Ok(TrustedUser {
-                user: UserId::new(u).map_err(|e| StoreError::corrupt("trusted user id", e))?,
-                created_at: Timestamp::from_unix_micros(at),
-            })
-        })
-        .collect()
-}
-
 impl Tx {
     /// Makes `author` trust `trusted`, unless it already does or already trusts `max` users.
     pub async fn add_trusted_user(
@@ -125,7 +43,41 @@ impl Tx {
         trusted: &UserId,
         max: usize,
     ) -> Result<AddTrust, StoreError> {
-        add(&mut self.conn.db, author, trusted, max).await
+        let conn = &mut self.db;
+        lock(conn, TxLock::Trust(author)).await?;
+        let since: Option<i64> = db_run!(conn: {
+            trusted_users::table
+                .find((author.as_str(), trusted.as_str()))
+                .select(trusted_users::created_at)
+                .first(conn)
+                .await
+                .optional()?
+        });
+        if let Some(at) = since {
+            return Ok(AddTrust::AlreadyTrusted(Timestamp::from_unix_micros(at)));
+        }
+        let count: i64 = db_run!(conn: {
+            trusted_users::table
+                .filter(trusted_users::author_user_id.eq(author.as_str()))
+                .count()
+                .get_result(conn)
+                .await?
+        });
+        if usize::try_from(count).unwrap_or(usize::MAX) >= max {
+            return Ok(AddTrust::LimitReached);
+        }
+        let now = Timestamp::now();
+        db_run!(conn: {
+            diesel::insert_into(trusted_users::table)
+                .values((
+                    trusted_users::author_user_id.eq(author.as_str()),
+                    trusted_users::trusted_user_id.eq(trusted.as_str()),
+                    trusted_users::created_at.eq(now.unix_micros()),
+                ))
+                .execute(conn)
+                .await?;
+        });
+        Ok(AddTrust::Added(now))
     }
 
     /// Ends `author`'s trust in `trusted`; [`StoreError::NotFound`] if it did not trust them.
@@ -134,39 +86,47 @@ impl Tx {
         author: &UserId,
         trusted: &UserId,
     ) -> Result<(), StoreError> {
-        remove(&mut self.conn.db, author, trusted).await
+        let conn = &mut self.db;
+        lock(conn, TxLock::Trust(author)).await?;
+        let deleted = db_run!(conn: {
+            diesel::delete(trusted_users::table.find((author.as_str(), trusted.as_str())))
+                .execute(conn)
+                .await?
+        });
+        if deleted == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
     }
 }
 
-impl Store {
-    /// Makes `author` trust `trusted` (one transaction); see [`Tx::add_trusted_user`].
-    pub async fn add_trusted_user(
-        &self,
-        author: UserId,
-        trusted: UserId,
-        max: usize,
-    ) -> Result<AddTrust, StoreError> {
-        self.transaction(async move |tx| tx.add_trusted_user(&author, &trusted, max).await)
-            .await
-    }
-
-    /// Ends `author`'s trust in `trusted` (one transaction); see [`Tx::remove_trusted_user`].
-    pub async fn remove_trusted_user(
-        &self,
-        author: UserId,
-        trusted: UserId,
-    ) -> Result<(), StoreError> {
-        self.transaction(async move |tx| tx.remove_trusted_user(&author, &trusted).await)
-            .await
-    }
-
+impl Conn {
     /// The users `author` trusts, in user-id order, after `after`, at most `limit`.
     pub async fn trusted_users(
-        &self,
+        &mut self,
         author: &UserId,
         after: Option<&UserId>,
         limit: i64,
     ) -> Result<Vec<TrustedUser>, StoreError> {
-        list(&mut self.db_conn().await?, author, after, limit).await
+        let conn = &mut self.db;
+        let after = after.map(UserId::as_str).unwrap_or("");
+        let rows: Vec<(String, i64)> = db_run!(conn: {
+            trusted_users::table
+                .filter(trusted_users::author_user_id.eq(author.as_str()))
+                .filter(trusted_users::trusted_user_id.gt(after))
+                .order(trusted_users::trusted_user_id)
+                .limit(limit)
+                .select((trusted_users::trusted_user_id, trusted_users::created_at))
+                .load(conn)
+                .await?
+        });
+        rows.into_iter()
+            .map(|(u, at)| {
+                Ok(TrustedUser {
+                    user: UserId::new(u).map_err(|e| StoreError::corrupt("trusted user id", e))?,
+                    created_at: Timestamp::from_unix_micros(at),
+                })
+            })
+            .collect()
     }
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use keyhold::auth::Role;
 use keyhold::client::Client;
+use keyhold::config::Limits;
 use keyhold::crypto::ids::{DeviceId, UserId};
 use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair};
 use keyhold::crypto::xwing::DecapsulationKey;
@@ -12,7 +13,6 @@ use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::admin::{create_token, TokenRequest};
-use keyhold::config::Limits;
 use keyhold::store::Store;
 use tokio::sync::oneshot;
 
