@@ -29,6 +29,7 @@ pub mod auth;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod key_screening;
 pub mod keyfiles;
 pub mod ops;
 pub mod proto;

@@ -55,6 +55,16 @@ pub async fn open_store_for_serving(settings: &Settings, migrate: bool) -> Resul
 /// `keyhold serve`.
 pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
     let store = open_store_for_serving(settings, migrate).await?;
+    let screened = crate::key_screening::screen_stored_keys(&store).await?;
+    if screened.ran {
+        tracing::info!(
+            device_keys_checked = screened.device_keys_checked,
+            prekeys_checked = screened.prekeys_checked,
+            device_keys_revoked = screened.device_keys_revoked,
+            prekeys_deleted = screened.prekeys_deleted,
+            "screened the stored encapsulation keys"
+        );
+    }
     let (keys, warnings) = keyfiles::load_or_generate(
         &settings.data_dir,
         settings.kek_file.as_deref(),

@@ -297,6 +297,22 @@ async fn serve_then_staff_opens_escrow_then_sigterm_stops_cleanly() {
     let output = server.wait_with_output().expect("output");
     let (stdout, stderr) = (text(&output.stdout), text(&output.stderr));
     assert!(stdout.contains("Bootstrap admin token"), "{stdout}");
+    // The first start screened the stored keys (there were none yet) and recorded it.
+    {
+        use diesel::{Connection, RunQueryDsl};
+        #[derive(diesel::QueryableByName)]
+        struct Job {
+            #[diesel(sql_type = diesel::sql_types::Text)]
+            name: String,
+        }
+        let path = dir.join("data/keyhold.db");
+        let mut db = diesel::SqliteConnection::establish(&path.to_string_lossy()).expect("open");
+        let jobs: Vec<Job> = diesel::sql_query("SELECT name FROM maintenance_runs")
+            .load(&mut db)
+            .expect("maintenance runs");
+        let names: Vec<&str> = jobs.iter().map(|j| j.name.as_str()).collect();
+        assert_eq!(names, [keyhold::key_screening::SCREENING_JOB]);
+    }
     // Logs carry neither the tokens nor the DEK.
     for secret in [&app, &device_token, &dek_hex] {
         assert!(!stderr.contains(secret.as_str()));

@@ -48,6 +48,7 @@ mod migrations;
 pub mod prekeys;
 pub mod ratchet_states;
 pub mod schema;
+pub mod screening;
 pub mod sessions;
 pub mod tokens;
 pub mod trust;

@@ -179,6 +179,14 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    maintenance_runs (name) {
+        name -> Text,
+        completed_at -> BigInt,
+        details -> Text,
+    }
+}
+
 diesel::joinable!(messages -> sessions (session_id));
 diesel::joinable!(session_keys -> sessions (session_id));
 diesel::joinable!(session_members -> sessions (session_id));
@@ -200,4 +208,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     prekey_claim_windows,
     ratchet_states,
     key_packages,
+    maintenance_runs,
 );
