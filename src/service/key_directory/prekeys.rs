@@ -334,3 +334,86 @@ pub(super) async fn claim(
     }
     Ok(response)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::ids::KeyId;
+    use crate::crypto::Suite;
+    use crate::store::Timestamp;
+
+    fn key(n: u8, user: &str, device: &str) -> UserKey {
+        UserKey {
+            key_id: KeyId::from_bytes([n; 16]),
+            user: UserId::new(user).unwrap(),
+            device: DeviceId::new(device).unwrap(),
+            version: 1,
+            suite: Suite::XWingAes256GcmV1,
+            encapsulation_key: vec![n; 8],
+            identity_key: vec![n; 32],
+            signature: vec![n; 64],
+            created_at: Timestamp::from_unix_micros(0),
+            superseded_at: None,
+            revoked_at: None,
+        }
+    }
+
+    fn ids(user: &str, device: &str) -> (UserId, DeviceId) {
+        (UserId::new(user).unwrap(), DeviceId::new(device).unwrap())
+    }
+
+    fn names(targets: &[ClaimTarget]) -> Vec<(String, String, u8)> {
+        targets
+            .iter()
+            .map(|t| (t.user.to_string(), t.device.to_string(), t.identity_key[0]))
+            .collect()
+    }
+
+    #[test]
+    fn claim_targets_are_named_devices_then_each_users_devices_once_without_the_claimer() {
+        // As current_user_keys returns them: by user, then device.
+        let keys = [
+            key(1, "alice", "laptop"),
+            key(2, "alice", "phone"),
+            key(3, "bob", "phone"),
+            key(4, "carol", "phone"),
+        ];
+        let (own_user, own_device) = ids("alice", "laptop");
+        let named = vec![
+            ids("bob", "phone"),
+            ids("alice", "phone"),
+            ids("bob", "phone"),
+        ];
+        let users = [UserId::new("alice").unwrap(), UserId::new("carol").unwrap()];
+        let targets = claim_targets(&keys, named, &users, (&own_user, &own_device)).unwrap();
+        assert_eq!(
+            names(&targets),
+            vec![
+                ("bob".into(), "phone".into(), 3),
+                ("alice".into(), "phone".into(), 2),
+                ("carol".into(), "phone".into(), 4),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_named_device_without_a_current_key_is_not_found_at_its_place() {
+        let keys = [key(1, "alice", "phone")];
+        let (own_user, own_device) = ids("bob", "phone");
+        let named = vec![ids("alice", "phone"), ids("alice", "tablet")];
+        let err = claim_targets(&keys, named, &[], (&own_user, &own_device)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyDirectoryError::ClaimTargetWithoutKey { index: 1, .. }
+            ),
+            "{err:?}"
+        );
+        let status = Status::from(err);
+        assert_eq!(status.code(), tonic::Code::NotFound);
+        assert_eq!(
+            status.message(),
+            "devices[1]: device alice/tablet has no current key"
+        );
+    }
+}
