@@ -391,8 +391,8 @@ async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
                     async move {
                         let claimed = store
                             .claim_prekeys(
-                                names[caller].clone(),
-                                vec![targets[(caller + n) % CALLERS].clone()],
+                                &names[caller],
+                                std::slice::from_ref(&targets[(caller + n) % CALLERS]),
                                 limit,
                             )
                             .await?;

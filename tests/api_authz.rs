@@ -332,8 +332,7 @@ impl<'s> Cast<'s> {
             .iter()
             .map(|u| UserId::new(*u).expect("user id"))
             .collect();
-        self.server
-            .store
+        (self.server.store.conn().await.expect("conn"))
             .current_user_keys(&users)
             .await
             .expect("current keys")

@@ -354,8 +354,7 @@ async fn current_keys(server: &TestServer, users: &[&str]) -> Vec<UserKey> {
         .iter()
         .map(|u| UserId::new(*u).expect("user id"))
         .collect();
-    server
-        .store
+    (server.store.conn().await.expect("conn"))
         .current_user_keys(&users)
         .await
         .expect("current keys")
@@ -745,18 +744,18 @@ async fn key_directory_refuses_bad_input(server: &TestServer) {
 
     // Nothing of dave's was recorded, and carol's key is still current.
     let dave = UserId::new("dave").expect("user");
-    assert!(server
-        .store
+    let mut conn = server.store.conn().await.expect("conn");
+    assert!(conn
         .current_user_keys(std::slice::from_ref(&dave))
         .await
         .expect("keys")
         .is_empty());
-    assert!(server
-        .store
+    assert!(conn
         .user_key(&xwing.encapsulation_key().key_id())
         .await
         .expect("key")
         .is_none());
+    drop(conn);
     let carol_keys = current_keys(server, &["carol"]).await;
     assert_eq!(carol_keys.len(), 1);
     assert_eq!(carol_keys[0].key_id.as_bytes().to_vec(), carol_key);

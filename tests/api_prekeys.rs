@@ -1,13 +1,14 @@
 //! Prekeys over gRPC, on SQLite and PostgreSQL: upload checks, claims handed out exactly once
 //! under heavy concurrency (and across three replicas on one PostgreSQL), the last-resort
-//! fallback, the per-claimer rate limit across replicas, the low-stock stream, and who may make
-//! each call.
+//! fallback, the per-claimer rate limit across replicas, the low-stock stream, who may make
+//! each call, and (issue 16) the refusal of prekeys whose X25519 part is a low-order point.
 
 mod common;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::low_order::{self, with_x25519_part, LOW_ORDER_X25519};
 use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
 use keyhold::config::Limits;
@@ -578,6 +579,79 @@ async fn uploads_are_checked_and_refusals_write_nothing(server: &TestServer) {
     assert_eq!(err.code(), Code::FailedPrecondition);
 }
 
+/// Issue 16: a prekey whose X25519 part is a low-order point is INVALID_ARGUMENT naming its
+/// field, wherever it stands in the upload, and sinks the whole upload. The prekeys are signed
+/// properly (`tests/common/low_order.rs`), and the same path with a valid key is stored, so
+/// the refusal is the key check.
+async fn low_order_prekeys_are_refused_and_nothing_is_stored(server: &TestServer) {
+    let d = TestDevice::enroll(server, "alice", "phone").await;
+    let mut directory = d.client(server).await.key_directory();
+    for (name, u) in LOW_ORDER_X25519 {
+        let fresh = DecapsulationKey::generate().expect("keygen");
+        let key = with_x25519_part(fresh.encapsulation_key(), u);
+        let one_time = low_order::signed_prekey(&d, PrekeyKind::OneTime, &key);
+        let last_resort = low_order::signed_prekey(&d, PrekeyKind::LastResort, &key);
+        let (good, _) = signed_prekeys(&d, 2);
+        let (good_lr, _) = signed_prekey(&d, PrekeyKind::LastResort);
+        let uploads = [
+            (
+                upload_request(&d, vec![one_time.clone()], None),
+                "one_time_prekeys[0].encapsulation_key",
+            ),
+            (
+                upload_request(&d, [good.clone(), vec![one_time]].concat(), Some(good_lr)),
+                "one_time_prekeys[2].encapsulation_key",
+            ),
+            (
+                upload_request(&d, good, Some(last_resort)),
+                "last_resort_prekey.encapsulation_key",
+            ),
+        ];
+        for (request, field) in uploads {
+            let err = directory
+                .upload_prekeys(request)
+                .await
+                .expect_err("low-order prekey");
+            assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
+            assert!(
+                err.message().starts_with(&format!("{field}:")),
+                "{name}: {field}: {}",
+                err.message()
+            );
+            assert!(
+                err.message().contains("low-order"),
+                "{name}: {}",
+                err.message()
+            );
+        }
+    }
+    let stock = stock_of(server, &d).await;
+    assert_eq!(
+        (stock.one_time_remaining, stock.has_last_resort),
+        (0, false),
+        "nothing stored"
+    );
+
+    // The same signing path with valid keys is stored.
+    let valid = |kind| {
+        let key = DecapsulationKey::generate().expect("keygen");
+        low_order::signed_prekey(&d, kind, &key.encapsulation_key().to_bytes())
+    };
+    let stock = directory
+        .upload_prekeys(upload_request(
+            &d,
+            vec![valid(PrekeyKind::OneTime)],
+            Some(valid(PrekeyKind::LastResort)),
+        ))
+        .await
+        .expect("valid prekeys are stored")
+        .into_inner()
+        .stock
+        .expect("stock");
+    assert_eq!((stock.one_time_remaining, stock.has_last_resort), (1, true));
+    assert_eq!(stock_of(server, &d).await, stock);
+}
+
 fn three_per_hour() -> Limits {
     Limits {
         prekey_claim_limit: 3,
@@ -822,6 +896,7 @@ on_both_servers! {
     prekeys_are_checked_on_upload_and_refusals_write_nothing => uploads_are_checked_and_refusals_write_nothing;
     claims_fall_back_to_last_resort_and_follow_the_identity_key => claims_fall_back_to_last_resort_and_follow_identity;
     authorization_matrix_covers_every_prekey_call => every_prekey_call_checks_who_calls;
+    low_order_x25519_prekeys_are_invalid_argument_and_store_nothing => low_order_prekeys_are_refused_and_nothing_is_stored;
 }
 
 /// Runs a test body on both backends with other limits than the defaults.

@@ -11,7 +11,7 @@ use keyhold::crypto::ids::{DeviceId, KeyId, UserId};
 use keyhold::crypto::Suite;
 use keyhold::store::audit::NewAuditEvent;
 use keyhold::store::tokens::{NewApiToken, Role, TokenHash, TokenId};
-use keyhold::store::user_keys::NewUserKey;
+use keyhold::store::user_keys::{NewUserKey, UserKey};
 use keyhold::store::{Store, StoreError, StoreOptions};
 
 /// Generates `sqlite::$case` and `postgres::$case` tests that run `$case(&TestDb)`.
@@ -233,22 +233,35 @@ async fn tokens_are_found_by_hash_and_id_until_revoked(db: &TestDb) {
     assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
 }
 
+/// Publishes `key` in a transaction of its own.
+async fn publish(store: &Store, key: NewUserKey) -> Result<UserKey, StoreError> {
+    store
+        .transaction(async |tx| tx.publish_user_key(&key).await)
+        .await
+}
+
+/// The current keys of `users`.
+async fn current_keys(store: &Store, users: &[UserId]) -> Vec<UserKey> {
+    let mut conn = store.conn().await.unwrap();
+    conn.current_user_keys(users).await.unwrap()
+}
+
+/// The key with this id, current or not.
+async fn key_of(store: &Store, key_id: &KeyId) -> Option<UserKey> {
+    let mut conn = store.conn().await.unwrap();
+    conn.user_key(key_id).await.unwrap()
+}
+
 async fn publishing_a_key_supersedes_the_previous_version(db: &TestDb) {
     let store = migrated(db).await;
-    let k1 = store
-        .publish_user_key(new_key(1, "alice", "phone"))
-        .await
-        .unwrap();
+    let k1 = publish(&store, new_key(1, "alice", "phone")).await.unwrap();
     assert_eq!(k1.version, 1);
     assert!(k1.is_current());
     assert_eq!(k1.encapsulation_key, vec![1; 1216]);
 
-    let k2 = store
-        .publish_user_key(new_key(2, "alice", "phone"))
-        .await
-        .unwrap();
+    let k2 = publish(&store, new_key(2, "alice", "phone")).await.unwrap();
     assert_eq!(k2.version, 2);
-    let old = store.user_key(&k1.key_id).await.unwrap().unwrap();
+    let old = key_of(&store, &k1.key_id).await.unwrap();
     assert!(old.superseded_at.is_some() && old.revoked_at.is_none());
     assert!(!old.is_current());
 
@@ -256,45 +269,36 @@ async fn publishing_a_key_supersedes_the_previous_version(db: &TestDb) {
     for (u, d) in [("alice", "phone"), ("bob", "tablet")] {
         let mut again = new_key(1, u, d);
         again.key_id = k1.key_id;
-        let dup = store.publish_user_key(again).await;
+        let dup = publish(&store, again).await;
         assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
     }
-    let current = store.current_user_keys(&[user("alice")]).await.unwrap();
+    let current = current_keys(&store, &[user("alice")]).await;
     assert_eq!(current, vec![k2.clone()]);
 
     // Publishing the current bundle again is a retry: the same answer, nothing changed.
-    let retry = store
-        .publish_user_key(new_key(2, "alice", "phone"))
-        .await
-        .unwrap();
+    let retry = publish(&store, new_key(2, "alice", "phone")).await.unwrap();
     assert_eq!(retry, k2);
-    let current = store.current_user_keys(&[user("alice")]).await.unwrap();
+    let current = current_keys(&store, &[user("alice")]).await;
     assert_eq!(current, vec![k2.clone()]);
 
     // Many users at once: current keys only, ordered by user then device.
-    let laptop = store
-        .publish_user_key(new_key(3, "alice", "laptop"))
+    let laptop = publish(&store, new_key(3, "alice", "laptop"))
         .await
         .unwrap();
-    let bob = store
-        .publish_user_key(new_key(4, "bob", "phone"))
-        .await
-        .unwrap();
+    let bob = publish(&store, new_key(4, "bob", "phone")).await.unwrap();
     assert_eq!(laptop.version, 1);
-    let current = store
-        .current_user_keys(&[user("bob"), user("alice"), user("carol")])
-        .await
-        .unwrap();
+    let current = current_keys(&store, &[user("bob"), user("alice"), user("carol")]).await;
     assert_eq!(current, vec![laptop.clone(), k2.clone(), bob.clone()]);
 
     // Revoking: the row stays, the key is no longer current, the device has none.
-    store
-        .revoke_user_key(user("alice"), device("phone"), k2.key_id)
+    let mut conn = store.conn().await.unwrap();
+    conn.revoke_user_key(&user("alice"), &device("phone"), &k2.key_id)
         .await
         .unwrap();
-    let revoked = store.user_key(&k2.key_id).await.unwrap().unwrap();
+    drop(conn);
+    let revoked = key_of(&store, &k2.key_id).await.unwrap();
     assert!(revoked.revoked_at.is_some());
-    let current = store.current_user_keys(&[user("alice")]).await.unwrap();
+    let current = current_keys(&store, &[user("alice")]).await;
     assert_eq!(current, vec![laptop.clone()]);
 
     // Revoking needs the right device and a known key.
@@ -303,31 +307,25 @@ async fn publishing_a_key_supersedes_the_previous_version(db: &TestDb) {
         ("bob", "phone", k2.key_id),
         ("alice", "phone", KeyId::from_bytes([9; 16])),
     ] {
-        let r = store.revoke_user_key(user(u), device(d), id).await;
+        let mut conn = store.conn().await.unwrap();
+        let r = conn.revoke_user_key(&user(u), &device(d), &id).await;
         assert!(matches!(r, Err(StoreError::NotFound)), "{u}/{d}: {r:?}");
     }
 
     // A new key after a revocation takes the next version and is current.
-    let k5 = store
-        .publish_user_key(new_key(5, "alice", "phone"))
-        .await
-        .unwrap();
+    let k5 = publish(&store, new_key(5, "alice", "phone")).await.unwrap();
     assert_eq!(k5.version, 3);
-    let current = store.current_user_keys(&[user("alice")]).await.unwrap();
+    let current = current_keys(&store, &[user("alice")]).await;
     assert_eq!(current, vec![laptop, k5]);
-    assert!(store
-        .user_key(&KeyId::from_bytes([42; 16]))
-        .await
-        .unwrap()
-        .is_none());
-    assert!(store.current_user_keys(&[]).await.unwrap().is_empty());
+    assert!(key_of(&store, &KeyId::from_bytes([42; 16])).await.is_none());
+    assert!(current_keys(&store, &[]).await.is_empty());
 }
 
 async fn concurrent_publishes_leave_one_current_key(db: &TestDb) {
     let store = migrated(db).await;
     let publishes = (1..=6u8).map(|n| {
         let store = store.clone();
-        tokio::spawn(async move { store.publish_user_key(new_key(n, "alice", "phone")).await })
+        tokio::spawn(async move { publish(&store, new_key(n, "alice", "phone")).await })
     });
     let mut published = Vec::new();
     for p in publishes {
@@ -341,7 +339,7 @@ async fn concurrent_publishes_leave_one_current_key(db: &TestDb) {
     assert!(!published.is_empty());
     let versions: HashSet<u32> = published.iter().map(|k| k.version).collect();
     assert_eq!(versions.len(), published.len(), "versions are unique");
-    let current = store.current_user_keys(&[user("alice")]).await.unwrap();
+    let current = current_keys(&store, &[user("alice")]).await;
     assert_eq!(current.len(), 1);
     let newest = published.iter().map(|k| k.version).max().unwrap();
     assert_eq!(current[0].version, newest);
@@ -457,10 +455,7 @@ async fn audit_event_in_a_rolled_back_transaction_is_not_kept(db: &TestDb) {
         .await
         .unwrap();
     assert_eq!(appended.seq, 2);
-    assert_eq!(
-        store.user_key(&published.key_id).await.unwrap(),
-        Some(published)
-    );
+    assert_eq!(key_of(&store, &published.key_id).await, Some(published));
     assert_eq!(store.verify_audit_chain().await.unwrap().intact, 2);
 }
 

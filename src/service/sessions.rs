@@ -552,22 +552,18 @@ impl Sessions for SessionsService {
             SessionMode::ClientWrapped => Some(parse_key_set(req.key_set.as_ref())?),
         };
 
-        let keys = self
-            .state
-            .store
+        let keys = (self.state.store.conn().await?)
             .current_user_keys(&users)
-            .await
-            .map_err(store_status)?;
+            .await?;
         let candidates = targets_from_keys(keys)?;
         too_many_keys(candidates.len())?;
         let state = self.state.clone();
         let author_keys = match session.mode {
-            SessionMode::ClientWrapped => self
-                .state
-                .store
-                .current_user_keys(std::slice::from_ref(&session.author_user))
-                .await
-                .map_err(store_status)?,
+            SessionMode::ClientWrapped => {
+                (self.state.store.conn().await?)
+                    .current_user_keys(std::slice::from_ref(&session.author_user))
+                    .await?
+            }
             SessionMode::ServiceWrapped => Vec::new(),
         };
         let result = self
@@ -849,12 +845,9 @@ impl SessionsService {
         suite: Suite,
         return_plaintext_dek: bool,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let keys = self
-            .state
-            .store
+        let keys = (self.state.store.conn().await?)
             .current_user_keys(&users)
-            .await
-            .map_err(store_status)?;
+            .await?;
         let targets = targets_from_keys(keys)?;
         too_many_keys(targets.len())?;
         let session_id = SessionId::generate();
@@ -890,12 +883,9 @@ impl SessionsService {
         suite: Suite,
         key_set: ParsedKeySet,
     ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let keys = self
-            .state
-            .store
+        let keys = (self.state.store.conn().await?)
             .current_user_keys(&users)
-            .await
-            .map_err(store_status)?;
+            .await?;
         let identity = author_identity(&keys, &author, &author_device)?;
         let targets = targets_from_keys(keys)?;
         too_many_keys(targets.len())?;

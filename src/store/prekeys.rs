@@ -3,11 +3,16 @@
 //!
 //! **Exactly once.** A claim *deletes* the one-time prekey it hands out, in the same statement
 //! that picks it (`DELETE … WHERE id = (SELECT … LIMIT 1) RETURNING …`), so no prekey can be
-//! handed out twice. On PostgreSQL the inner select adds `FOR UPDATE SKIP LOCKED`: concurrent
-//! claims, from any number of replicas, each lock a different row instead of queueing on the
-//! oldest one, and a row another claim has just deleted is passed over. On SQLite every write
-//! transaction holds the database's write lock, so claims simply take turns. When no one-time
-//! prekey is left, the device's last-resort prekey is returned (and kept).
+//! handed out twice. When no one-time prekey is left, the device's last-resort prekey is
+//! returned (and kept).
+//!
+//! **Backends.** The claim's statement is the one place the backends lock differently
+//! (`Tx::take_oldest_one_time`, marked there): on PostgreSQL the inner select adds
+//! `FOR UPDATE SKIP LOCKED`, so concurrent claims from any number of replicas each lock a
+//! different row instead of queueing on the oldest one, and a row another claim has just
+//! deleted is passed over; on SQLite every write transaction holds the database's write lock,
+//! so claims simply take turns. (An upload also inserts row by row on SQLite, where Diesel has
+//! no multi-row INSERT for this table; that changes no result.)
 //!
 //! **Current identity only.** Each prekey keeps the identity key its signature was checked
 //! against at upload. Claims and counts consider only prekeys signed by the device's *current*
@@ -21,6 +26,10 @@
 //! the limit the whole transaction rolls back with [`StoreError::LimitExceeded`]. The counter
 //! lives in the database, so the limit holds across replicas; the first claim of a new window
 //! deletes the device's windows older than the previous one.
+//!
+//! **Shape.** Counting is a [`Conn`] query. Uploads and claims are [`Store`] calls: each runs
+//! its transaction and then wakes this process's watches of the devices it changed, which only
+//! the store can do after the commit ([`super::events`]).
 
 use std::time::Duration;
 
@@ -30,7 +39,7 @@ use diesel_async::RunQueryDsl;
 use super::events::{notify_in_tx, DeviceEvent, EventKind};
 use super::locks::{lock, DeviceScope, TxLock};
 use super::schema::{prekey_claim_windows, prekeys};
-use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp, Tx};
+use super::{db_run, unsigned, Conn, Store, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
 use crate::crypto::sign::PrekeyKind;
 use crate::crypto::Suite;
@@ -179,338 +188,79 @@ impl TryFrom<PrekeyRow> for ClaimedPrekey {
     }
 }
 
-async fn stock(
-    conn: &mut DbConn,
-    user: &UserId,
-    device: &DeviceId,
-    identity_key: &[u8],
-) -> Result<PrekeyStock, StoreError> {
-    let (u, d) = (user.as_str(), device.as_str());
-    let one_time: i64 = db_run!(conn: {
-        prekeys::table
-            .filter(prekeys::user_id.eq(u))
-            .filter(prekeys::device_id.eq(d))
-            .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::OneTime)))
-            .filter(prekeys::identity_key.eq(identity_key))
-            .count()
-            .get_result(conn)
-            .await?
-    });
-    let last_resort: i64 = db_run!(conn: {
-        prekeys::table
-            .filter(prekeys::user_id.eq(u))
-            .filter(prekeys::device_id.eq(d))
-            .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::LastResort)))
-            .filter(prekeys::identity_key.eq(identity_key))
-            .count()
-            .get_result(conn)
-            .await?
-    });
-    Ok(PrekeyStock {
-        one_time: unsigned("prekey count", one_time)?,
-        has_last_resort: last_resort > 0,
-    })
-}
-
-async fn upload(conn: &mut DbConn, up: &PrekeyUpload) -> Result<PrekeyStock, StoreError> {
-    let (u, d) = (up.user.as_str(), up.device.as_str());
-    let ik = up.identity_key.as_slice();
-    lock(
-        conn,
-        TxLock::Device(DeviceScope::Prekeys, &up.user, &up.device),
-    )
-    .await?;
-    // Prekeys signed by an identity key the device no longer has can never be handed out.
-    db_run!(conn: {
-        diesel::delete(
-            prekeys::table
-                .filter(prekeys::user_id.eq(u))
-                .filter(prekeys::device_id.eq(d))
-                .filter(prekeys::identity_key.ne(ik)),
-        )
-        .execute(conn)
-        .await?;
-    });
-    let before = stock(conn, &up.user, &up.device, ik).await?;
-    let after = usize::try_from(before.one_time)
-        .unwrap_or(usize::MAX)
-        .saturating_add(up.one_time.len());
-    if after > up.max_unused {
-        return Err(StoreError::LimitExceeded(format!(
-            "device {}/{} holds {} unused one-time prekeys; {} more would pass the bound of {}",
-            up.user,
-            up.device,
-            before.one_time,
-            up.one_time.len(),
-            up.max_unused
-        )));
-    }
-    let now = Timestamp::now().unix_micros();
-    fn row<'a>(
-        p: &'a NewPrekey,
-        kind: PrekeyKind,
-        (u, d, ik, now): (&'a str, &'a str, &'a [u8], i64),
-    ) -> PrekeyInsert<'a> {
-        PrekeyInsert {
-            key_id: p.key_id.as_bytes().as_slice(),
-            user_id: u,
-            device_id: d,
-            kind: kind_to_db(kind),
-            suite: i16::from(p.suite as u8),
-            encapsulation_key: &p.encapsulation_key,
-            identity_key: ik,
-            signature: &p.signature,
-            created_at: now,
-        }
-    }
-    if let Some(lr) = &up.last_resort {
-        db_run!(conn: {
-            diesel::delete(
-                prekeys::table
-                    .filter(prekeys::user_id.eq(u))
-                    .filter(prekeys::device_id.eq(d))
-                    .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::LastResort))),
-            )
-            .execute(conn)
-            .await?;
-        });
-        let insert = row(lr, PrekeyKind::LastResort, (u, d, ik, now));
-        db_run!(conn: {
-            diesel::insert_into(prekeys::table).values(&insert).execute(conn).await?;
-        });
-    }
-    for chunk in up.one_time.chunks(ROWS_PER_INSERT) {
-        let rows: Vec<PrekeyInsert<'_>> = chunk
-            .iter()
-            .map(|p| row(p, PrekeyKind::OneTime, (u, d, ik, now)))
-            .collect();
-        // Diesel's SQLite backend has no multi-row INSERT with a defaulted id column; SQLite's
-        // inserts are local calls inside the same transaction anyway.
-        db_run!(conn: sqlite {
-            for r in &rows {
-                diesel::insert_into(prekeys::table).values(r).execute(conn).await?;
-            }
-        } postgres {
-            diesel::insert_into(prekeys::table).values(&rows).execute(conn).await?;
-        });
-    }
-    notify_in_tx(
-        conn,
-        &DeviceEvent::new(EventKind::Prekeys, &up.user, &up.device),
-    )
-    .await?;
-    Ok(PrekeyStock {
-        one_time: before.one_time + up.one_time.len() as u64,
-        has_last_resort: before.has_last_resort || up.last_resort.is_some(),
-    })
-}
-
-/// Counts one claim by `claimer` on `target` in the current window; past the limit, fails.
-async fn count_claim(
-    conn: &mut DbConn,
-    claimer: &str,
-    target: &ClaimTarget,
-    limit: ClaimRateLimit,
-) -> Result<(), StoreError> {
-    let (u, d) = (target.user.as_str(), target.device.as_str());
-    let window_us = i64::try_from(limit.window.as_secs().max(1))
-        .unwrap_or(i64::MAX / 1_000_000)
-        .saturating_mul(1_000_000);
-    let now = Timestamp::now().unix_micros();
-    let window_start = now - now.rem_euclid(window_us);
-    let claims: i32 = db_run!(conn: {
-        diesel::insert_into(prekey_claim_windows::table)
-            .values((
-                prekey_claim_windows::user_id.eq(u),
-                prekey_claim_windows::device_id.eq(d),
-                prekey_claim_windows::claimer.eq(claimer),
-                prekey_claim_windows::window_start.eq(window_start),
-                prekey_claim_windows::claims.eq(1),
-            ))
-            .on_conflict((
-                prekey_claim_windows::user_id,
-                prekey_claim_windows::device_id,
-                prekey_claim_windows::claimer,
-                prekey_claim_windows::window_start,
-            ))
-            .do_update()
-            .set(prekey_claim_windows::claims.eq(prekey_claim_windows::claims + 1))
-            .returning(prekey_claim_windows::claims)
-            .get_result(conn)
-            .await?
-    });
-    if i64::from(claims) > i64::from(limit.claims) {
-        return Err(StoreError::LimitExceeded(format!(
-            "device {}/{}: at most {} prekey claims per {} s by one claimer",
-            target.user,
-            target.device,
-            limit.claims,
-            limit.window.as_secs().max(1)
-        )));
-    }
-    if claims > 1 {
-        return Ok(());
-    }
-    // The first claim of a window clears the windows before the previous one, which count for
-    // nothing any more. (Keeping the previous one leaves room for replicas whose clocks
-    // disagree by less than a window.) Later claims of the window skip this round trip.
-    let stale = window_start.saturating_sub(window_us);
-    db_run!(conn: {
-        diesel::delete(
-            prekey_claim_windows::table
-                .filter(prekey_claim_windows::user_id.eq(u))
-                .filter(prekey_claim_windows::device_id.eq(d))
-                .filter(prekey_claim_windows::window_start.lt(stale)),
-        )
-        .execute(conn)
-        .await?;
-    });
-    Ok(())
-}
-
-/// Hands out one prekey of `target`: the oldest one-time prekey, deleted in the same
-/// statement, or else the last-resort prekey. `None` when the device has neither.
-async fn claim_one(
-    conn: &mut DbConn,
-    target: &ClaimTarget,
-) -> Result<Option<ClaimedPrekey>, StoreError> {
-    let (u, d) = (target.user.as_str(), target.device.as_str());
-    let ik = target.identity_key.as_slice();
-    let one_time = kind_to_db(PrekeyKind::OneTime);
-    // The subquery reads the same table, so it reads it under another name.
-    let candidate = diesel::alias!(prekeys as candidate);
-    let oldest = candidate
-        .filter(candidate.field(prekeys::user_id).eq(u))
-        .filter(candidate.field(prekeys::device_id).eq(d))
-        .filter(candidate.field(prekeys::kind).eq(one_time))
-        .filter(candidate.field(prekeys::identity_key).eq(ik))
-        .order(candidate.field(prekeys::id))
-        .select(candidate.field(prekeys::id));
-    // The one place the backends differ: PostgreSQL skips rows other claims hold, so that
-    // concurrent claims (from any replica) each take a different prekey; SQLite's single
-    // writer makes claims take turns.
-    let claimed: Option<PrekeyRow> = db_run!(conn: sqlite {
-        diesel::delete(prekeys::table.filter(prekeys::id.nullable().eq(oldest.single_value())))
-            .returning(PrekeyRow::as_returning())
-            .get_result(conn)
-            .await
-            .optional()?
-    } postgres {
-        diesel::delete(
-            prekeys::table.filter(
-                prekeys::id
-                    .nullable()
-                    .eq(oldest.for_update().skip_locked().single_value()),
-            ),
-        )
-        .returning(PrekeyRow::as_returning())
-        .get_result(conn)
-        .await
-        .optional()?
-    });
-    if let Some(row) = claimed {
-        return Ok(Some(row.try_into()?));
-    }
-    let last_resort: Option<PrekeyRow> = db_run!(conn: {
-        prekeys::table
-            .filter(prekeys::user_id.eq(u))
-            .filter(prekeys::device_id.eq(d))
-            .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::LastResort)))
-            .filter(prekeys::identity_key.eq(ik))
-            .select(PrekeyRow::as_select())
-            .first(conn)
-            .await
-            .optional()?
-    });
-    last_resort.map(ClaimedPrekey::try_from).transpose()
-}
-
-/// Claims one prekey of each target; see [`Store::claim_prekeys`].
-async fn claim(
-    conn: &mut DbConn,
-    claimer: &str,
-    targets: &[ClaimTarget],
-    limit: ClaimRateLimit,
-) -> Result<Vec<Option<ClaimedPrekey>>, StoreError> {
-    // Counter rows are locked in one order, so two multi-device claims cannot deadlock.
-    let mut order: Vec<usize> = (0..targets.len()).collect();
-    order.sort_by(|&a, &b| {
-        (targets[a].user.as_str(), targets[a].device.as_str())
-            .cmp(&(targets[b].user.as_str(), targets[b].device.as_str()))
-    });
-    let mut out = vec![None; targets.len()];
-    for i in order {
-        let target = &targets[i];
-        count_claim(conn, claimer, target, limit).await?;
-        out[i] = claim_one(conn, target).await?;
-        if matches!(&out[i], Some(p) if p.kind == PrekeyKind::OneTime) {
-            notify_in_tx(
-                conn,
-                &DeviceEvent::new(EventKind::Prekeys, &target.user, &target.device),
-            )
-            .await?;
-        }
-    }
-    Ok(out)
-}
-
-impl Tx {
-    /// Stores an upload; see [`Store::upload_prekeys`].
-    pub async fn upload_prekeys(
-        &mut self,
-        prekeys: &PrekeyUpload,
-    ) -> Result<PrekeyStock, StoreError> {
-        upload(&mut self.conn.db, prekeys).await
-    }
-}
-
-impl Store {
-    /// Stores a device's prekeys in one transaction: prekeys signed by another identity key
-    /// than `upload.identity_key` are removed, a new last-resort prekey replaces the old one,
-    /// and the one-time prekeys are added. Returns the stock after the upload.
-    ///
-    /// [`StoreError::LimitExceeded`] if the device would hold more than `max_unused` unused
-    /// one-time prekeys; [`StoreError::AlreadyExists`] if a prekey id is already stored. Either
-    /// way nothing is written.
-    pub async fn upload_prekeys(&self, upload: PrekeyUpload) -> Result<PrekeyStock, StoreError> {
-        let event = DeviceEvent::new(EventKind::Prekeys, &upload.user, &upload.device);
-        let stock = self
-            .transaction(async move |tx| tx.upload_prekeys(&upload).await)
-            .await?;
-        self.announce_committed(&[event]).await;
-        Ok(stock)
-    }
-
-    /// A device's prekey stock under its current identity key.
+impl Conn {
+    /// A device's prekey stock: its unused one-time prekeys and whether it has a last-resort
+    /// prekey, counting only those signed by `identity_key` (its current one).
     pub async fn prekey_stock(
-        &self,
+        &mut self,
         user: &UserId,
         device: &DeviceId,
         identity_key: &[u8],
     ) -> Result<PrekeyStock, StoreError> {
-        stock(&mut self.db_conn().await?, user, device, identity_key).await
+        let conn = &mut self.db;
+        let (u, d) = (user.as_str(), device.as_str());
+        let one_time: i64 = db_run!(conn: {
+            prekeys::table
+                .filter(prekeys::user_id.eq(u))
+                .filter(prekeys::device_id.eq(d))
+                .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::OneTime)))
+                .filter(prekeys::identity_key.eq(identity_key))
+                .count()
+                .get_result(conn)
+                .await?
+        });
+        let last_resort: i64 = db_run!(conn: {
+            prekeys::table
+                .filter(prekeys::user_id.eq(u))
+                .filter(prekeys::device_id.eq(d))
+                .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::LastResort)))
+                .filter(prekeys::identity_key.eq(identity_key))
+                .count()
+                .get_result(conn)
+                .await?
+        });
+        Ok(PrekeyStock {
+            one_time: unsigned("prekey count", one_time)?,
+            has_last_resort: last_resort > 0,
+        })
+    }
+}
+
+impl Store {
+    /// Stores a device's prekeys in one transaction, then wakes this process's watches of the
+    /// device's stock: prekeys signed by another identity key than `upload.identity_key` are
+    /// removed, a new last-resort prekey replaces the old one, and the one-time prekeys are
+    /// added. Returns the stock after the upload.
+    ///
+    /// [`StoreError::LimitExceeded`] if the device would hold more than `max_unused` unused
+    /// one-time prekeys; [`StoreError::AlreadyExists`] if a prekey id is already stored. Either
+    /// way nothing is written.
+    pub async fn upload_prekeys(&self, upload: &PrekeyUpload) -> Result<PrekeyStock, StoreError> {
+        let stock = self
+            .transaction(async |tx| tx.store_upload(upload).await)
+            .await?;
+        let event = DeviceEvent::new(EventKind::Prekeys, &upload.user, &upload.device);
+        self.announce_committed(&[event]).await;
+        Ok(stock)
     }
 
     /// Claims one prekey of each target for `claimer`, in one transaction: per target, the
     /// oldest one-time prekey (handed out exactly once, across replicas), or the last-resort
     /// prekey when none is left, or `None` when the device has neither. The result is in the
-    /// order of `targets`.
+    /// order of `targets`. After the commit, this process's watches of the devices whose
+    /// one-time stock went down are woken.
     ///
     /// Each target counts one claim against `limit` for this claimer;
     /// [`StoreError::LimitExceeded`] if any target is past it, and then nothing is claimed.
     pub async fn claim_prekeys(
         &self,
-        claimer: String,
-        targets: Vec<ClaimTarget>,
+        claimer: &str,
+        targets: &[ClaimTarget],
         limit: ClaimRateLimit,
     ) -> Result<Vec<Option<ClaimedPrekey>>, StoreError> {
         let claimed = self
-            .transaction(async move |tx| -> Result<_, StoreError> {
-                let claimed = claim(&mut tx.conn.db, &claimer, &targets, limit).await?;
-                Ok((targets, claimed))
-            })
+            .transaction(async |tx| tx.claim_each(claimer, targets, limit).await)
             .await?;
-        let (targets, claimed) = claimed;
         let events: Vec<DeviceEvent> = targets
             .iter()
             .zip(&claimed)
@@ -519,5 +269,279 @@ impl Store {
             .collect();
         self.announce_committed(&events).await;
         Ok(claimed)
+    }
+}
+
+/// The steps of [`Store::upload_prekeys`] and [`Store::claim_prekeys`], inside their
+/// transactions.
+impl Tx {
+    /// Writes an upload; see [`Store::upload_prekeys`].
+    async fn store_upload(&mut self, up: &PrekeyUpload) -> Result<PrekeyStock, StoreError> {
+        let (u, d) = (up.user.as_str(), up.device.as_str());
+        let ik = up.identity_key.as_slice();
+        let conn = &mut self.db;
+        lock(
+            conn,
+            TxLock::Device(DeviceScope::Prekeys, &up.user, &up.device),
+        )
+        .await?;
+        // Prekeys signed by an identity key the device no longer has can never be handed out.
+        db_run!(conn: {
+            diesel::delete(
+                prekeys::table
+                    .filter(prekeys::user_id.eq(u))
+                    .filter(prekeys::device_id.eq(d))
+                    .filter(prekeys::identity_key.ne(ik)),
+            )
+            .execute(conn)
+            .await?;
+        });
+        let before = self.prekey_stock(&up.user, &up.device, ik).await?;
+        let after = usize::try_from(before.one_time)
+            .unwrap_or(usize::MAX)
+            .saturating_add(up.one_time.len());
+        if after > up.max_unused {
+            return Err(StoreError::LimitExceeded(format!(
+                "device {}/{} holds {} unused one-time prekeys; {} more would pass the bound of {}",
+                up.user,
+                up.device,
+                before.one_time,
+                up.one_time.len(),
+                up.max_unused
+            )));
+        }
+        let now = Timestamp::now().unix_micros();
+        fn row<'a>(
+            p: &'a NewPrekey,
+            kind: PrekeyKind,
+            (u, d, ik, now): (&'a str, &'a str, &'a [u8], i64),
+        ) -> PrekeyInsert<'a> {
+            PrekeyInsert {
+                key_id: p.key_id.as_bytes().as_slice(),
+                user_id: u,
+                device_id: d,
+                kind: kind_to_db(kind),
+                suite: i16::from(p.suite as u8),
+                encapsulation_key: &p.encapsulation_key,
+                identity_key: ik,
+                signature: &p.signature,
+                created_at: now,
+            }
+        }
+        let conn = &mut self.db;
+        if let Some(lr) = &up.last_resort {
+            db_run!(conn: {
+                diesel::delete(
+                    prekeys::table
+                        .filter(prekeys::user_id.eq(u))
+                        .filter(prekeys::device_id.eq(d))
+                        .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::LastResort))),
+                )
+                .execute(conn)
+                .await?;
+            });
+            let insert = row(lr, PrekeyKind::LastResort, (u, d, ik, now));
+            db_run!(conn: {
+                diesel::insert_into(prekeys::table).values(&insert).execute(conn).await?;
+            });
+        }
+        for chunk in up.one_time.chunks(ROWS_PER_INSERT) {
+            let rows: Vec<PrekeyInsert<'_>> = chunk
+                .iter()
+                .map(|p| row(p, PrekeyKind::OneTime, (u, d, ik, now)))
+                .collect();
+            // Diesel's SQLite backend has no multi-row INSERT with a defaulted id column;
+            // SQLite's inserts are local calls inside the same transaction anyway.
+            db_run!(conn: sqlite {
+                for r in &rows {
+                    diesel::insert_into(prekeys::table).values(r).execute(conn).await?;
+                }
+            } postgres {
+                diesel::insert_into(prekeys::table).values(&rows).execute(conn).await?;
+            });
+        }
+        notify_in_tx(
+            conn,
+            &DeviceEvent::new(EventKind::Prekeys, &up.user, &up.device),
+        )
+        .await?;
+        Ok(PrekeyStock {
+            one_time: before.one_time + up.one_time.len() as u64,
+            has_last_resort: before.has_last_resort || up.last_resort.is_some(),
+        })
+    }
+
+    /// Claims one prekey of each target; see [`Store::claim_prekeys`].
+    async fn claim_each(
+        &mut self,
+        claimer: &str,
+        targets: &[ClaimTarget],
+        limit: ClaimRateLimit,
+    ) -> Result<Vec<Option<ClaimedPrekey>>, StoreError> {
+        // Counter rows are locked in one order, so two multi-device claims cannot deadlock.
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        order.sort_by(|&a, &b| {
+            (targets[a].user.as_str(), targets[a].device.as_str())
+                .cmp(&(targets[b].user.as_str(), targets[b].device.as_str()))
+        });
+        let mut out = vec![None; targets.len()];
+        for i in order {
+            let target = &targets[i];
+            self.count_claim(claimer, target, limit).await?;
+            out[i] = self.claim_one(target).await?;
+            if matches!(&out[i], Some(p) if p.kind == PrekeyKind::OneTime) {
+                notify_in_tx(
+                    &mut self.db,
+                    &DeviceEvent::new(EventKind::Prekeys, &target.user, &target.device),
+                )
+                .await?;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts one claim by `claimer` on `target` in the current window; past the limit, fails.
+    async fn count_claim(
+        &mut self,
+        claimer: &str,
+        target: &ClaimTarget,
+        limit: ClaimRateLimit,
+    ) -> Result<(), StoreError> {
+        let conn = &mut self.db;
+        let (u, d) = (target.user.as_str(), target.device.as_str());
+        let window_us = i64::try_from(limit.window.as_secs().max(1))
+            .unwrap_or(i64::MAX / 1_000_000)
+            .saturating_mul(1_000_000);
+        let now = Timestamp::now().unix_micros();
+        let window_start = now - now.rem_euclid(window_us);
+        let claims: i32 = db_run!(conn: {
+            diesel::insert_into(prekey_claim_windows::table)
+                .values((
+                    prekey_claim_windows::user_id.eq(u),
+                    prekey_claim_windows::device_id.eq(d),
+                    prekey_claim_windows::claimer.eq(claimer),
+                    prekey_claim_windows::window_start.eq(window_start),
+                    prekey_claim_windows::claims.eq(1),
+                ))
+                .on_conflict((
+                    prekey_claim_windows::user_id,
+                    prekey_claim_windows::device_id,
+                    prekey_claim_windows::claimer,
+                    prekey_claim_windows::window_start,
+                ))
+                .do_update()
+                .set(prekey_claim_windows::claims.eq(prekey_claim_windows::claims + 1))
+                .returning(prekey_claim_windows::claims)
+                .get_result(conn)
+                .await?
+        });
+        if i64::from(claims) > i64::from(limit.claims) {
+            return Err(StoreError::LimitExceeded(format!(
+                "device {}/{}: at most {} prekey claims per {} s by one claimer",
+                target.user,
+                target.device,
+                limit.claims,
+                limit.window.as_secs().max(1)
+            )));
+        }
+        if claims > 1 {
+            return Ok(());
+        }
+        // The first claim of a window clears the windows before the previous one, which count
+        // for nothing any more. (Keeping the previous one leaves room for replicas whose clocks
+        // disagree by less than a window.) Later claims of the window skip this round trip.
+        let stale = window_start.saturating_sub(window_us);
+        db_run!(conn: {
+            diesel::delete(
+                prekey_claim_windows::table
+                    .filter(prekey_claim_windows::user_id.eq(u))
+                    .filter(prekey_claim_windows::device_id.eq(d))
+                    .filter(prekey_claim_windows::window_start.lt(stale)),
+            )
+            .execute(conn)
+            .await?;
+        });
+        Ok(())
+    }
+
+    /// Hands out one prekey of `target`: the oldest one-time prekey, deleted in the same
+    /// statement (`take_oldest_one_time`), or else the last-resort prekey. `None` when
+    /// the device has neither.
+    async fn claim_one(
+        &mut self,
+        target: &ClaimTarget,
+    ) -> Result<Option<ClaimedPrekey>, StoreError> {
+        if let Some(row) = self.take_oldest_one_time(target).await? {
+            return Ok(Some(row.try_into()?));
+        }
+        let conn = &mut self.db;
+        let last_resort: Option<PrekeyRow> = db_run!(conn: {
+            prekeys::table
+                .filter(prekeys::user_id.eq(target.user.as_str()))
+                .filter(prekeys::device_id.eq(target.device.as_str()))
+                .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::LastResort)))
+                .filter(prekeys::identity_key.eq(target.identity_key.as_slice()))
+                .select(PrekeyRow::as_select())
+                .first(conn)
+                .await
+                .optional()?
+        });
+        last_resort.map(ClaimedPrekey::try_from).transpose()
+    }
+
+    /// Deletes and returns the oldest one-time prekey of `target` signed by its current
+    /// identity key, in one statement: `DELETE … WHERE id = (SELECT … LIMIT 1) RETURNING …`.
+    ///
+    /// **The one backend difference of a claim.** On PostgreSQL the inner select adds
+    /// `FOR UPDATE SKIP LOCKED`: concurrent claims, from any number of replicas, each lock a
+    /// different row instead of queueing on the oldest one, and a row another claim has just
+    /// deleted is passed over. On SQLite every write transaction holds the database's one
+    /// write lock, so claims simply take turns and the plain subquery is exact.
+    async fn take_oldest_one_time(
+        &mut self,
+        target: &ClaimTarget,
+    ) -> Result<Option<PrekeyRow>, StoreError> {
+        let conn = &mut self.db;
+        // The subquery reads the same table, so it reads it under another name.
+        let candidate = diesel::alias!(prekeys as candidate);
+        let oldest = candidate
+            .filter(candidate.field(prekeys::user_id).eq(target.user.as_str()))
+            .filter(
+                candidate
+                    .field(prekeys::device_id)
+                    .eq(target.device.as_str()),
+            )
+            .filter(
+                candidate
+                    .field(prekeys::kind)
+                    .eq(kind_to_db(PrekeyKind::OneTime)),
+            )
+            .filter(
+                candidate
+                    .field(prekeys::identity_key)
+                    .eq(target.identity_key.as_slice()),
+            )
+            .order(candidate.field(prekeys::id))
+            .select(candidate.field(prekeys::id));
+        let taken: Option<PrekeyRow> = db_run!(conn: sqlite {
+            diesel::delete(prekeys::table.filter(prekeys::id.nullable().eq(oldest.single_value())))
+                .returning(PrekeyRow::as_returning())
+                .get_result(conn)
+                .await
+                .optional()?
+        } postgres {
+            diesel::delete(
+                prekeys::table.filter(
+                    prekeys::id
+                        .nullable()
+                        .eq(oldest.for_update().skip_locked().single_value()),
+                ),
+            )
+            .returning(PrekeyRow::as_returning())
+            .get_result(conn)
+            .await
+            .optional()?
+        });
+        Ok(taken)
     }
 }

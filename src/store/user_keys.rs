@@ -15,7 +15,7 @@ use diesel_async::RunQueryDsl;
 
 use super::schema::user_keys;
 use super::sql::coalesce;
-use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp, Tx};
+use super::{db_run, unsigned, Conn, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
 use crate::crypto::Suite;
 
@@ -133,213 +133,161 @@ impl TryFrom<UserKeyRow> for UserKey {
     }
 }
 
-/// Publishes a key; must run inside a transaction (it reads, updates and inserts).
-async fn publish(conn: &mut DbConn, key: &NewUserKey) -> Result<UserKey, StoreError> {
-    let key_id = key.key_id.as_bytes().as_slice();
-    let (user, device) = (key.user.as_str(), key.device.as_str());
-    let now = Timestamp::now().unix_micros();
-
-    let known: Option<UserKeyRow> = db_run!(conn: {
-        user_keys::table
-            .find(key_id)
-            .select(UserKeyRow::as_select())
-            .first(conn)
-            .await
-            .optional()?
-    });
-    if let Some(row) = known {
-        let existing = UserKey::try_from(row)?;
-        // Publishing the device's current bundle again is a retry: answer as the first time
-        // did and change nothing. Any other reuse of a key id is a conflict.
-        let same_bundle = existing.user == key.user
-            && existing.device == key.device
-            && existing.identity_key == key.identity_key
-            && existing.signature == key.signature;
-        if same_bundle && existing.is_current() {
-            return Ok(existing);
-        }
-        return Err(StoreError::AlreadyExists(format!(
-            "user key {}",
-            key.key_id
-        )));
-    }
-
-    let latest: Option<i32> = db_run!(conn: {
-        user_keys::table
-            .filter(user_keys::user_id.eq(user))
-            .filter(user_keys::device_id.eq(device))
-            .select(diesel::dsl::max(user_keys::version))
-            .get_result(conn)
-            .await?
-    });
-    let version = latest
-        .unwrap_or(0)
-        .checked_add(1)
-        .ok_or_else(|| StoreError::corrupt("user key version", i32::MAX))?;
-
-    db_run!(conn: {
-        diesel::update(
-            user_keys::table
-                .filter(user_keys::user_id.eq(user))
-                .filter(user_keys::device_id.eq(device))
-                .filter(user_keys::superseded_at.is_null())
-                .filter(user_keys::revoked_at.is_null()),
-        )
-        .set(user_keys::superseded_at.eq(now))
-        .execute(conn)
-        .await?;
-    });
-
-    let insert = UserKeyInsert {
-        key_id,
-        user_id: user,
-        device_id: device,
-        version,
-        suite: i16::from(key.suite as u8),
-        encapsulation_key: &key.encapsulation_key,
-        identity_key: &key.identity_key,
-        signature: &key.signature,
-        created_at: now,
-    };
-    let inserted: Result<UserKeyRow, StoreError> = db_run!(conn: {
-        diesel::insert_into(user_keys::table)
-            .values(&insert)
-            .returning(UserKeyRow::as_returning())
-            .get_result(conn)
-            .await
-            .map_err(StoreError::from)
-    });
-    match inserted {
-        Ok(row) => row.try_into(),
-        // The key id was checked above, so a unique violation here means a concurrent
-        // publish for the same device took this version (or became current) first.
-        Err(StoreError::AlreadyExists(what)) => Err(StoreError::VersionConflict(format!(
-            "a concurrent publish for device {user}/{device} won ({what})"
-        ))),
-        Err(e) => Err(e),
-    }
-}
-
-async fn revoke(
-    conn: &mut DbConn,
-    user: &UserId,
-    device: &DeviceId,
-    key_id: &KeyId,
-) -> Result<(), StoreError> {
-    let now = Timestamp::now().unix_micros();
-    // COALESCE keeps the first revocation time, so revoking twice changes nothing.
-    let updated = db_run!(conn: {
-        diesel::update(
-            user_keys::table
-                .filter(user_keys::key_id.eq(key_id.as_bytes().as_slice()))
-                .filter(user_keys::user_id.eq(user.as_str()))
-                .filter(user_keys::device_id.eq(device.as_str())),
-        )
-        .set(user_keys::revoked_at.eq(coalesce(user_keys::revoked_at, now)))
-        .execute(conn)
-        .await?
-    });
-    if updated == 0 {
-        return Err(StoreError::NotFound);
-    }
-    Ok(())
-}
-
-async fn get(conn: &mut DbConn, key_id: &KeyId) -> Result<Option<UserKey>, StoreError> {
-    let row: Option<UserKeyRow> = db_run!(conn: {
-        user_keys::table
-            .find(key_id.as_bytes().as_slice())
-            .select(UserKeyRow::as_select())
-            .first(conn)
-            .await
-            .optional()?
-    });
-    row.map(UserKey::try_from).transpose()
-}
-
-async fn current_of_users(conn: &mut DbConn, users: &[UserId]) -> Result<Vec<UserKey>, StoreError> {
-    let mut keys = Vec::new();
-    for chunk in users.chunks(USERS_PER_QUERY) {
-        let ids: Vec<&str> = chunk.iter().map(UserId::as_str).collect();
-        let rows: Vec<UserKeyRow> = db_run!(conn: {
-            user_keys::table
-                .filter(user_keys::user_id.eq_any(&ids))
-                .filter(user_keys::superseded_at.is_null())
-                .filter(user_keys::revoked_at.is_null())
-                .order((user_keys::user_id, user_keys::device_id))
-                .select(UserKeyRow::as_select())
-                .load(conn)
-                .await?
-        });
-        for row in rows {
-            keys.push(row.try_into()?);
-        }
-    }
-    Ok(keys)
-}
-
 impl Tx {
     /// Publishes a device key as the device's new current key: the previous current key is
-    /// marked superseded and the new one gets the next version number.
+    /// marked superseded and the new one gets the next version number. A transaction, because
+    /// it reads, updates and inserts.
     ///
     /// [`StoreError::AlreadyExists`] if this key id was ever published (by any device);
     /// [`StoreError::VersionConflict`] if a concurrent publish for the same device won.
+    /// Publishing the device's current bundle again is a retry: it returns that key and changes
+    /// nothing.
     pub async fn publish_user_key(&mut self, key: &NewUserKey) -> Result<UserKey, StoreError> {
-        publish(&mut self.conn.db, key).await
-    }
+        let key_id = key.key_id.as_bytes().as_slice();
+        let (user, device) = (key.user.as_str(), key.device.as_str());
+        let now = Timestamp::now().unix_micros();
 
-    /// Revokes one key of a device; the row is kept. Revoking twice changes nothing.
-    /// [`StoreError::NotFound`] if the device has no key with this id.
+        if let Some(existing) = self.user_key(&key.key_id).await? {
+            // Publishing the device's current bundle again is a retry: answer as the first
+            // time did and change nothing. Any other reuse of a key id is a conflict.
+            let same_bundle = existing.user == key.user
+                && existing.device == key.device
+                && existing.identity_key == key.identity_key
+                && existing.signature == key.signature;
+            if same_bundle && existing.is_current() {
+                return Ok(existing);
+            }
+            return Err(StoreError::AlreadyExists(format!(
+                "user key {}",
+                key.key_id
+            )));
+        }
+
+        let conn = &mut self.db;
+        let latest: Option<i32> = db_run!(conn: {
+            user_keys::table
+                .filter(user_keys::user_id.eq(user))
+                .filter(user_keys::device_id.eq(device))
+                .select(diesel::dsl::max(user_keys::version))
+                .get_result(conn)
+                .await?
+        });
+        let version = latest
+            .unwrap_or(0)
+            .checked_add(1)
+            .ok_or_else(|| StoreError::corrupt("user key version", i32::MAX))?;
+
+        db_run!(conn: {
+            diesel::update(
+                user_keys::table
+                    .filter(user_keys::user_id.eq(user))
+                    .filter(user_keys::device_id.eq(device))
+                    .filter(user_keys::superseded_at.is_null())
+                    .filter(user_keys::revoked_at.is_null()),
+            )
+            .set(user_keys::superseded_at.eq(now))
+            .execute(conn)
+            .await?;
+        });
+
+        let insert = UserKeyInsert {
+            key_id,
+            user_id: user,
+            device_id: device,
+            version,
+            suite: i16::from(key.suite as u8),
+            encapsulation_key: &key.encapsulation_key,
+            identity_key: &key.identity_key,
+            signature: &key.signature,
+            created_at: now,
+        };
+        let inserted: Result<UserKeyRow, StoreError> = db_run!(conn: {
+            diesel::insert_into(user_keys::table)
+                .values(&insert)
+                .returning(UserKeyRow::as_returning())
+                .get_result(conn)
+                .await
+                .map_err(StoreError::from)
+        });
+        match inserted {
+            Ok(row) => row.try_into(),
+            // The key id was checked above, so a unique violation here means a concurrent
+            // publish for the same device took this version (or became current) first.
+            Err(StoreError::AlreadyExists(what)) => Err(StoreError::VersionConflict(format!(
+                "a concurrent publish for device {user}/{device} won ({what})"
+            ))),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Conn {
+    /// Revokes one key of a device; the row is kept. Revoking twice changes nothing (the first
+    /// revocation time stays). [`StoreError::NotFound`] if the device has no key with this id.
     pub async fn revoke_user_key(
         &mut self,
         user: &UserId,
         device: &DeviceId,
         key_id: &KeyId,
     ) -> Result<(), StoreError> {
-        revoke(&mut self.conn.db, user, device, key_id).await
+        let conn = &mut self.db;
+        let now = Timestamp::now().unix_micros();
+        // COALESCE keeps the first revocation time, so revoking twice changes nothing.
+        let updated = db_run!(conn: {
+            diesel::update(
+                user_keys::table
+                    .filter(user_keys::key_id.eq(key_id.as_bytes().as_slice()))
+                    .filter(user_keys::user_id.eq(user.as_str()))
+                    .filter(user_keys::device_id.eq(device.as_str())),
+            )
+            .set(user_keys::revoked_at.eq(coalesce(user_keys::revoked_at, now)))
+            .execute(conn)
+            .await?
+        });
+        if updated == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
     }
 
     /// The key with this id, current or not.
     pub async fn user_key(&mut self, key_id: &KeyId) -> Result<Option<UserKey>, StoreError> {
-        get(&mut self.conn.db, key_id).await
-    }
-
-    /// The current keys of every device of these users, ordered by user then device.
-    pub async fn current_user_keys(
-        &mut self,
-        users: &[UserId],
-    ) -> Result<Vec<UserKey>, StoreError> {
-        current_of_users(&mut self.conn.db, users).await
-    }
-}
-
-impl Store {
-    /// Publishes a device key as the device's new current key (one transaction); see
-    /// [`Tx::publish_user_key`].
-    pub async fn publish_user_key(&self, key: NewUserKey) -> Result<UserKey, StoreError> {
-        self.transaction(async move |tx| tx.publish_user_key(&key).await)
-            .await
-    }
-
-    /// Revokes one key of a device (one transaction); see [`Tx::revoke_user_key`].
-    pub async fn revoke_user_key(
-        &self,
-        user: UserId,
-        device: DeviceId,
-        key_id: KeyId,
-    ) -> Result<(), StoreError> {
-        self.transaction(async move |tx| tx.revoke_user_key(&user, &device, &key_id).await)
-            .await
-    }
-
-    /// The key with this id, current or not.
-    pub async fn user_key(&self, key_id: &KeyId) -> Result<Option<UserKey>, StoreError> {
-        get(&mut self.db_conn().await?, key_id).await
+        let conn = &mut self.db;
+        let row: Option<UserKeyRow> = db_run!(conn: {
+            user_keys::table
+                .find(key_id.as_bytes().as_slice())
+                .select(UserKeyRow::as_select())
+                .first(conn)
+                .await
+                .optional()?
+        });
+        row.map(UserKey::try_from).transpose()
     }
 
     /// The current keys of every device of these users, ordered by user then device; users
     /// without keys are simply absent.
-    pub async fn current_user_keys(&self, users: &[UserId]) -> Result<Vec<UserKey>, StoreError> {
-        current_of_users(&mut self.db_conn().await?, users).await
+    pub async fn current_user_keys(
+        &mut self,
+        users: &[UserId],
+    ) -> Result<Vec<UserKey>, StoreError> {
+        let conn = &mut self.db;
+        let mut keys = Vec::new();
+        for chunk in users.chunks(USERS_PER_QUERY) {
+            let ids: Vec<&str> = chunk.iter().map(UserId::as_str).collect();
+            let rows: Vec<UserKeyRow> = db_run!(conn: {
+                user_keys::table
+                    .filter(user_keys::user_id.eq_any(&ids))
+                    .filter(user_keys::superseded_at.is_null())
+                    .filter(user_keys::revoked_at.is_null())
+                    .order((user_keys::user_id, user_keys::device_id))
+                    .select(UserKeyRow::as_select())
+                    .load(conn)
+                    .await?
+            });
+            for row in rows {
+                keys.push(row.try_into()?);
+            }
+        }
+        Ok(keys)
     }
 }

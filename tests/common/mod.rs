@@ -157,5 +157,6 @@ impl Drop for TestDb {
         }
     }
 }
+pub mod low_order;
 pub mod raw_db;
 pub mod server;
