@@ -299,9 +299,7 @@ impl Messages for MessagesService {
         let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
         let before = parse_cursor(&req.cursor)?;
         let limit = page_size(req.page_size);
-        let epochs = self
-            .state
-            .store
+        let epochs = (self.state.store.conn().await.map_err(store_status)?)
             .readable_session_epochs(&reader.user, &reader.device, &session_id)
             .await
             .map_err(store_status)?;
@@ -310,9 +308,7 @@ impl Messages for MessagesService {
                 "session_id: no such session, or this device holds none of its keys",
             ));
         }
-        let page = self
-            .state
-            .store
+        let page = (self.state.store.conn().await.map_err(store_status)?)
             .readable_messages(&reader, Some(session_id), before, limit)
             .await
             .map_err(store_status)?;
@@ -333,9 +329,7 @@ impl Messages for MessagesService {
         let reader = parse_reader(&caller, &req.user_id, &req.device_id)?;
         let before = parse_cursor(&req.cursor)?;
         let limit = page_size(req.page_size);
-        let page = self
-            .state
-            .store
+        let page = (self.state.store.conn().await.map_err(store_status)?)
             .readable_messages(&reader, None, before, limit)
             .await
             .map_err(store_status)?;
@@ -357,9 +351,7 @@ impl Messages for MessagesService {
         let author = parse_field("author_user_id", UserId::new(req.author_user_id.clone()))?;
         let before = parse_cursor(&req.cursor)?;
         let limit = page_size(req.page_size);
-        let page = self
-            .state
-            .store
+        let page = (self.state.store.conn().await.map_err(store_status)?)
             .author_messages(&reader, &author, before, limit)
             .await
             .map_err(store_status)?;
@@ -404,7 +396,7 @@ impl Messages for MessagesService {
                         }));
                     }
                 }
-                Ok(Ok(tx.delete_message(&message_id).await?))
+                Ok(tx.delete_message(&message_id).await?.ok_or_else(not_found))
             })
             .await
             .map_err(|e| match e {
