@@ -206,8 +206,9 @@ pub struct Reader {
     pub device: DeviceId,
 }
 
-/// A `messages` row as both backends return it, by the query builder or by raw SQL.
-#[derive(Queryable, Selectable, QueryableByName)]
+/// A `messages` row as both backends return it, by the query builder or by raw SQL, and as
+/// SQLite inserts it.
+#[derive(Queryable, Selectable, QueryableByName, Insertable)]
 #[diesel(table_name = messages)]
 struct MessageRow {
     message_id: Vec<u8>,

@@ -138,49 +138,6 @@ fn pieces(sql: &str) -> impl Iterator<Item = Piece<'_>> {
     })
 }
 
-#[derive(Insertable)]
-#[diesel(table_name = messages)]
-struct MessageInsert<'a> {
-    message_id: &'a [u8],
-    session_id: &'a [u8],
-    epoch: i32,
-    author_user_id: &'a str,
-    author_device_id: Option<&'a str>,
-    nonce: &'a [u8],
-    ciphertext: &'a [u8],
-    associated_data: Option<&'a [u8]>,
-    created_at: i64,
-}
-
-/// A message row that owns its bytes, to move onto SQLite's connection thread.
-struct OwnedInsert {
-    message_id: Vec<u8>,
-    session_id: Vec<u8>,
-    epoch: i32,
-    author_user_id: String,
-    author_device_id: Option<String>,
-    nonce: Vec<u8>,
-    ciphertext: Vec<u8>,
-    associated_data: Option<Vec<u8>>,
-    created_at: i64,
-}
-
-impl OwnedInsert {
-    fn borrowed(&self) -> MessageInsert<'_> {
-        MessageInsert {
-            message_id: &self.message_id,
-            session_id: &self.session_id,
-            epoch: self.epoch,
-            author_user_id: &self.author_user_id,
-            author_device_id: self.author_device_id.as_deref(),
-            nonce: &self.nonce,
-            ciphertext: &self.ciphertext,
-            associated_data: self.associated_data.as_deref(),
-            created_at: self.created_at,
-        }
-    }
-}
-
 impl Store {
     /// Stores a batch of messages by one author, all or nothing, or finds it already stored
     /// (a retry).
@@ -195,7 +152,8 @@ impl Store {
     /// A batch of several messages is one transaction ([`Tx::put_messages`]). On PostgreSQL a
     /// batch of one is the insert statement alone, which is atomic by itself: with nothing to
     /// take back, it needs no BEGIN and COMMIT (three round trips fewer, most of a single
-    /// message's cost).
+    /// message's cost). That choice, a backend difference, is made here and nowhere else,
+    /// which is why this is a [`Store`] method and not only a [`Tx`] one.
     pub async fn put_messages(
         &self,
         writer: Writer,
@@ -317,7 +275,7 @@ impl Conn {
         let rows = batch
             .iter()
             .map(|m| {
-                Ok(OwnedInsert {
+                Ok(MessageRow {
                     message_id: m.message_id.as_bytes().to_vec(),
                     session_id: m.session_id.as_bytes().to_vec(),
                     epoch: epoch_db(m.epoch)?,
@@ -327,6 +285,7 @@ impl Conn {
                     ciphertext: m.ciphertext.clone(),
                     associated_data: m.associated_data.clone(),
                     created_at: 0,
+                    deleted_at: None,
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -349,7 +308,7 @@ impl Conn {
                         row.created_at = now;
                         let id: Option<Vec<u8>> = diesel::RunQueryDsl::get_result(
                             diesel::insert_into(messages::table)
-                                .values(row.borrowed())
+                                .values(&row)
                                 .on_conflict_do_nothing()
                                 .returning(messages::message_id),
                             c,
@@ -550,7 +509,7 @@ mod tests {
         assert!(!sql.contains(&format!("${}", occurrences + 1)), "{sql}");
         assert!(sql.starts_with("WITH writer AS ("), "{sql}");
         // Prepared once per connection: a static id, and nothing in it unsafe to cache.
-        assert!(<PgInsert<'_> as QueryId>::HAS_STATIC_QUERY_ID);
+        const { assert!(<PgInsert<'static> as QueryId>::HAS_STATIC_QUERY_ID) };
         assert!(insert.is_safe_to_cache_prepared(&Pg).expect("walks"));
     }
 }
