@@ -825,7 +825,7 @@ async fn no_token_or_dek_in_logs(server: &TestServer) {
     let text = String::from_utf8_lossy(&captured);
     assert!(!captured.is_empty(), "the logs were captured");
     assert!(
-        text.contains("store failure"),
+        text.contains("internal failure"),
         "Keyhold's own error log was captured"
     );
     let secrets: Vec<(String, Vec<u8>)> = footprint
