@@ -79,7 +79,13 @@ pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
         settings.max_list_len,
         crate::config::Limits::from_settings(settings),
     );
-    if state.store.count_active_admin_tokens().await? == 0 {
+    let admins = state
+        .store
+        .conn()
+        .await?
+        .count_active_admin_tokens()
+        .await?;
+    if admins == 0 {
         let issued = create_token(
             &state.store,
             "bootstrap".to_string(),

@@ -27,7 +27,7 @@ use crate::service::messages::MessagesService;
 use crate::service::ratchet::RatchetService;
 use crate::service::sessions::SessionsService;
 use crate::service::trust::TrustService;
-use crate::service::{store_status, AppState};
+use crate::service::AppState;
 use crate::store::Store;
 
 /// Largest request the server accepts, in bytes.
@@ -42,12 +42,7 @@ impl TokenLookup for StoreTokens {
         &self,
         token: PresentedToken,
     ) -> Result<Option<Principal>, tonic::Status> {
-        let Some(row) = self
-            .0
-            .find_token(&token.token_id)
-            .await
-            .map_err(store_status)?
-        else {
+        let Some(row) = self.0.conn().await?.find_token(&token.token_id).await? else {
             return Ok(None);
         };
         if row.revoked_at.is_some() || !token.matches(&row.token_hash) {

@@ -115,6 +115,9 @@ async fn refuse_all(server: &TestServer, db: &mut RawDb, client: &Client, cases:
         let before = db.fingerprint().await;
         let audit_before = server
             .store
+            .conn()
+            .await
+            .expect("connection")
             .list_audit_events(0, 1000)
             .await
             .expect("audit events");
@@ -141,6 +144,9 @@ async fn refuse_all(server: &TestServer, db: &mut RawDb, client: &Client, cases:
         }
         let audit_after = server
             .store
+            .conn()
+            .await
+            .expect("connection")
             .list_audit_events(0, 1000)
             .await
             .expect("audit events");

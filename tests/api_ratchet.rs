@@ -244,6 +244,9 @@ async fn states_are_sealed_and_bound_to_their_row(server: &TestServer) {
     };
     let stored = server
         .store
+        .conn()
+        .await
+        .expect("connection")
         .ratchet_state(&key("conv-a"))
         .await
         .expect("read the row")

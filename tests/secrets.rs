@@ -825,7 +825,7 @@ async fn no_token_or_dek_in_logs(server: &TestServer) {
     let text = String::from_utf8_lossy(&captured);
     assert!(!captured.is_empty(), "the logs were captured");
     assert!(
-        text.contains("store failure"),
+        text.contains("internal failure"),
         "Keyhold's own error log was captured"
     );
     let secrets: Vec<(String, Vec<u8>)> = footprint
@@ -954,6 +954,9 @@ async fn escrow_read_fails_when_the_audit_write_fails(server: &TestServer) {
     let (session, dek, _) = service_wrapped(&app, "alice", &[]).await;
     let before = server
         .store
+        .conn()
+        .await
+        .expect("connection")
         .list_audit_events(0, 1000)
         .await
         .expect("list")
@@ -988,6 +991,9 @@ async fn escrow_read_fails_when_the_audit_write_fails(server: &TestServer) {
     assert_eq!(
         server
             .store
+            .conn()
+            .await
+            .expect("connection")
             .list_audit_events(0, 1000)
             .await
             .expect("list")
@@ -999,7 +1005,14 @@ async fn escrow_read_fails_when_the_audit_write_fails(server: &TestServer) {
     // was the audit write's.
     let opened = escrowed_deks(server, &staff, session).await;
     assert_eq!(opened, vec![(1, dek)]);
-    let after = server.store.list_audit_events(0, 1000).await.expect("list");
+    let after = server
+        .store
+        .conn()
+        .await
+        .expect("connection")
+        .list_audit_events(0, 1000)
+        .await
+        .expect("list");
     assert_eq!(after.len(), before + 1);
     assert_eq!(after.last().map(|e| e.action.as_str()), Some("escrow.read"));
     assert_eq!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::TestDb;
 use keyhold::crypto::ids::{DeviceId, KeyId, UserId};
 use keyhold::crypto::Suite;
-use keyhold::store::audit::NewAuditEvent;
+use keyhold::store::audit::{AuditEvent, NewAuditEvent};
 use keyhold::store::tokens::{NewApiToken, Role, TokenHash, TokenId};
 use keyhold::store::user_keys::{NewUserKey, UserKey};
 use keyhold::store::{Store, StoreError, StoreOptions};
@@ -136,9 +136,10 @@ async fn concurrent_migrations_from_three_stores_apply_once(db: &TestDb) {
 
 async fn tokens_are_found_by_hash_and_id_until_revoked(db: &TestDb) {
     let store = migrated(db).await;
+    let mut conn = store.conn().await.unwrap();
     let app_hash = TokenHash::of(b"kh_app_secret");
-    let app = store
-        .insert_token(NewApiToken {
+    let app = conn
+        .insert_token(&NewApiToken {
             token_id: TokenId::generate(),
             token_hash: app_hash,
             role: Role::App,
@@ -152,26 +153,26 @@ async fn tokens_are_found_by_hash_and_id_until_revoked(db: &TestDb) {
     assert_eq!(app.label.as_deref(), Some("chat backend"));
     assert!(app.revoked_at.is_none());
 
-    let found = store.find_active_token(&app_hash).await.unwrap();
+    let found = conn.find_active_token(&app_hash).await.unwrap();
     assert_eq!(found.as_ref(), Some(&app));
     assert_eq!(
-        store.find_token(&app.token_id).await.unwrap(),
+        conn.find_token(&app.token_id).await.unwrap(),
         Some(app.clone())
     );
-    assert!(store
+    assert!(conn
         .find_active_token(&TokenHash::of(b"other"))
         .await
         .unwrap()
         .is_none());
-    assert!(store
+    assert!(conn
         .find_token(&TokenId::generate())
         .await
         .unwrap()
         .is_none());
 
     // Device tokens keep their binding.
-    let dev = store
-        .insert_token(NewApiToken {
+    let dev = conn
+        .insert_token(&NewApiToken {
             token_id: TokenId::generate(),
             token_hash: TokenHash::of(b"kh_device_secret"),
             role: Role::Device,
@@ -187,8 +188,8 @@ async fn tokens_are_found_by_hash_and_id_until_revoked(db: &TestDb) {
     );
 
     // The same hash twice is refused.
-    let dup = store
-        .insert_token(NewApiToken {
+    let dup = conn
+        .insert_token(&NewApiToken {
             token_id: TokenId::generate(),
             token_hash: app_hash,
             role: Role::Staff,
@@ -200,11 +201,11 @@ async fn tokens_are_found_by_hash_and_id_until_revoked(db: &TestDb) {
     assert!(matches!(dup, Err(StoreError::AlreadyExists(_))), "{dup:?}");
 
     // Admin count follows inserts and revocations.
-    assert_eq!(store.count_active_admin_tokens().await.unwrap(), 0);
+    assert_eq!(conn.count_active_admin_tokens().await.unwrap(), 0);
     let mut admins = Vec::new();
     for i in 0..2u8 {
-        let t = store
-            .insert_token(NewApiToken {
+        let t = conn
+            .insert_token(&NewApiToken {
                 token_id: TokenId::generate(),
                 token_hash: TokenHash::of(&[b'a', i]),
                 role: Role::Admin,
@@ -216,20 +217,20 @@ async fn tokens_are_found_by_hash_and_id_until_revoked(db: &TestDb) {
             .unwrap();
         admins.push(t.token_id);
     }
-    assert_eq!(store.count_active_admin_tokens().await.unwrap(), 2);
-    store.revoke_token(admins[0]).await.unwrap();
-    assert_eq!(store.count_active_admin_tokens().await.unwrap(), 1);
+    assert_eq!(conn.count_active_admin_tokens().await.unwrap(), 2);
+    conn.revoke_token(&admins[0]).await.unwrap();
+    assert_eq!(conn.count_active_admin_tokens().await.unwrap(), 1);
 
     // Revocation hides the token from authentication but keeps the row; twice is fine.
-    store.revoke_token(app.token_id).await.unwrap();
-    assert!(store.find_active_token(&app_hash).await.unwrap().is_none());
-    let revoked = store.find_token(&app.token_id).await.unwrap().unwrap();
+    conn.revoke_token(&app.token_id).await.unwrap();
+    assert!(conn.find_active_token(&app_hash).await.unwrap().is_none());
+    let revoked = conn.find_token(&app.token_id).await.unwrap().unwrap();
     let first_revocation = revoked.revoked_at.expect("revoked_at set");
-    store.revoke_token(app.token_id).await.unwrap();
-    let again = store.find_token(&app.token_id).await.unwrap().unwrap();
+    conn.revoke_token(&app.token_id).await.unwrap();
+    let again = conn.find_token(&app.token_id).await.unwrap().unwrap();
     assert_eq!(again.revoked_at, Some(first_revocation));
 
-    let unknown = store.revoke_token(TokenId::generate()).await;
+    let unknown = conn.revoke_token(&TokenId::generate()).await;
     assert!(matches!(unknown, Err(StoreError::NotFound)), "{unknown:?}");
 }
 
@@ -349,6 +350,19 @@ fn event(i: u32) -> NewAuditEvent {
     NewAuditEvent::new(format!("staff:{i}"), "escrow.read", format!("session:{i}"))
 }
 
+/// Appends one event in a transaction of its own.
+async fn append(store: &Store, event: NewAuditEvent) -> Result<AuditEvent, StoreError> {
+    store
+        .transaction(async move |tx| tx.append_audit_event(&event).await)
+        .await
+}
+
+/// One page of the audit log.
+async fn list(store: &Store, after: u64, limit: u32) -> Vec<AuditEvent> {
+    let mut conn = store.conn().await.unwrap();
+    conn.list_audit_events(after, limit).await.unwrap()
+}
+
 async fn audit_chain_links_lists_and_verifies(db: &TestDb) {
     let store = migrated(db).await;
     let empty = store.verify_audit_chain().await.unwrap();
@@ -357,12 +371,11 @@ async fn audit_chain_links_lists_and_verifies(db: &TestDb) {
         (0, None, None)
     );
 
-    let e1 = store.append_audit_event(event(1)).await.unwrap();
-    let e2 = store
-        .append_audit_event(event(2).with_reason("case 7"))
+    let e1 = append(&store, event(1)).await.unwrap();
+    let e2 = append(&store, event(2).with_reason("case 7"))
         .await
         .unwrap();
-    let e3 = store.append_audit_event(event(3)).await.unwrap();
+    let e3 = append(&store, event(3)).await.unwrap();
     assert_eq!((e1.seq, e2.seq, e3.seq), (1, 2, 3));
     assert_eq!(e1.prev_hash, [0; 32]);
     assert_eq!(e2.prev_hash, e1.hash);
@@ -370,15 +383,9 @@ async fn audit_chain_links_lists_and_verifies(db: &TestDb) {
     assert_eq!(e2.reason.as_deref(), Some("case 7"));
     assert_eq!(e1.actor, "staff:1");
 
-    assert_eq!(
-        store.list_audit_events(0, 2).await.unwrap(),
-        vec![e1.clone(), e2.clone()]
-    );
-    assert_eq!(
-        store.list_audit_events(2, 100).await.unwrap(),
-        vec![e3.clone()]
-    );
-    assert!(store.list_audit_events(3, 100).await.unwrap().is_empty());
+    assert_eq!(list(&store, 0, 2).await, vec![e1.clone(), e2.clone()]);
+    assert_eq!(list(&store, 2, 100).await, vec![e3.clone()]);
+    assert!(list(&store, 3, 100).await.is_empty());
 
     let check = store.verify_audit_chain().await.unwrap();
     assert_eq!(check.intact, 3);
@@ -389,8 +396,7 @@ async fn audit_chain_links_lists_and_verifies(db: &TestDb) {
 async fn tampered_audit_row_is_found_at_its_seq(db: &TestDb) {
     let store = migrated(db).await;
     for i in 1..=5 {
-        store
-            .append_audit_event(event(i).with_reason("routine"))
+        append(&store, event(i).with_reason("routine"))
             .await
             .unwrap();
     }
@@ -401,7 +407,7 @@ async fn tampered_audit_row_is_found_at_its_seq(db: &TestDb) {
     let check = store.verify_audit_chain().await.unwrap();
     assert_eq!(check.first_broken, Some(3));
     assert_eq!(check.intact, 2);
-    let e2 = &store.list_audit_events(1, 1).await.unwrap()[0];
+    let e2 = &list(&store, 1, 1).await[0];
     assert_eq!(check.head, Some((2, e2.hash)));
 
     // Deleting an event is found too, at the missing seq.
@@ -417,7 +423,7 @@ async fn concurrent_audit_appends_keep_one_chain(db: &TestDb) {
     let store = migrated(db).await;
     let appends = (0..12).map(|i| {
         let store = store.clone();
-        tokio::spawn(async move { store.append_audit_event(event(i)).await })
+        tokio::spawn(async move { append(&store, event(i)).await })
     });
     let mut seqs = Vec::new();
     for a in appends {
@@ -431,7 +437,7 @@ async fn concurrent_audit_appends_keep_one_chain(db: &TestDb) {
 
 async fn audit_event_in_a_rolled_back_transaction_is_not_kept(db: &TestDb) {
     let store = migrated(db).await;
-    store.append_audit_event(event(1)).await.unwrap();
+    append(&store, event(1)).await.unwrap();
     let failed: Result<(), StoreError> = store
         .transaction(async |tx| {
             let e = tx.append_audit_event(&event(2)).await?;
@@ -441,7 +447,7 @@ async fn audit_event_in_a_rolled_back_transaction_is_not_kept(db: &TestDb) {
         })
         .await;
     assert!(matches!(failed, Err(StoreError::NotFound)));
-    assert_eq!(store.list_audit_events(0, 10).await.unwrap().len(), 1);
+    assert_eq!(list(&store, 0, 10).await.len(), 1);
 
     // A committed transaction keeps both its writes.
     let ev = event(3);
@@ -462,7 +468,7 @@ async fn audit_event_in_a_rolled_back_transaction_is_not_kept(db: &TestDb) {
 async fn closed_store_is_unavailable(db: &TestDb) {
     let store = migrated(db).await;
     store.close();
-    let r = store.count_active_admin_tokens().await;
+    let r = async { store.conn().await?.count_active_admin_tokens().await }.await;
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
 }
 

@@ -2,14 +2,16 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{invalid, parse_field, require_role, store_status, AppState};
+use super::error::{into_status, DomainError, ErrorClass};
+use super::{invalid, parse_field, require_role, AppState};
 use crate::auth::{principal, IssuedToken, Role};
 use crate::crypto::ids::{DeviceId, UserId};
+use crate::crypto::CryptoError;
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::admin_server::Admin;
 use crate::store::audit::NewAuditEvent;
 use crate::store::tokens::{NewApiToken, TokenId};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 
 /// Longest token label accepted, in characters.
 pub const MAX_LABEL_CHARS: usize = 128;
@@ -26,6 +28,35 @@ impl AdminService {
         Self { state }
     }
 }
+
+/// What creating or revoking a token can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// Drawing a new token's secret failed (the system's random source).
+    #[error("generating a token: {0}")]
+    Generate(#[from] CryptoError),
+    /// The store failed: for a revocation, [`StoreError::NotFound`] when no token has the id.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DomainError for AdminError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            AdminError::Generate(_) => ErrorClass::Internal,
+            AdminError::Store(e) => e.class(),
+        }
+    }
+
+    fn public_message(&self) -> String {
+        match self {
+            AdminError::Store(e) => e.public_message(),
+            other => other.to_string(),
+        }
+    }
+}
+
+into_status!(AdminError);
 
 /// What a valid CreateToken request asks for.
 pub struct TokenRequest {
@@ -87,8 +118,8 @@ pub async fn create_token(
     store: &Store,
     actor: String,
     request: TokenRequest,
-) -> Result<IssuedToken, Status> {
-    let issued = IssuedToken::generate().map_err(super::crypto_internal)?;
+) -> Result<IssuedToken, AdminError> {
+    let issued = IssuedToken::generate()?;
     let (user, device) = match &request.binding {
         Some((u, d)) => (Some(u.clone()), Some(d.clone())),
         None => (None, None),
@@ -111,13 +142,12 @@ pub async fn create_token(
         ),
     );
     store
-        .transaction(async move |tx| {
+        .transaction(async move |tx| -> Result<_, StoreError> {
             tx.insert_token(&token).await?;
             tx.append_audit_event(&event).await?;
             Ok(())
         })
-        .await
-        .map_err(store_status)?;
+        .await?;
     Ok(issued)
 }
 
@@ -154,18 +184,14 @@ impl Admin for AdminService {
         );
         self.state
             .store
-            .transaction(async move |tx| {
+            .transaction(async move |tx| -> Result<_, StoreError> {
                 tx.revoke_token(&token_id).await?;
                 tx.append_audit_event(&event).await
             })
-            .await
-            .map_err(store_status)?;
-        let token = self
-            .state
-            .store
+            .await?;
+        let token = (self.state.store.conn().await?)
             .find_token(&token_id)
-            .await
-            .map_err(store_status)?;
+            .await?;
         Ok(Response::new(pb::RevokeTokenResponse {
             revoked_at: token
                 .and_then(|t| t.revoked_at)

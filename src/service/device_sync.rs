@@ -15,14 +15,16 @@
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use super::cursor::{self, Cursor, CursorKind};
+use super::error::{into_status, DomainError, ErrorClass};
 use super::watch::{spawn_stream, StreamSender, REREAD_INTERVAL};
-use super::{check_list_len, invalid, parse_field, store_status, AppState};
+use super::{check_list_len, invalid, parse_field, AppState};
 use crate::auth::{principal, Principal};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::device_sync_server::DeviceSync;
 use crate::store::events::{DeviceWatch, EventKind};
-use crate::store::key_packages::{KeyPackage, NewKeyPackage, SendRefusal};
+use crate::store::key_packages::{KeyPackage, NewKeyPackage, SendError};
 use crate::store::StoreError;
 
 /// Page size of FetchKeyPackages when the caller gives none, and of the watch's reads.
@@ -54,20 +56,136 @@ fn calling_device(caller: &Principal) -> Result<(&UserId, &DeviceId), Status> {
     }
 }
 
-/// The opaque inbox cursor: a version prefix and the last delivered package id.
-fn format_cursor(id: i64) -> String {
-    format!("kp1:{id}")
+/// What the DeviceSync workflow refuses.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum DeviceSyncError {
+    /// The sending device has no current key.
+    #[error("the sending device {user}/{device} has no current key: publish one first")]
+    SenderNotCurrent {
+        /// The sender's user.
+        user: UserId,
+        /// The sending device.
+        device: DeviceId,
+    },
+    /// The recipient of the package at `index` has no current (non-revoked) key.
+    #[error("packages[{index}].recipient_device_id: the device has no current (non-revoked) key")]
+    RecipientNotCurrent {
+        /// The package's position in the request.
+        index: usize,
+    },
+    /// The package at `index` is sealed to another key than its recipient's current one.
+    #[error("packages[{index}].recipient_key_id: the device's current key is {current}; fetch the keys again")]
+    RecipientKeyChanged {
+        /// The package's position in the request.
+        index: usize,
+        /// The recipient's current key.
+        current: KeyId,
+    },
+    /// A recipient's inbox would pass its bound; nothing of the send was written.
+    #[error("packages: the inbox of device {user}/{device} holds {held} packages; {adding} more would pass the bound of {max}")]
+    InboxFull {
+        /// The user of both devices.
+        user: UserId,
+        /// The recipient device.
+        device: DeviceId,
+        /// How many packages its inbox holds.
+        held: u64,
+        /// How many the send adds to it.
+        adding: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-fn parse_cursor(cursor: &str) -> Result<i64, Status> {
-    if cursor.is_empty() {
-        return Ok(0);
+impl DeviceSyncError {
+    /// The refusal of a send by `user`'s device `sender`.
+    fn of_send(e: SendError, user: &UserId, sender: &DeviceId) -> Self {
+        match e {
+            SendError::SenderNotCurrent => DeviceSyncError::SenderNotCurrent {
+                user: user.clone(),
+                device: sender.clone(),
+            },
+            SendError::RecipientNotCurrent { index } => {
+                DeviceSyncError::RecipientNotCurrent { index }
+            }
+            SendError::RecipientKeyChanged { index, current } => {
+                DeviceSyncError::RecipientKeyChanged { index, current }
+            }
+            SendError::InboxFull {
+                device,
+                held,
+                adding,
+                max,
+            } => DeviceSyncError::InboxFull {
+                user: user.clone(),
+                device,
+                held,
+                adding,
+                max,
+            },
+            SendError::Store(e) => DeviceSyncError::Store(e),
+        }
     }
-    cursor
-        .strip_prefix("kp1:")
-        .and_then(|n| n.parse::<i64>().ok())
-        .filter(|n| *n >= 0)
-        .ok_or_else(|| invalid("cursor", "not a cursor this service returned"))
+}
+
+impl DomainError for DeviceSyncError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            DeviceSyncError::SenderNotCurrent { .. }
+            | DeviceSyncError::RecipientNotCurrent { .. }
+            | DeviceSyncError::RecipientKeyChanged { .. } => ErrorClass::FailedPrecondition,
+            DeviceSyncError::InboxFull { .. } => ErrorClass::ResourceExhausted,
+            DeviceSyncError::Store(e) => e.class(),
+        }
+    }
+
+    fn public_message(&self) -> String {
+        match self {
+            DeviceSyncError::Store(e) => e.public_message(),
+            other => other.to_string(),
+        }
+    }
+}
+
+into_status!(DeviceSyncError);
+
+/// A position in a device's inbox: the last delivered package id (0 before the first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct InboxPosition(i64);
+
+/// The inbox cursor. Devices persist it, so the `kp1:<decimal id>` cursors handed out before
+/// the one codec still parse.
+impl Cursor for InboxPosition {
+    const KIND: CursorKind = CursorKind::KeyPackages;
+    const LEGACY_PREFIX: Option<&'static str> = Some("kp1:");
+
+    fn encode(&self, out: &mut Vec<u8>) {
+        cursor::encode_i64(self.0, out);
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        cursor::decode_i64(bytes).map(InboxPosition)
+    }
+
+    fn decode_legacy(text: &str) -> Option<Self> {
+        text.parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(InboxPosition)
+    }
+}
+
+/// The inbox position of a request's `cursor`: the start when empty.
+fn parse_inbox_cursor(text: &str) -> Result<i64, Status> {
+    Ok(cursor::parse::<InboxPosition>("cursor", text)?.map_or(0, |p| p.0))
+}
+
+/// The cursor after package `id`.
+fn inbox_cursor(id: i64) -> String {
+    cursor::format(&InboxPosition(id))
 }
 
 fn package_to_wire(p: KeyPackage) -> pb::KeyPackage {
@@ -136,20 +254,17 @@ fn parse_packages(
     Ok(out)
 }
 
-fn refusal_status(refusal: SendRefusal, user: &UserId, sender: &DeviceId) -> Status {
-    match refusal {
-        SendRefusal::SenderNotCurrent => Status::failed_precondition(format!(
-            "the sending device {user}/{sender} has no current key: publish one first"
-        )),
-        SendRefusal::RecipientNotCurrent { index } => Status::failed_precondition(format!(
-            "packages[{index}].recipient_device_id: the device has no current (non-revoked) key"
-        )),
-        SendRefusal::RecipientKeyChanged { index, current } => Status::failed_precondition(
-            format!(
-                "packages[{index}].recipient_key_id: the device's current key is {current}; fetch the keys again"
-            ),
-        ),
-    }
+/// One page of a device's inbox after package `after`.
+async fn read_inbox(
+    state: &AppState,
+    user: &UserId,
+    device: &DeviceId,
+    after: i64,
+    page: u32,
+) -> Result<Vec<KeyPackage>, DeviceSyncError> {
+    Ok((state.store.conn().await?)
+        .key_package_inbox(user, device, after, i64::from(page))
+        .await?)
 }
 
 /// The body of a WatchKeyPackages stream: deliver the inbox after `after`, then wait for the
@@ -163,14 +278,10 @@ async fn deliver_inbox(
     tx: StreamSender<pb::WatchKeyPackagesResponse>,
 ) {
     loop {
-        let page = match state
-            .store
-            .key_package_inbox(&user, &device, after, i64::from(DEFAULT_PAGE))
-            .await
-        {
+        let page = match read_inbox(&state, &user, &device, after, DEFAULT_PAGE).await {
             Ok(p) => p,
             Err(e) => {
-                let _ = tx.send(Err(store_status(e))).await;
+                let _ = tx.send(Err(e.into())).await;
                 return;
             }
         };
@@ -179,7 +290,7 @@ async fn deliver_inbox(
             after = p.id;
             let message = pb::WatchKeyPackagesResponse {
                 package: Some(package_to_wire(p)),
-                cursor: format_cursor(after),
+                cursor: inbox_cursor(after),
             };
             if tx.send(Ok(message)).await.is_err() {
                 return;
@@ -191,7 +302,7 @@ async fn deliver_inbox(
         tokio::select! {
             changed = watch.changed() => {
                 if let Err(e) = changed {
-                    let _ = tx.send(Err(store_status(e))).await;
+                    let _ = tx.send(Err(e.into())).await;
                     return;
                 }
             }
@@ -221,19 +332,13 @@ impl DeviceSync for DeviceSyncService {
             .state
             .store
             .send_key_packages(
-                user.clone(),
-                sender.clone(),
-                packages,
+                user,
+                sender,
+                &packages,
                 self.state.limits.max_inbox_packages,
             )
             .await
-            .map_err(|e| match e {
-                StoreError::LimitExceeded(what) => {
-                    Status::resource_exhausted(format!("packages: {what}"))
-                }
-                other => store_status(other),
-            })?
-            .map_err(|refusal| refusal_status(refusal, user, sender))?;
+            .map_err(|e| DeviceSyncError::of_send(e, user, sender))?;
         Ok(Response::new(pb::SendKeyPackagesResponse {
             package_ids: sent
                 .into_iter()
@@ -249,21 +354,16 @@ impl DeviceSync for DeviceSyncService {
         let caller = principal(&request)?.clone();
         let (user, device) = calling_device(&caller)?;
         let req = request.get_ref();
-        let after = parse_cursor(&req.cursor)?;
+        let after = parse_inbox_cursor(&req.cursor)?;
         let page = match req.page_size {
             0 => DEFAULT_PAGE,
             n => n.min(MAX_PAGE),
         };
-        let packages = self
-            .state
-            .store
-            .key_package_inbox(user, device, after, i64::from(page))
-            .await
-            .map_err(store_status)?;
+        let packages = read_inbox(&self.state, user, device, after, page).await?;
         let next = packages.last().map_or(after, |p| p.id);
         Ok(Response::new(pb::FetchKeyPackagesResponse {
             packages: packages.into_iter().map(package_to_wire).collect(),
-            next_cursor: format_cursor(next),
+            next_cursor: inbox_cursor(next),
         }))
     }
 
@@ -289,9 +389,8 @@ impl DeviceSync for DeviceSyncService {
         let removed = self
             .state
             .store
-            .ack_key_packages(user.clone(), device.clone(), ids)
-            .await
-            .map_err(store_status)?;
+            .transaction(async |tx| tx.ack_key_packages(user, device, &ids).await)
+            .await?;
         Ok(Response::new(pb::AckKeyPackagesResponse { removed }))
     }
 
@@ -301,18 +400,84 @@ impl DeviceSync for DeviceSyncService {
     ) -> Result<Response<Self::WatchKeyPackagesStream>, Status> {
         let caller = principal(&request)?.clone();
         let (user, device) = calling_device(&caller)?;
-        let after = parse_cursor(&request.get_ref().cursor)?;
+        let after = parse_inbox_cursor(&request.get_ref().cursor)?;
         // Listen before the first read, so nothing committed after it is missed.
         let watch = self
             .state
             .store
             .watch_device(EventKind::KeyPackages, user, device)
-            .await
-            .map_err(store_status)?;
+            .await?;
         let (state, user, device) = (self.state.clone(), user.clone(), device.clone());
         Ok(Response::new(spawn_stream(
             self.state.streams.clone(),
             move |tx| deliver_inbox(state, user, device, after, watch, tx),
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inbox_cursors_round_trip_and_legacy_ones_still_parse() {
+        for id in [0, 1, 41, i64::MAX] {
+            let text = inbox_cursor(id);
+            assert!(text.starts_with("c1."), "{text}");
+            assert_eq!(parse_inbox_cursor(&text).unwrap(), id);
+        }
+        assert_eq!(parse_inbox_cursor("").unwrap(), 0);
+        // Persisted by devices before the one codec.
+        assert_eq!(parse_inbox_cursor("kp1:0").unwrap(), 0);
+        assert_eq!(parse_inbox_cursor("kp1:42").unwrap(), 42);
+    }
+
+    #[test]
+    fn anything_else_is_invalid_argument_naming_the_cursor() {
+        let trusted = cursor::format(&UserId::new("bob").unwrap());
+        for bad in [
+            "not-a-cursor",
+            "kp1:",
+            "kp1:-1",
+            "kp1:x",
+            "kp2:5",
+            "42",
+            "c1.",
+            "c1.04",
+            trusted.as_str(),
+        ] {
+            let err = parse_inbox_cursor(bad).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+            assert!(
+                err.message().starts_with("cursor:"),
+                "{bad}: {}",
+                err.message()
+            );
+        }
+    }
+
+    #[test]
+    fn refused_sends_name_what_to_fix() {
+        let user = UserId::new("alice").unwrap();
+        let sender = DeviceId::new("phone").unwrap();
+        let laptop = DeviceId::new("laptop").unwrap();
+        let status = |e: SendError| Status::from(DeviceSyncError::of_send(e, &user, &sender));
+        let s = status(SendError::SenderNotCurrent);
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.message().contains("alice/phone"), "{}", s.message());
+        let s = status(SendError::RecipientNotCurrent { index: 2 });
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.message().starts_with("packages[2].recipient_device_id:"));
+        let s = status(SendError::InboxFull {
+            device: laptop,
+            held: 4,
+            adding: 2,
+            max: 5,
+        });
+        assert_eq!(s.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(
+            s.message(),
+            "packages: the inbox of device alice/laptop holds 4 packages; 2 more would pass the bound of 5"
+        );
     }
 }

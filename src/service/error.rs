@@ -11,6 +11,7 @@
 
 use std::fmt;
 
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::Status;
 
 use crate::crypto::CryptoError;
@@ -50,11 +51,18 @@ pub(crate) trait DomainError: fmt::Display {
     fn public_message(&self) -> String {
         self.to_string()
     }
+
+    /// Metadata sent beside the message, for a caller that acts on more than the text (the
+    /// current version of a stale write); none by default, and never for
+    /// [`ErrorClass::Internal`] or [`ErrorClass::Unavailable`].
+    fn metadata(&self) -> Vec<(&'static str, MetadataValue<Ascii>)> {
+        Vec::new()
+    }
 }
 
 /// The status of any domain error: the one mapping.
 pub(crate) fn status<E: DomainError>(e: E) -> Status {
-    match e.class() {
+    let mut status = match e.class() {
         ErrorClass::InvalidArgument => Status::invalid_argument(e.public_message()),
         ErrorClass::NotFound => Status::not_found(e.public_message()),
         ErrorClass::AlreadyExists => Status::already_exists(e.public_message()),
@@ -64,13 +72,17 @@ pub(crate) fn status<E: DomainError>(e: E) -> Status {
         ErrorClass::ResourceExhausted => Status::resource_exhausted(e.public_message()),
         ErrorClass::Unavailable => {
             tracing::warn!(error = %e, "database unavailable");
-            Status::unavailable("database unavailable")
+            return Status::unavailable("database unavailable");
         }
         ErrorClass::Internal => {
             tracing::error!(error = %e, "internal failure");
-            Status::internal("internal error")
+            return Status::internal("internal error");
         }
+    };
+    for (key, value) in e.metadata() {
+        status.metadata_mut().insert(key, value);
     }
+    status
 }
 
 /// What a store error means to a caller when the workflow gives it no meaning of its own.

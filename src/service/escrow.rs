@@ -3,7 +3,8 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{check_list_len, invalid, parse_field, require_role, store_status, AppState};
+use super::error::{into_status, DomainError, ErrorClass};
+use super::{check_list_len, invalid, parse_field, require_role, AppState};
 use crate::auth::{principal, Role};
 use crate::crypto::ids::{Epoch, SessionId};
 use crate::proto::keyhold::v1 as pb;
@@ -30,6 +31,36 @@ impl EscrowService {
         Self { state }
     }
 }
+
+/// What an escrow read refuses.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EscrowError {
+    /// The session does not exist, or an epoch asked for is past its current epoch: both are
+    /// unknown records, refused before anything is recorded or read.
+    #[error("not found")]
+    NotFound,
+    /// The store failed; an audit event that cannot be written fails the read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DomainError for EscrowError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            EscrowError::NotFound => ErrorClass::NotFound,
+            EscrowError::Store(e) => e.class(),
+        }
+    }
+
+    fn public_message(&self) -> String {
+        match self {
+            EscrowError::Store(e) => e.public_message(),
+            other => other.to_string(),
+        }
+    }
+}
+
+into_status!(EscrowError);
 
 /// The page size a request asks for: 0 means the default, more than the maximum is capped.
 pub fn page_size(requested: u32) -> u32 {
@@ -91,19 +122,18 @@ impl Escrow for EscrowService {
             .store
             .transaction(async move |tx| {
                 let Some(session) = tx.session(&session_id).await? else {
-                    return Err(StoreError::NotFound);
+                    return Err(EscrowError::NotFound);
                 };
                 // An epoch the session never reached is unknown: refused before anything is
                 // recorded or read.
                 if epochs.iter().any(|e| *e > session.current_epoch) {
-                    return Err(StoreError::NotFound);
+                    return Err(EscrowError::NotFound);
                 }
                 let recorded = tx.append_audit_event(&event).await?;
                 let keys = tx.staff_keys(&session_id, &epochs).await?;
                 Ok((recorded.seq, keys))
             })
-            .await
-            .map_err(store_status)?;
+            .await?;
         Ok(Response::new(pb::GetEscrowedKeysResponse {
             staff_keys: keys
                 .into_iter()
@@ -124,12 +154,9 @@ impl Escrow for EscrowService {
         let caller = principal(&request)?.clone();
         require_role(&caller, &[Role::Staff])?;
         let req = request.get_ref();
-        let events = self
-            .state
-            .store
+        let events = (self.state.store.conn().await?)
             .list_audit_events(req.after_seq, page_size(req.page_size))
-            .await
-            .map_err(store_status)?;
+            .await?;
         Ok(Response::new(pb::ListAuditEventsResponse {
             events: events
                 .into_iter()
@@ -153,12 +180,7 @@ impl Escrow for EscrowService {
     ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
         let caller = principal(&request)?.clone();
         require_role(&caller, &[Role::Staff])?;
-        let check = self
-            .state
-            .store
-            .verify_audit_chain()
-            .await
-            .map_err(store_status)?;
+        let check = self.state.store.verify_audit_chain().await?;
         Ok(Response::new(pb::VerifyAuditLogResponse {
             ok: check.first_broken.is_none(),
             events_checked: check.intact,

@@ -8,16 +8,19 @@
 //! Only the owning device may call; app servers, staff and admins are refused, and another
 //! device is refused even for its own user.
 
-use tonic::metadata::MetadataValue;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::{Request, Response, Status};
 
-use super::{crypto_internal, invalid, parse_field, require_own_device, store_status, AppState};
+use super::error::{into_status, DomainError, ErrorClass};
+use super::{invalid, parse_field, require_own_device, AppState};
 use crate::auth::{principal, Principal};
 use crate::crypto::envelope::{open_under_kek, seal_under_kek, KekContext};
 use crate::crypto::ids::{ConversationId, DeviceId, UserId};
+use crate::crypto::CryptoError;
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::ratchet_server::Ratchet;
 use crate::store::ratchet_states::{CasOutcome, RatchetKey, RatchetWrite};
+use crate::store::StoreError;
 
 /// The metadata key of an ABORTED write's current version (decimal text).
 pub const CURRENT_VERSION_TRAILER: &str = "keyhold-current-version";
@@ -61,15 +64,63 @@ fn sealing_context(key: &RatchetKey) -> KekContext {
     }
 }
 
-/// ABORTED for a stale expected version, with the current one in the message and metadata.
-fn stale(field: &str, current: u64) -> Status {
-    let mut status = Status::aborted(format!(
-        "{field}: stale; the current version is {current} (0: no state); read it again and retry"
-    ));
-    status
-        .metadata_mut()
-        .insert(CURRENT_VERSION_TRAILER, MetadataValue::from(current));
-    status
+/// What the Ratchet workflow refuses.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RatchetError {
+    /// The device has no state stored for the conversation.
+    #[error("conversation_id: no ratchet state stored")]
+    NoState,
+    /// The expected version is not the current one; nothing was written. The caller reads
+    /// the current version in the message and in the [`CURRENT_VERSION_TRAILER`] metadata.
+    #[error("expected_version: stale; the current version is {current} (0: no state); read it again and retry")]
+    Stale {
+        /// The state's current version, 0 if there is none.
+        current: u64,
+    },
+    /// Sealing or opening a state under the service KEK failed: a state that does not open
+    /// under its own row's context was moved or altered.
+    #[error("ratchet state envelope: {0}")]
+    Envelope(#[from] CryptoError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl DomainError for RatchetError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            RatchetError::NoState => ErrorClass::NotFound,
+            RatchetError::Stale { .. } => ErrorClass::Aborted,
+            RatchetError::Envelope(_) => ErrorClass::Internal,
+            RatchetError::Store(e) => e.class(),
+        }
+    }
+
+    fn public_message(&self) -> String {
+        match self {
+            RatchetError::Store(e) => e.public_message(),
+            other => other.to_string(),
+        }
+    }
+
+    fn metadata(&self) -> Vec<(&'static str, MetadataValue<Ascii>)> {
+        match self {
+            RatchetError::Stale { current } => {
+                vec![(CURRENT_VERSION_TRAILER, MetadataValue::from(*current))]
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+into_status!(RatchetError);
+
+/// The new version of a written state, or [`RatchetError::Stale`].
+fn written(outcome: CasOutcome) -> Result<u64, RatchetError> {
+    match outcome {
+        CasOutcome::Written(version) => Ok(version),
+        CasOutcome::Stale { current } => Err(RatchetError::Stale { current }),
+    }
 }
 
 #[tonic::async_trait]
@@ -81,16 +132,13 @@ impl Ratchet for RatchetService {
         let caller = principal(&request)?.clone();
         let req = request.get_ref();
         let key = ratchet_key(&caller, &req.user_id, &req.device_id, &req.conversation_id)?;
-        let stored = self
-            .state
-            .store
+        let stored = (self.state.store.conn().await?)
             .ratchet_state(&key)
-            .await
-            .map_err(store_status)?
-            .ok_or_else(|| Status::not_found("conversation_id: no ratchet state stored"))?;
+            .await?
+            .ok_or(RatchetError::NoState)?;
         // A state that does not open under its own row's context was moved or altered.
         let state = open_under_kek(&self.state.kek, &stored.envelope, &sealing_context(&key))
-            .map_err(crypto_internal)?;
+            .map_err(RatchetError::from)?;
         Ok(Response::new(pb::GetRatchetStateResponse {
             state: state.to_vec(),
             version: stored.version,
@@ -116,26 +164,18 @@ impl Ratchet for RatchetService {
             )));
         }
         let envelope = seal_under_kek(&self.state.kek, &req.state, &sealing_context(&key))
-            .map_err(crypto_internal)?;
-        let outcome = self
+            .map_err(RatchetError::from)?;
+        let write = RatchetWrite {
+            expected_version: req.expected_version,
+            kek_version: self.state.kek.version().0,
+            envelope,
+        };
+        let version = self
             .state
             .store
-            .put_ratchet_state(
-                key,
-                RatchetWrite {
-                    expected_version: req.expected_version,
-                    kek_version: self.state.kek.version().0,
-                    envelope,
-                },
-            )
-            .await
-            .map_err(store_status)?;
-        match outcome {
-            CasOutcome::Written(version) => {
-                Ok(Response::new(pb::PutRatchetStateResponse { version }))
-            }
-            CasOutcome::Stale { current } => Err(stale("expected_version", current)),
-        }
+            .transaction(async |tx| written(tx.put_ratchet_state(&key, &write).await?))
+            .await?;
+        Ok(Response::new(pb::PutRatchetStateResponse { version }))
     }
 
     async fn delete_ratchet_state(
@@ -149,20 +189,35 @@ impl Ratchet for RatchetService {
             0 => None,
             v => Some(v),
         };
-        let outcome = self
-            .state
+        self.state
             .store
-            .delete_ratchet_state(key, expected)
-            .await
-            .map_err(|e| match e {
-                crate::store::StoreError::NotFound => {
-                    Status::not_found("conversation_id: no ratchet state stored")
-                }
-                other => store_status(other),
-            })?;
-        match outcome {
-            CasOutcome::Written(_) => Ok(Response::new(pb::DeleteRatchetStateResponse {})),
-            CasOutcome::Stale { current } => Err(stale("expected_version", current)),
-        }
+            .transaction(
+                async |tx| match tx.delete_ratchet_state(&key, expected).await {
+                    Err(StoreError::NotFound) => Err(RatchetError::NoState),
+                    outcome => written(outcome?),
+                },
+            )
+            .await?;
+        Ok(Response::new(pb::DeleteRatchetStateResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_write_is_aborted_with_the_current_version_in_message_and_trailer() {
+        let status = Status::from(RatchetError::Stale { current: 7 });
+        assert_eq!(status.code(), tonic::Code::Aborted);
+        assert_eq!(
+            status.message(),
+            "expected_version: stale; the current version is 7 (0: no state); read it again and retry"
+        );
+        let trailer = status.metadata().get(CURRENT_VERSION_TRAILER).unwrap();
+        assert_eq!(trailer.to_str().unwrap(), "7");
+        let missing = Status::from(RatchetError::NoState);
+        assert_eq!(missing.code(), tonic::Code::NotFound);
+        assert!(missing.metadata().get(CURRENT_VERSION_TRAILER).is_none());
     }
 }

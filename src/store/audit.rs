@@ -45,12 +45,12 @@ use diesel_async::RunQueryDsl;
 
 use super::locks::{lock, TxLock};
 use super::schema::audit_events;
-use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp, Tx};
+use super::{db_run, unsigned, Conn, Store, StoreError, Timestamp, Tx};
 
 /// The label that starts every event encoding.
 const LABEL: &str = "keyhold/v1/audit-event";
 
-/// Longest page [`Store::list_audit_events`] returns.
+/// Longest page [`Conn::list_audit_events`] returns.
 pub const MAX_AUDIT_PAGE: u32 = 1000;
 
 /// An event to record; the store assigns its sequence number, time and hashes.
@@ -210,77 +210,103 @@ impl TryFrom<AuditRow> for AuditEvent {
     }
 }
 
-/// Appends an event; must run inside a transaction (the lock is transaction-scoped).
-async fn append(conn: &mut DbConn, event: &NewAuditEvent) -> Result<AuditEvent, StoreError> {
-    lock(conn, TxLock::AuditChain).await?;
+impl Tx {
+    /// Appends an event to the audit log as part of this transaction: if the transaction
+    /// rolls back, the event was never written; if the append fails, so does the
+    /// transaction. (It must share a transaction: the chain's lock is transaction-scoped.)
+    pub async fn append_audit_event(
+        &mut self,
+        event: &NewAuditEvent,
+    ) -> Result<AuditEvent, StoreError> {
+        let conn = &mut self.db;
+        lock(conn, TxLock::AuditChain).await?;
 
-    let last: Option<(i64, Vec<u8>)> = db_run!(conn: {
-        audit_events::table
-            .order(audit_events::seq.desc())
-            .select((audit_events::seq, audit_events::hash))
-            .first(conn)
-            .await
-            .optional()?
-    });
-    let (seq, prev_hash) = match last {
-        None => (1u64, [0u8; 32]),
-        Some((seq, hash)) => {
-            let seq: u64 = unsigned("audit seq", seq)?;
-            let next = seq
-                .checked_add(1)
-                .ok_or_else(|| StoreError::corrupt("audit seq", seq))?;
-            (next, hash32("audit hash", &hash)?)
-        }
-    };
-    let at = Timestamp::now();
-    let reason = event.reason.as_deref();
-    let hash = event_hash(
-        &prev_hash,
-        seq,
-        at,
-        &event.actor,
-        &event.action,
-        &event.target,
-        reason,
-    )?;
-    let row = AuditRow {
-        seq: i64::try_from(seq).map_err(|_| StoreError::corrupt("audit seq", seq))?,
-        at: at.unix_micros(),
-        actor: event.actor.clone(),
-        action: event.action.clone(),
-        target: event.target.clone(),
-        reason: event.reason.clone(),
-        prev_hash: prev_hash.to_vec(),
-        hash: hash.to_vec(),
-    };
-    db_run!(conn: {
-        diesel::insert_into(audit_events::table)
-            .values(&row)
-            .execute(conn)
-            .await?;
-    });
-    row.try_into()
+        let last: Option<(i64, Vec<u8>)> = db_run!(conn: {
+            audit_events::table
+                .order(audit_events::seq.desc())
+                .select((audit_events::seq, audit_events::hash))
+                .first(conn)
+                .await
+                .optional()?
+        });
+        let (seq, prev_hash) = match last {
+            None => (1u64, [0u8; 32]),
+            Some((seq, hash)) => {
+                let seq: u64 = unsigned("audit seq", seq)?;
+                let next = seq
+                    .checked_add(1)
+                    .ok_or_else(|| StoreError::corrupt("audit seq", seq))?;
+                (next, hash32("audit hash", &hash)?)
+            }
+        };
+        let at = Timestamp::now();
+        let reason = event.reason.as_deref();
+        let hash = event_hash(
+            &prev_hash,
+            seq,
+            at,
+            &event.actor,
+            &event.action,
+            &event.target,
+            reason,
+        )?;
+        let row = AuditRow {
+            seq: i64::try_from(seq).map_err(|_| StoreError::corrupt("audit seq", seq))?,
+            at: at.unix_micros(),
+            actor: event.actor.clone(),
+            action: event.action.clone(),
+            target: event.target.clone(),
+            reason: event.reason.clone(),
+            prev_hash: prev_hash.to_vec(),
+            hash: hash.to_vec(),
+        };
+        db_run!(conn: {
+            diesel::insert_into(audit_events::table)
+                .values(&row)
+                .execute(conn)
+                .await?;
+        });
+        row.try_into()
+    }
 }
 
-async fn list_after(
-    conn: &mut DbConn,
-    after: u64,
-    limit: u32,
-) -> Result<Vec<AuditRow>, StoreError> {
-    // Sequence numbers past i64::MAX cannot exist, so "after" such a number is nothing.
-    let Ok(after) = i64::try_from(after) else {
-        return Ok(Vec::new());
-    };
-    let limit = i64::from(limit.min(MAX_AUDIT_PAGE));
-    Ok(db_run!(conn: {
-        audit_events::table
-            .filter(audit_events::seq.gt(after))
-            .order(audit_events::seq.asc())
-            .limit(limit)
-            .select(AuditRow::as_select())
-            .load(conn)
+impl Conn {
+    /// Up to `limit` events (at most [`MAX_AUDIT_PAGE`]) with a sequence number above
+    /// `after`, oldest first. Start with `after = 0`; pass the last seq seen to page on.
+    pub async fn list_audit_events(
+        &mut self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEvent>, StoreError> {
+        self.audit_rows_after(after, limit)
             .await?
-    }))
+            .into_iter()
+            .map(AuditEvent::try_from)
+            .collect()
+    }
+
+    /// The stored rows behind [`Conn::list_audit_events`], unchecked, for the chain walk.
+    async fn audit_rows_after(
+        &mut self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditRow>, StoreError> {
+        let conn = &mut self.db;
+        // Sequence numbers past i64::MAX cannot exist, so "after" such a number is nothing.
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        let limit = i64::from(limit.min(MAX_AUDIT_PAGE));
+        Ok(db_run!(conn: {
+            audit_events::table
+                .filter(audit_events::seq.gt(after))
+                .order(audit_events::seq.asc())
+                .limit(limit)
+                .select(AuditRow::as_select())
+                .load(conn)
+                .await?
+        }))
+    }
 }
 
 /// Checks one stored row against the chain so far; `false` if it breaks it.
@@ -303,79 +329,41 @@ fn row_is_intact(row: &AuditRow, expected_seq: u64, prev_hash: &[u8; 32]) -> boo
     }
 }
 
-/// Walks the chain a page at a time, taking a pooled connection per page so that a long log
-/// does not hold SQLite's one connection for the whole walk.
-async fn verify(store: &Store) -> Result<AuditChainCheck, StoreError> {
-    let mut expected_seq = 1u64;
-    let mut prev_hash = [0u8; 32];
-    let mut intact = 0u64;
-    let head = |intact: u64, seq: u64, hash: [u8; 32]| (intact > 0).then_some((seq, hash));
-    loop {
-        let page = list_after(
-            &mut store.db_conn().await?,
-            expected_seq - 1,
-            MAX_AUDIT_PAGE,
-        )
-        .await?;
-        if page.is_empty() {
-            break;
-        }
-        for row in &page {
-            if !row_is_intact(row, expected_seq, &prev_hash) {
-                return Ok(AuditChainCheck {
-                    intact,
-                    first_broken: Some(expected_seq),
-                    head: head(intact, expected_seq - 1, prev_hash),
-                });
-            }
-            prev_hash = hash32("audit hash", &row.hash)?;
-            intact += 1;
-            expected_seq += 1;
-        }
-    }
-    Ok(AuditChainCheck {
-        intact,
-        first_broken: None,
-        head: head(intact, expected_seq - 1, prev_hash),
-    })
-}
-
-impl Tx {
-    /// Appends an event to the audit log as part of this transaction: if the transaction
-    /// rolls back, the event was never written; if the append fails, so does the
-    /// transaction.
-    pub async fn append_audit_event(
-        &mut self,
-        event: &NewAuditEvent,
-    ) -> Result<AuditEvent, StoreError> {
-        append(&mut self.conn.db, event).await
-    }
-}
-
 impl Store {
-    /// Appends an event to the audit log on its own (one transaction).
-    pub async fn append_audit_event(&self, event: NewAuditEvent) -> Result<AuditEvent, StoreError> {
-        self.transaction(async move |tx| tx.append_audit_event(&event).await)
-            .await
-    }
-
-    /// Up to `limit` events (at most [`MAX_AUDIT_PAGE`]) with a sequence number above
-    /// `after`, oldest first. Start with `after = 0`; pass the last seq seen to page on.
-    pub async fn list_audit_events(
-        &self,
-        after: u64,
-        limit: u32,
-    ) -> Result<Vec<AuditEvent>, StoreError> {
-        list_after(&mut self.db_conn().await?, after, limit)
-            .await?
-            .into_iter()
-            .map(AuditEvent::try_from)
-            .collect()
-    }
-
     /// Recomputes the whole chain from seq 1 and reports the first event that breaks it.
+    ///
+    /// The chain is walked a page at a time, taking a pooled connection per page so that a
+    /// long log does not hold SQLite's one connection for the whole walk.
     pub async fn verify_audit_chain(&self) -> Result<AuditChainCheck, StoreError> {
-        verify(self).await
+        let mut expected_seq = 1u64;
+        let mut prev_hash = [0u8; 32];
+        let mut intact = 0u64;
+        let head = |intact: u64, seq: u64, hash: [u8; 32]| (intact > 0).then_some((seq, hash));
+        loop {
+            let page = (self.conn().await?)
+                .audit_rows_after(expected_seq - 1, MAX_AUDIT_PAGE)
+                .await?;
+            if page.is_empty() {
+                break;
+            }
+            for row in &page {
+                if !row_is_intact(row, expected_seq, &prev_hash) {
+                    return Ok(AuditChainCheck {
+                        intact,
+                        first_broken: Some(expected_seq),
+                        head: head(intact, expected_seq - 1, prev_hash),
+                    });
+                }
+                prev_hash = hash32("audit hash", &row.hash)?;
+                intact += 1;
+                expected_seq += 1;
+            }
+        }
+        Ok(AuditChainCheck {
+            intact,
+            first_broken: None,
+            head: head(intact, expected_seq - 1, prev_hash),
+        })
     }
 }
 

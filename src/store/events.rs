@@ -35,7 +35,7 @@ use diesel_async::{AsyncConnection, RunQueryDsl, SimpleAsyncConnection};
 use tokio::sync::{broadcast, oneshot, Mutex};
 use tokio_stream::StreamExt as _;
 
-use super::{db_run, Backend, DbConn, PgConn, Store, StoreError};
+use super::{db_run, Backend, Conn, DbConn, PgConn, Store, StoreError};
 use crate::crypto::ids::{DeviceId, UserId};
 
 /// The PostgreSQL notification channel.
@@ -213,19 +213,20 @@ struct DataVersion {
     data_version: i64,
 }
 
-/// SQLite's `data_version` of the store's connection.
-async fn sqlite_data_version(store: &Store) -> Result<i64, StoreError> {
-    let mut conn = store.db_conn().await?;
-    let conn = &mut conn;
-    let v: i64 = db_run!(conn: sqlite {
-        diesel::sql_query("PRAGMA data_version")
-            .get_result::<DataVersion>(conn)
-            .await?
-            .data_version
-    } postgres {
-        return Err(StoreError::Internal("data_version is a SQLite pragma".into()));
-    });
-    Ok(v)
+impl Conn {
+    /// SQLite's `data_version` of this connection: it moves when another connection commits.
+    async fn sqlite_data_version(&mut self) -> Result<i64, StoreError> {
+        let conn = &mut self.db;
+        let v: i64 = db_run!(conn: sqlite {
+            diesel::sql_query("PRAGMA data_version")
+                .get_result::<DataVersion>(conn)
+                .await?
+                .data_version
+        } postgres {
+            return Err(StoreError::Internal("data_version is a SQLite pragma".into()));
+        });
+        Ok(v)
+    }
 }
 
 /// Polls `data_version` until no watch is left (SQLite).
@@ -234,7 +235,10 @@ async fn poll_sqlite(
     tx: broadcast::Sender<Signal>,
     ready: oneshot::Sender<Result<(), StoreError>>,
 ) {
-    let mut last = match sqlite_data_version(&store).await {
+    // A connection from the pool per look, so the poll never holds SQLite's one connection.
+    let data_version =
+        async || -> Result<i64, StoreError> { store.conn().await?.sqlite_data_version().await };
+    let mut last = match data_version().await {
         Ok(v) => v,
         Err(e) => {
             let _ = ready.send(Err(e));
@@ -248,7 +252,7 @@ async fn poll_sqlite(
         if store.events.stop_if_unwatched(&tx).await {
             return;
         }
-        match sqlite_data_version(&store).await {
+        match data_version().await {
             Ok(v) => {
                 failing = false;
                 if v != last {

@@ -19,7 +19,7 @@ use diesel_async::RunQueryDsl;
 use super::events::{notify_in_tx, DeviceEvent, EventKind};
 use super::locks::{lock, DeviceScope, TxLock};
 use super::schema::key_packages;
-use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp};
+use super::{db_run, unsigned, Conn, Store, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
 
 /// Most package ids one acknowledgement names per statement (bound-parameter limits).
@@ -36,23 +36,41 @@ pub struct NewKeyPackage {
     pub payload: Vec<u8>,
 }
 
-/// Why a send was refused before anything was written.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SendRefusal {
+/// Why a send wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
     /// The sending device has no current (non-revoked) key.
+    #[error("the sending device has no current key")]
     SenderNotCurrent,
     /// The recipient of the package at `index` has no current (non-revoked) key.
+    #[error("the recipient of package {index} has no current key")]
     RecipientNotCurrent {
         /// The package's position in the request.
         index: usize,
     },
     /// The package at `index` names another key than its recipient's current one.
+    #[error("package {index} is sealed to another key than its recipient's current {current}")]
     RecipientKeyChanged {
         /// The package's position in the request.
         index: usize,
         /// The recipient's current key.
         current: KeyId,
     },
+    /// A recipient's inbox would hold more than the bound.
+    #[error("the inbox of {device} holds {held} packages; {adding} more would pass {max}")]
+    InboxFull {
+        /// The recipient device.
+        device: DeviceId,
+        /// How many packages its inbox holds.
+        held: u64,
+        /// How many this send adds to it.
+        adding: usize,
+        /// The bound.
+        max: usize,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// A stored package.
@@ -104,50 +122,54 @@ impl TryFrom<KeyPackageRow> for KeyPackage {
     }
 }
 
-async fn inbox_len(conn: &mut DbConn, user: &UserId, device: &DeviceId) -> Result<u64, StoreError> {
-    let n: i64 = db_run!(conn: {
-        key_packages::table
-            .filter(key_packages::user_id.eq(user.as_str()))
-            .filter(key_packages::recipient_device_id.eq(device.as_str()))
-            .count()
-            .get_result(conn)
-            .await?
-    });
-    unsigned("inbox length", n)
-}
-
-async fn send(
-    conn: &mut DbConn,
-    user: &UserId,
-    sender: &DeviceId,
-    packages: &[NewKeyPackage],
-    inbox_max: usize,
-) -> Result<Vec<i64>, StoreError> {
-    // Inboxes in one sorted order, so two sends to overlapping devices cannot deadlock.
-    let mut recipients: Vec<&DeviceId> = packages.iter().map(|p| &p.recipient_device).collect();
-    recipients.sort();
-    recipients.dedup();
-    for r in &recipients {
-        lock(conn, TxLock::Device(DeviceScope::Inbox, user, r)).await?;
-        let held = inbox_len(conn, user, r).await?;
-        let adding = packages
-            .iter()
-            .filter(|p| &p.recipient_device == *r)
-            .count();
-        if usize::try_from(held)
-            .unwrap_or(usize::MAX)
-            .saturating_add(adding)
-            > inbox_max
-        {
-            return Err(StoreError::LimitExceeded(format!(
-                "the inbox of device {user}/{r} holds {held} packages; {adding} more would pass the bound of {inbox_max}"
-            )));
-        }
+impl Conn {
+    /// One page of a device's inbox: packages with `id > after`, oldest first, at most `limit`.
+    pub async fn key_package_inbox(
+        &mut self,
+        user: &UserId,
+        device: &DeviceId,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<KeyPackage>, StoreError> {
+        let conn = &mut self.db;
+        let rows: Vec<KeyPackageRow> = db_run!(conn: {
+            key_packages::table
+                .filter(key_packages::user_id.eq(user.as_str()))
+                .filter(key_packages::recipient_device_id.eq(device.as_str()))
+                .filter(key_packages::id.gt(after))
+                .order(key_packages::id)
+                .limit(limit)
+                .select(KeyPackageRow::as_select())
+                .load(conn)
+                .await?
+        });
+        rows.into_iter().map(KeyPackage::try_from).collect()
     }
-    let now = Timestamp::now().unix_micros();
-    let mut ids = Vec::with_capacity(packages.len());
-    for p in packages {
-        let id: i64 = db_run!(conn: {
+
+    /// How many packages a device's inbox holds.
+    async fn inbox_len(&mut self, user: &UserId, device: &DeviceId) -> Result<u64, StoreError> {
+        let conn = &mut self.db;
+        let n: i64 = db_run!(conn: {
+            key_packages::table
+                .filter(key_packages::user_id.eq(user.as_str()))
+                .filter(key_packages::recipient_device_id.eq(device.as_str()))
+                .count()
+                .get_result(conn)
+                .await?
+        });
+        unsigned("inbox length", n)
+    }
+
+    /// Stores one package sent at `now`; its id.
+    async fn insert_key_package(
+        &mut self,
+        user: &UserId,
+        sender: &DeviceId,
+        p: &NewKeyPackage,
+        now: Timestamp,
+    ) -> Result<i64, StoreError> {
+        let conn = &mut self.db;
+        Ok(db_run!(conn: {
             diesel::insert_into(key_packages::table)
                 .values((
                     key_packages::user_id.eq(user.as_str()),
@@ -155,140 +177,132 @@ async fn send(
                     key_packages::recipient_device_id.eq(p.recipient_device.as_str()),
                     key_packages::recipient_key_id.eq(p.recipient_key_id.as_bytes().as_slice()),
                     key_packages::payload.eq(p.payload.as_slice()),
-                    key_packages::created_at.eq(now),
+                    key_packages::created_at.eq(now.unix_micros()),
                 ))
                 .returning(key_packages::id)
                 .get_result(conn)
                 .await?
-        });
-        ids.push(id);
+        }))
     }
-    for r in recipients {
-        notify_in_tx(conn, &DeviceEvent::new(EventKind::KeyPackages, user, r)).await?;
-    }
-    Ok(ids)
 }
 
-async fn inbox(
-    conn: &mut DbConn,
-    user: &UserId,
-    device: &DeviceId,
-    after: i64,
-    limit: i64,
-) -> Result<Vec<KeyPackage>, StoreError> {
-    let rows: Vec<KeyPackageRow> = db_run!(conn: {
-        key_packages::table
-            .filter(key_packages::user_id.eq(user.as_str()))
-            .filter(key_packages::recipient_device_id.eq(device.as_str()))
-            .filter(key_packages::id.gt(after))
-            .order(key_packages::id)
-            .limit(limit)
-            .select(KeyPackageRow::as_select())
-            .load(conn)
-            .await?
-    });
-    rows.into_iter().map(KeyPackage::try_from).collect()
+impl Tx {
+    /// Removes packages from a device's inbox; ids of other devices' packages, or already
+    /// removed, are passed over. Returns how many were removed. (Long lists take several
+    /// statements, all in this transaction.)
+    pub async fn ack_key_packages(
+        &mut self,
+        user: &UserId,
+        device: &DeviceId,
+        ids: &[i64],
+    ) -> Result<u64, StoreError> {
+        let conn = &mut self.db;
+        let mut removed = 0u64;
+        for chunk in ids.chunks(IDS_PER_DELETE) {
+            let n = db_run!(conn: {
+                diesel::delete(
+                    key_packages::table
+                        .filter(key_packages::user_id.eq(user.as_str()))
+                        .filter(key_packages::recipient_device_id.eq(device.as_str()))
+                        .filter(key_packages::id.eq_any(chunk)),
+                )
+                .execute(conn)
+                .await?
+            });
+            removed += n as u64;
+        }
+        Ok(removed)
+    }
+
+    /// The transaction of [`Store::send_key_packages`]: the checks, the inbox bound under
+    /// each recipient inbox's lock, the inserts and the notifications.
+    async fn send_key_packages(
+        &mut self,
+        user: &UserId,
+        sender: &DeviceId,
+        packages: &[NewKeyPackage],
+        inbox_max: usize,
+    ) -> Result<Vec<i64>, SendError> {
+        let current = self.current_user_keys(std::slice::from_ref(user)).await?;
+        let key_of = |d: &DeviceId| current.iter().find(|k| &k.device == d).map(|k| k.key_id);
+        if key_of(sender).is_none() {
+            return Err(SendError::SenderNotCurrent);
+        }
+        for (index, p) in packages.iter().enumerate() {
+            match key_of(&p.recipient_device) {
+                None => return Err(SendError::RecipientNotCurrent { index }),
+                Some(k) if k != p.recipient_key_id => {
+                    return Err(SendError::RecipientKeyChanged { index, current: k })
+                }
+                Some(_) => {}
+            }
+        }
+        // Inboxes in one sorted order, so two sends to overlapping devices cannot deadlock.
+        for r in recipients(packages) {
+            lock(&mut self.db, TxLock::Device(DeviceScope::Inbox, user, r)).await?;
+            let held = self.inbox_len(user, r).await?;
+            let adding = packages.iter().filter(|p| &p.recipient_device == r).count();
+            if usize::try_from(held)
+                .unwrap_or(usize::MAX)
+                .saturating_add(adding)
+                > inbox_max
+            {
+                return Err(SendError::InboxFull {
+                    device: r.clone(),
+                    held,
+                    adding,
+                    max: inbox_max,
+                });
+            }
+        }
+        let now = Timestamp::now();
+        let mut ids = Vec::with_capacity(packages.len());
+        for p in packages {
+            ids.push(self.insert_key_package(user, sender, p, now).await?);
+        }
+        for r in recipients(packages) {
+            let event = DeviceEvent::new(EventKind::KeyPackages, user, r);
+            notify_in_tx(&mut self.db, &event).await?;
+        }
+        Ok(ids)
+    }
 }
 
-async fn ack(
-    conn: &mut DbConn,
-    user: &UserId,
-    device: &DeviceId,
-    ids: &[i64],
-) -> Result<u64, StoreError> {
-    let mut removed = 0u64;
-    for chunk in ids.chunks(IDS_PER_DELETE) {
-        let n = db_run!(conn: {
-            diesel::delete(
-                key_packages::table
-                    .filter(key_packages::user_id.eq(user.as_str()))
-                    .filter(key_packages::recipient_device_id.eq(device.as_str()))
-                    .filter(key_packages::id.eq_any(chunk)),
-            )
-            .execute(conn)
-            .await?
-        });
-        removed += n as u64;
-    }
-    Ok(removed)
+/// The recipient devices of a send, sorted, each once.
+fn recipients(packages: &[NewKeyPackage]) -> Vec<&DeviceId> {
+    let mut recipients: Vec<&DeviceId> = packages.iter().map(|p| &p.recipient_device).collect();
+    recipients.sort();
+    recipients.dedup();
+    recipients
 }
 
 impl Store {
-    /// One page of a device's inbox: packages with `id > after`, oldest first, at most `limit`.
-    pub async fn key_package_inbox(
-        &self,
-        user: &UserId,
-        device: &DeviceId,
-        after: i64,
-        limit: i64,
-    ) -> Result<Vec<KeyPackage>, StoreError> {
-        inbox(&mut self.db_conn().await?, user, device, after, limit).await
-    }
-
-    /// Removes packages from a device's inbox (one transaction); ids of other devices'
-    /// packages, or already removed, are passed over. Returns how many were removed.
-    pub async fn ack_key_packages(
-        &self,
-        user: UserId,
-        device: DeviceId,
-        ids: Vec<i64>,
-    ) -> Result<u64, StoreError> {
-        self.transaction(async move |tx| ack(&mut tx.conn.db, &user, &device, &ids).await)
-            .await
-    }
-
     /// Puts packages from `sender` into the inboxes of other devices of `user`, in one
-    /// transaction, and wakes the recipients' watches. Returns the packages' ids in the order
-    /// given.
+    /// transaction, and once it has committed wakes the recipients' watches. Returns the
+    /// packages' ids in the order given.
     ///
     /// Checked in the same transaction, before anything is written: the sender and every
-    /// recipient have a current (non-revoked) key, and each package names its recipient's
-    /// current key; otherwise the [`SendRefusal`] says which, and nothing is written.
-    /// [`StoreError::LimitExceeded`] if an inbox would hold more than `inbox_max` packages.
+    /// recipient have a current (non-revoked) key, each package names its recipient's
+    /// current key, and no inbox would hold more than `inbox_max` packages; otherwise the
+    /// [`SendError`] says which, and nothing is written.
     pub async fn send_key_packages(
         &self,
-        user: UserId,
-        sender: DeviceId,
-        packages: Vec<NewKeyPackage>,
+        user: &UserId,
+        sender: &DeviceId,
+        packages: &[NewKeyPackage],
         inbox_max: usize,
-    ) -> Result<Result<Vec<i64>, SendRefusal>, StoreError> {
-        let mut recipients: Vec<DeviceId> = packages
-            .iter()
-            .map(|p| p.recipient_device.clone())
-            .collect();
-        recipients.sort();
-        recipients.dedup();
-        let sent = {
-            let user = user.clone();
-            self.transaction(async move |tx| {
-                let current = tx.current_user_keys(std::slice::from_ref(&user)).await?;
-                let key_of =
-                    |d: &DeviceId| current.iter().find(|k| &k.device == d).map(|k| k.key_id);
-                if key_of(&sender).is_none() {
-                    return Ok(Err(SendRefusal::SenderNotCurrent));
-                }
-                for (index, p) in packages.iter().enumerate() {
-                    match key_of(&p.recipient_device) {
-                        None => return Ok(Err(SendRefusal::RecipientNotCurrent { index })),
-                        Some(k) if k != p.recipient_key_id => {
-                            return Ok(Err(SendRefusal::RecipientKeyChanged { index, current: k }))
-                        }
-                        Some(_) => {}
-                    }
-                }
-                send(&mut tx.conn.db, &user, &sender, &packages, inbox_max)
+    ) -> Result<Vec<i64>, SendError> {
+        let ids = self
+            .transaction(async |tx| {
+                tx.send_key_packages(user, sender, packages, inbox_max)
                     .await
-                    .map(Ok)
             })
-            .await?
-        };
-        if sent.is_ok() {
-            let events: Vec<DeviceEvent> = recipients
-                .iter()
-                .map(|r| DeviceEvent::new(EventKind::KeyPackages, &user, r))
-                .collect();
-            self.announce_committed(&events).await;
-        }
-        Ok(sent)
+            .await?;
+        let events: Vec<DeviceEvent> = recipients(packages)
+            .into_iter()
+            .map(|r| DeviceEvent::new(EventKind::KeyPackages, user, r))
+            .collect();
+        self.announce_committed(&events).await;
+        Ok(ids)
     }
 }

@@ -12,7 +12,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::schema::ratchet_states;
-use super::{db_run, unsigned, DbConn, Store, StoreError, Timestamp};
+use super::{db_run, unsigned, Conn, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{ConversationId, DeviceId, UserId};
 
 /// Which ratchet state: the row's identity, also the sealing context.
@@ -75,6 +75,15 @@ struct RatchetRow {
     updated_at: i64,
 }
 
+/// The row's primary key.
+fn row_id(key: &RatchetKey) -> (&str, &str, &str) {
+    (
+        key.user.as_str(),
+        key.device.as_str(),
+        key.conversation.as_str(),
+    )
+}
+
 impl TryFrom<RatchetRow> for StoredRatchetState {
     type Error = StoreError;
     fn try_from(r: RatchetRow) -> Result<Self, StoreError> {
@@ -88,165 +97,112 @@ impl TryFrom<RatchetRow> for StoredRatchetState {
     }
 }
 
-async fn current_version(conn: &mut DbConn, key: &RatchetKey) -> Result<u64, StoreError> {
-    let (u, d, c) = (
-        key.user.as_str(),
-        key.device.as_str(),
-        key.conversation.as_str(),
-    );
-    let v: Option<i64> = db_run!(conn: {
-        ratchet_states::table
-            .find((u, d, c))
-            .select(ratchet_states::version)
-            .first(conn)
-            .await
-            .optional()?
-    });
-    v.map_or(Ok(0), |v| unsigned("ratchet state version", v))
-}
-
-async fn get(
-    conn: &mut DbConn,
-    key: &RatchetKey,
-) -> Result<Option<StoredRatchetState>, StoreError> {
-    let (u, d, c) = (
-        key.user.as_str(),
-        key.device.as_str(),
-        key.conversation.as_str(),
-    );
-    let row: Option<RatchetRow> = db_run!(conn: {
-        ratchet_states::table
-            .find((u, d, c))
-            .select(RatchetRow::as_select())
-            .first(conn)
-            .await
-            .optional()?
-    });
-    row.map(StoredRatchetState::try_from).transpose()
-}
-
-async fn put(
-    conn: &mut DbConn,
-    key: &RatchetKey,
-    write: &RatchetWrite,
-) -> Result<CasOutcome, StoreError> {
-    let (u, d, c) = (
-        key.user.as_str(),
-        key.device.as_str(),
-        key.conversation.as_str(),
-    );
-    let now = Timestamp::now().unix_micros();
-    let kek_version = i32::try_from(write.kek_version).map_err(|_| {
-        StoreError::Internal(format!(
-            "KEK version {} does not fit the database",
-            write.kek_version
-        ))
-    })?;
-    let env = write.envelope.as_slice();
-    let written = if write.expected_version == 0 {
-        db_run!(conn: {
-            diesel::insert_into(ratchet_states::table)
-                .values((
-                    ratchet_states::user_id.eq(u),
-                    ratchet_states::device_id.eq(d),
-                    ratchet_states::conversation_id.eq(c),
-                    ratchet_states::version.eq(1_i64),
-                    ratchet_states::kek_version.eq(kek_version),
-                    ratchet_states::envelope.eq(env),
-                    ratchet_states::created_at.eq(now),
-                    ratchet_states::updated_at.eq(now),
-                ))
-                .on_conflict_do_nothing()
-                .execute(conn)
-                .await?
-        })
-    } else {
-        // A version past i64 cannot be stored, so it cannot be current either.
-        let Some((expected, next)) = i64::try_from(write.expected_version)
-            .ok()
-            .and_then(|e| Some((e, e.checked_add(1)?)))
-        else {
-            return Ok(CasOutcome::Stale {
-                current: current_version(conn, key).await?,
-            });
-        };
-        db_run!(conn: {
-            diesel::update(
-                ratchet_states::table
-                    .find((u, d, c))
-                    .filter(ratchet_states::version.eq(expected)),
-            )
-            .set((
-                ratchet_states::version.eq(next),
-                ratchet_states::kek_version.eq(kek_version),
-                ratchet_states::envelope.eq(env),
-                ratchet_states::updated_at.eq(now),
-            ))
-            .execute(conn)
-            .await?
-        })
-    };
-    if written == 1 {
-        Ok(CasOutcome::Written(write.expected_version + 1))
-    } else {
-        Ok(CasOutcome::Stale {
-            current: current_version(conn, key).await?,
-        })
-    }
-}
-
-async fn delete(
-    conn: &mut DbConn,
-    key: &RatchetKey,
-    expected_version: Option<u64>,
-) -> Result<CasOutcome, StoreError> {
-    let (u, d, c) = (
-        key.user.as_str(),
-        key.device.as_str(),
-        key.conversation.as_str(),
-    );
-    let expected = match expected_version.map(i64::try_from).transpose() {
-        Ok(e) => e,
-        Err(_) => {
-            return Ok(CasOutcome::Stale {
-                current: current_version(conn, key).await?,
-            })
-        }
-    };
-    let deleted = db_run!(conn: {
-        let mut q = diesel::delete(ratchet_states::table.find((u, d, c))).into_boxed();
-        if let Some(e) = expected {
-            q = q.filter(ratchet_states::version.eq(e));
-        }
-        q.execute(conn).await?
-    });
-    if deleted == 1 {
-        return Ok(CasOutcome::Written(0));
-    }
-    match current_version(conn, key).await? {
-        0 => Err(StoreError::NotFound),
-        current => Ok(CasOutcome::Stale { current }),
-    }
-}
-
-impl Store {
+impl Conn {
     /// The sealed ratchet state of one conversation of one device.
     pub async fn ratchet_state(
-        &self,
+        &mut self,
         key: &RatchetKey,
     ) -> Result<Option<StoredRatchetState>, StoreError> {
-        get(&mut self.db_conn().await?, key).await
+        let conn = &mut self.db;
+        let row: Option<RatchetRow> = db_run!(conn: {
+            ratchet_states::table
+                .find(row_id(key))
+                .select(RatchetRow::as_select())
+                .first(conn)
+                .await
+                .optional()?
+        });
+        row.map(StoredRatchetState::try_from).transpose()
     }
 
+    /// The state's current version, 0 if there is none.
+    async fn ratchet_state_version(&mut self, key: &RatchetKey) -> Result<u64, StoreError> {
+        let conn = &mut self.db;
+        let v: Option<i64> = db_run!(conn: {
+            ratchet_states::table
+                .find(row_id(key))
+                .select(ratchet_states::version)
+                .first(conn)
+                .await
+                .optional()?
+        });
+        v.map_or(Ok(0), |v| unsigned("ratchet state version", v))
+    }
+
+    /// [`CasOutcome::Stale`] with the state's current version.
+    async fn stale_ratchet_state(&mut self, key: &RatchetKey) -> Result<CasOutcome, StoreError> {
+        Ok(CasOutcome::Stale {
+            current: self.ratchet_state_version(key).await?,
+        })
+    }
+}
+
+impl Tx {
     /// Writes a sealed ratchet state if its current version is `write.expected_version`
-    /// (0: if it does not exist yet), in one transaction. The new version is one more.
+    /// (0: if it does not exist yet). The new version is one more. In a transaction, so that
+    /// the current version a stale write reports is the one that made it stale.
     pub async fn put_ratchet_state(
-        &self,
-        key: RatchetKey,
-        write: RatchetWrite,
+        &mut self,
+        key: &RatchetKey,
+        write: &RatchetWrite,
     ) -> Result<CasOutcome, StoreError> {
-        self.transaction(async move |tx| put(&mut tx.conn.db, &key, &write).await)
-            .await
+        let (u, d, c) = row_id(key);
+        let now = Timestamp::now().unix_micros();
+        let kek_version = i32::try_from(write.kek_version).map_err(|_| {
+            StoreError::Internal(format!(
+                "KEK version {} does not fit the database",
+                write.kek_version
+            ))
+        })?;
+        let env = write.envelope.as_slice();
+        let written = if write.expected_version == 0 {
+            let conn = &mut self.db;
+            db_run!(conn: {
+                diesel::insert_into(ratchet_states::table)
+                    .values((
+                        ratchet_states::user_id.eq(u),
+                        ratchet_states::device_id.eq(d),
+                        ratchet_states::conversation_id.eq(c),
+                        ratchet_states::version.eq(1_i64),
+                        ratchet_states::kek_version.eq(kek_version),
+                        ratchet_states::envelope.eq(env),
+                        ratchet_states::created_at.eq(now),
+                        ratchet_states::updated_at.eq(now),
+                    ))
+                    .on_conflict_do_nothing()
+                    .execute(conn)
+                    .await?
+            })
+        } else {
+            // A version past i64 cannot be stored, so it cannot be current either.
+            let Some((expected, next)) = i64::try_from(write.expected_version)
+                .ok()
+                .and_then(|e| Some((e, e.checked_add(1)?)))
+            else {
+                return self.stale_ratchet_state(key).await;
+            };
+            let conn = &mut self.db;
+            db_run!(conn: {
+                diesel::update(
+                    ratchet_states::table
+                        .find((u, d, c))
+                        .filter(ratchet_states::version.eq(expected)),
+                )
+                .set((
+                    ratchet_states::version.eq(next),
+                    ratchet_states::kek_version.eq(kek_version),
+                    ratchet_states::envelope.eq(env),
+                    ratchet_states::updated_at.eq(now),
+                ))
+                .execute(conn)
+                .await?
+            })
+        };
+        if written == 1 {
+            Ok(CasOutcome::Written(write.expected_version + 1))
+        } else {
+            self.stale_ratchet_state(key).await
+        }
     }
 
     /// Deletes a ratchet state: any version when `expected_version` is `None`, otherwise only
@@ -254,11 +210,27 @@ impl Store {
     /// [`CasOutcome::Stale`] when another version is current, [`StoreError::NotFound`] when
     /// there is no state.
     pub async fn delete_ratchet_state(
-        &self,
-        key: RatchetKey,
+        &mut self,
+        key: &RatchetKey,
         expected_version: Option<u64>,
     ) -> Result<CasOutcome, StoreError> {
-        self.transaction(async move |tx| delete(&mut tx.conn.db, &key, expected_version).await)
-            .await
+        let Ok(expected) = expected_version.map(i64::try_from).transpose() else {
+            return self.stale_ratchet_state(key).await;
+        };
+        let conn = &mut self.db;
+        let deleted = db_run!(conn: {
+            let mut q = diesel::delete(ratchet_states::table.find(row_id(key))).into_boxed();
+            if let Some(e) = expected {
+                q = q.filter(ratchet_states::version.eq(e));
+            }
+            q.execute(conn).await?
+        });
+        if deleted == 1 {
+            return Ok(CasOutcome::Written(0));
+        }
+        match self.ratchet_state_version(key).await? {
+            0 => Err(StoreError::NotFound),
+            current => Ok(CasOutcome::Stale { current }),
+        }
     }
 }

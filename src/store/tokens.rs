@@ -3,9 +3,9 @@
 //! Only the SHA-256 of a token is stored ([`TokenHash`]); the plaintext is shown once when it
 //! is created and never written anywhere. Two ways to authenticate a presented token:
 //!
-//! - by id ([`Store::find_token`]) when the token carries its id, then compare the stored
+//! - by id ([`Conn::find_token`]) when the token carries its id, then compare the stored
 //!   hash with [`TokenHash::matches`] in constant time;
-//! - by hash ([`Store::find_active_token`]) through the unique index on `token_hash`: the
+//! - by hash ([`Conn::find_active_token`]) through the unique index on `token_hash`: the
 //!   lookup's timing depends on the hash of the presented token, not on any stored token, so
 //!   it tells an attacker nothing useful.
 
@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::schema::api_tokens;
 use super::sql::coalesce;
-use super::{db_run, DbConn, Store, StoreError, Timestamp, Tx};
+use super::{db_run, Conn, StoreError, Timestamp};
 use crate::crypto::ids::{DeviceId, UserId};
 
 /// A token's public identifier (16 bytes, UUIDv7), used to name it when revoking.
@@ -113,7 +113,7 @@ impl Role {
     }
 }
 
-/// A token to record; [`Store::insert_token`] adds the creation time.
+/// A token to record; [`Conn::insert_token`] adds the creation time.
 #[derive(Clone, Debug)]
 pub struct NewApiToken {
     /// The token's id.
@@ -204,127 +204,92 @@ impl TryFrom<TokenRow> for ApiToken {
     }
 }
 
-async fn insert(conn: &mut DbConn, token: &NewApiToken) -> Result<ApiToken, StoreError> {
-    let insert = TokenInsert {
-        token_id: token.token_id.as_bytes(),
-        token_hash: token.token_hash.as_bytes(),
-        role: token.role as i16,
-        user_id: token.user.as_ref().map(UserId::as_str),
-        device_id: token.device.as_ref().map(DeviceId::as_str),
-        label: token.label.as_deref(),
-        created_at: Timestamp::now().unix_micros(),
-    };
-    let row: TokenRow = db_run!(conn: {
-        diesel::insert_into(api_tokens::table)
-            .values(&insert)
-            .returning(TokenRow::as_returning())
-            .get_result(conn)
-            .await?
-    });
-    row.try_into()
-}
-
-async fn find_active(conn: &mut DbConn, hash: &TokenHash) -> Result<Option<ApiToken>, StoreError> {
-    let row: Option<TokenRow> = db_run!(conn: {
-        api_tokens::table
-            .filter(api_tokens::token_hash.eq(hash.as_bytes().as_slice()))
-            .filter(api_tokens::revoked_at.is_null())
-            .select(TokenRow::as_select())
-            .first(conn)
-            .await
-            .optional()?
-    });
-    row.map(ApiToken::try_from).transpose()
-}
-
-async fn find_by_id(conn: &mut DbConn, token_id: &TokenId) -> Result<Option<ApiToken>, StoreError> {
-    let row: Option<TokenRow> = db_run!(conn: {
-        api_tokens::table
-            .find(token_id.as_bytes().as_slice())
-            .select(TokenRow::as_select())
-            .first(conn)
-            .await
-            .optional()?
-    });
-    row.map(ApiToken::try_from).transpose()
-}
-
-async fn revoke(conn: &mut DbConn, token_id: &TokenId) -> Result<(), StoreError> {
-    let now = Timestamp::now().unix_micros();
-    // COALESCE keeps the first revocation time; the row count then says only whether the
-    // token exists, so revoking twice is not an error.
-    let updated = db_run!(conn: {
-        diesel::update(api_tokens::table.find(token_id.as_bytes().as_slice()))
-            .set(api_tokens::revoked_at.eq(coalesce(api_tokens::revoked_at, now)))
-            .execute(conn)
-            .await?
-    });
-    if updated == 0 {
-        return Err(StoreError::NotFound);
-    }
-    Ok(())
-}
-
-async fn count_active_admins(conn: &mut DbConn) -> Result<u64, StoreError> {
-    let count: i64 = db_run!(conn: {
-        api_tokens::table
-            .filter(api_tokens::role.eq(Role::Admin as i16))
-            .filter(api_tokens::revoked_at.is_null())
-            .count()
-            .get_result(conn)
-            .await?
-    });
-    super::unsigned("token count", count)
-}
-
-impl Tx {
+impl Conn {
     /// Records a new token. [`StoreError::AlreadyExists`] if its id or hash is taken.
     pub async fn insert_token(&mut self, token: &NewApiToken) -> Result<ApiToken, StoreError> {
-        insert(&mut self.conn.db, token).await
+        let conn = &mut self.db;
+        let insert = TokenInsert {
+            token_id: token.token_id.as_bytes(),
+            token_hash: token.token_hash.as_bytes(),
+            role: token.role as i16,
+            user_id: token.user.as_ref().map(UserId::as_str),
+            device_id: token.device.as_ref().map(DeviceId::as_str),
+            label: token.label.as_deref(),
+            created_at: Timestamp::now().unix_micros(),
+        };
+        let row: TokenRow = db_run!(conn: {
+            diesel::insert_into(api_tokens::table)
+                .values(&insert)
+                .returning(TokenRow::as_returning())
+                .get_result(conn)
+                .await?
+        });
+        row.try_into()
+    }
+
+    /// The unrevoked token with this hash, if any: how a bearer token is authenticated.
+    pub async fn find_active_token(
+        &mut self,
+        hash: &TokenHash,
+    ) -> Result<Option<ApiToken>, StoreError> {
+        let conn = &mut self.db;
+        let row: Option<TokenRow> = db_run!(conn: {
+            api_tokens::table
+                .filter(api_tokens::token_hash.eq(hash.as_bytes().as_slice()))
+                .filter(api_tokens::revoked_at.is_null())
+                .select(TokenRow::as_select())
+                .first(conn)
+                .await
+                .optional()?
+        });
+        row.map(ApiToken::try_from).transpose()
+    }
+
+    /// The token with this id, revoked or not; the caller checks `revoked_at` and compares
+    /// the hash with [`TokenHash::matches`].
+    pub async fn find_token(&mut self, token_id: &TokenId) -> Result<Option<ApiToken>, StoreError> {
+        let conn = &mut self.db;
+        let row: Option<TokenRow> = db_run!(conn: {
+            api_tokens::table
+                .find(token_id.as_bytes().as_slice())
+                .select(TokenRow::as_select())
+                .first(conn)
+                .await
+                .optional()?
+        });
+        row.map(ApiToken::try_from).transpose()
     }
 
     /// Revokes a token by id; revoking a revoked token changes nothing.
     /// [`StoreError::NotFound`] if no token has this id.
     pub async fn revoke_token(&mut self, token_id: &TokenId) -> Result<(), StoreError> {
-        revoke(&mut self.conn.db, token_id).await
+        let conn = &mut self.db;
+        let now = Timestamp::now().unix_micros();
+        // COALESCE keeps the first revocation time; the row count then says only whether the
+        // token exists, so revoking twice is not an error.
+        let updated = db_run!(conn: {
+            diesel::update(api_tokens::table.find(token_id.as_bytes().as_slice()))
+                .set(api_tokens::revoked_at.eq(coalesce(api_tokens::revoked_at, now)))
+                .execute(conn)
+                .await?
+        });
+        if updated == 0 {
+            return Err(StoreError::NotFound);
+        }
+        Ok(())
     }
 
     /// The number of unrevoked admin tokens (so the last one is not revoked by mistake).
     pub async fn count_active_admin_tokens(&mut self) -> Result<u64, StoreError> {
-        count_active_admins(&mut self.conn.db).await
-    }
-}
-
-impl Store {
-    /// Records a new token. [`StoreError::AlreadyExists`] if its id or hash is taken.
-    pub async fn insert_token(&self, token: NewApiToken) -> Result<ApiToken, StoreError> {
-        self.transaction(async move |tx| tx.insert_token(&token).await)
-            .await
-    }
-
-    /// The unrevoked token with this hash, if any: how a bearer token is authenticated.
-    pub async fn find_active_token(
-        &self,
-        hash: &TokenHash,
-    ) -> Result<Option<ApiToken>, StoreError> {
-        find_active(&mut self.db_conn().await?, hash).await
-    }
-
-    /// The token with this id, revoked or not; the caller checks `revoked_at` and compares
-    /// the hash with [`TokenHash::matches`].
-    pub async fn find_token(&self, token_id: &TokenId) -> Result<Option<ApiToken>, StoreError> {
-        find_by_id(&mut self.db_conn().await?, token_id).await
-    }
-
-    /// Revokes a token by id; revoking a revoked token changes nothing.
-    /// [`StoreError::NotFound`] if no token has this id.
-    pub async fn revoke_token(&self, token_id: TokenId) -> Result<(), StoreError> {
-        self.transaction(async move |tx| tx.revoke_token(&token_id).await)
-            .await
-    }
-
-    /// The number of unrevoked admin tokens.
-    pub async fn count_active_admin_tokens(&self) -> Result<u64, StoreError> {
-        count_active_admins(&mut self.db_conn().await?).await
+        let conn = &mut self.db;
+        let count: i64 = db_run!(conn: {
+            api_tokens::table
+                .filter(api_tokens::role.eq(Role::Admin as i16))
+                .filter(api_tokens::revoked_at.is_null())
+                .count()
+                .get_result(conn)
+                .await?
+        });
+        super::unsigned("token count", count)
     }
 }
