@@ -948,6 +948,9 @@ async fn create_session_cases(
     refuse_all(server, db, &phone, cases).await;
     assert!(server
         .store
+        .conn()
+        .await
+        .expect("conn")
         .session(&session)
         .await
         .expect("read")
@@ -957,6 +960,9 @@ async fn create_session_cases(
         .expect("the client-wrapped base is valid");
     assert!(server
         .store
+        .conn()
+        .await
+        .expect("conn")
         .session(&session)
         .await
         .expect("read")
