@@ -953,6 +953,9 @@ async fn create_session_cases(
     refuse_all(server, db, &phone, cases).await;
     assert!(server
         .store
+        .conn()
+        .await
+        .expect("conn")
         .session(&session)
         .await
         .expect("read")
@@ -962,6 +965,9 @@ async fn create_session_cases(
         .expect("the client-wrapped base is valid");
     assert!(server
         .store
+        .conn()
+        .await
+        .expect("conn")
         .session(&session)
         .await
         .expect("read")

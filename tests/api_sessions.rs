@@ -353,6 +353,9 @@ async fn client_wrapped_session(server: &TestServer) {
     );
     assert!(server
         .store
+        .conn()
+        .await
+        .expect("conn")
         .session(&session)
         .await
         .expect("read")

@@ -212,42 +212,69 @@ pub fn open_dek(
     Dek::from_slice(plain)
 }
 
+/// Why [`wrap_dek_for_recipients`] failed: which recipient, and the crypto failure.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("recipient {index}: {error}")]
+pub struct RecipientWrapError {
+    /// The position in `recipients` of the recipient the DEK could not be wrapped for.
+    pub index: usize,
+    /// Why the wrap failed.
+    pub error: CryptoError,
+}
+
 /// Wraps one DEK for many recipients, spread over up to `parallelism` threads.
 ///
 /// The envelopes come back in the order of `recipients`. Each wrap is independent (a fresh
-/// encapsulation), so the work splits into even chunks with no shared state.
+/// encapsulation), so the work splits into even chunks with no shared state. A failure names
+/// the recipient it happened for (the first one in order, if several fail).
 pub fn wrap_dek_for_recipients(
     dek: &Dek,
     session_id: SessionId,
     epoch: Epoch,
     recipients: &[(Recipient, &EncapsulationKey)],
     parallelism: NonZeroUsize,
-) -> Result<Vec<DekEnvelope>, CryptoError> {
-    let wrap_one = |(recipient, key): &(Recipient, &EncapsulationKey)| {
+) -> Result<Vec<DekEnvelope>, RecipientWrapError> {
+    let wrap_one = |index: usize, (recipient, key): &(Recipient, &EncapsulationKey)| {
         let context = WrapContext {
             session_id,
             epoch,
             recipient: recipient.clone(),
         };
-        wrap_dek(dek, key, &context)
+        wrap_dek(dek, key, &context).map_err(|error| RecipientWrapError { index, error })
     };
     let threads = parallelism.get().min(recipients.len().max(1));
     if threads == 1 {
-        return recipients.iter().map(wrap_one).collect();
+        return recipients
+            .iter()
+            .enumerate()
+            .map(|(i, r)| wrap_one(i, r))
+            .collect();
     }
     let chunk = recipients.len().div_ceil(threads);
     std::thread::scope(|scope| {
         let handles: Vec<_> = recipients
             .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || part.iter().map(wrap_one).collect::<Result<Vec<_>, _>>())
+            .enumerate()
+            .map(|(c, part)| {
+                let start = c * chunk;
+                let handle = scope.spawn(move || {
+                    part.iter()
+                        .enumerate()
+                        .map(|(i, r)| wrap_one(start + i, r))
+                        .collect::<Result<Vec<_>, _>>()
+                });
+                (start, handle)
             })
             .collect();
         let mut out = Vec::with_capacity(recipients.len());
-        for handle in handles {
+        for (start, handle) in handles {
             // A wrap never panics on any input; a panic here would be a bug in a dependency,
-            // reported as a backend failure rather than propagated.
-            out.extend(handle.join().map_err(|_| CryptoError::Backend)??);
+            // reported as a backend failure at the first recipient of the thread's share
+            // rather than propagated.
+            out.extend(handle.join().map_err(|_| RecipientWrapError {
+                index: start,
+                error: CryptoError::Backend,
+            })??);
         }
         Ok(out)
     })
@@ -568,6 +595,64 @@ mod tests {
         let none =
             wrap_dek_for_recipients(&dek, session, Epoch::FIRST, &[], NonZeroUsize::MIN).unwrap();
         assert!(none.is_empty());
+    }
+
+    #[test]
+    fn a_failed_wrap_names_its_recipient() {
+        // A key whose X25519 part is a low-order point (as stored before the parser refused
+        // them) cannot be wrapped to: the error says which recipient it was, whatever the
+        // split over threads.
+        let mut u = [0xffu8; 32];
+        u[0] = 0xec;
+        u[31] = 0x7f;
+        let good: Vec<_> = (0..6)
+            .map(|_| DecapsulationKey::generate().unwrap())
+            .collect();
+        let bad = good[0].encapsulation_key().with_x25519_part_unchecked(u);
+        let dek = Dek::generate().unwrap();
+        let session = SessionId::generate();
+        for bad_at in [0, 3, 5] {
+            let recipients: Vec<_> = good
+                .iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    let key = if i == bad_at {
+                        &bad
+                    } else {
+                        k.encapsulation_key()
+                    };
+                    (
+                        Recipient::Device {
+                            user: UserId::new(format!("u{i}")).unwrap(),
+                            device: DeviceId::new("d").unwrap(),
+                        },
+                        key,
+                    )
+                })
+                .collect();
+            for threads in [1, 2, 4, 16] {
+                let err = wrap_dek_for_recipients(
+                    &dek,
+                    session,
+                    Epoch::FIRST,
+                    &recipients,
+                    NonZeroUsize::new(threads).unwrap(),
+                )
+                .unwrap_err();
+                assert_eq!(
+                    err,
+                    RecipientWrapError {
+                        index: bad_at,
+                        error: CryptoError::OpenFailed
+                    },
+                    "bad at {bad_at}, {threads} threads"
+                );
+                assert_eq!(
+                    err.to_string(),
+                    format!("recipient {bad_at}: decryption failed")
+                );
+            }
+        }
     }
 
     fn ratchet_ctx(conv: &str) -> KekContext {

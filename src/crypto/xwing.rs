@@ -212,6 +212,22 @@ impl EncapsulationKey {
     }
 }
 
+#[cfg(test)]
+impl EncapsulationKey {
+    /// This key with its X25519 part replaced by `u`, without the parser's checks: a key as
+    /// stored before the parser refused low-order parts, for tests of what such a key does.
+    pub(crate) fn with_x25519_part_unchecked(&self, u: [u8; X25519_LEN]) -> Self {
+        let mut bytes = [0u8; ENCAPSULATION_KEY_LEN];
+        bytes[..MLKEM_EK_LEN].copy_from_slice(self.mlkem.as_bytes());
+        bytes[MLKEM_EK_LEN..].copy_from_slice(&u);
+        Self {
+            mlkem: self.mlkem,
+            x25519: u,
+            id: key_id_of(&bytes),
+        }
+    }
+}
+
 impl PartialEq for EncapsulationKey {
     fn eq(&self, other: &Self) -> bool {
         self.id == other.id && self.to_bytes() == other.to_bytes()

@@ -1,0 +1,235 @@
+//! The Sessions service: sessions, their members and epochs, and the wrapped DEKs of each
+//! recipient device.
+//!
+//! **Who gets which key.** Recipients are named by user; each user's *current* device keys at
+//! the time of the call get the epoch's DEK (the author's user is always a recipient). A
+//! device that publishes its first key after the session was created, or after it was added,
+//! gets nothing of the session until it is added (AddRecipients with its user) or a later
+//! epoch starts (RotateSession, RemoveRecipients): the service never wraps a DEK for a key the
+//! session's members did not see. A revoked device gets nothing new: a new epoch skips it and
+//! ends its membership. A removed device keeps the keys of the epochs it had, and gets none of
+//! a later one. A current key that cannot be wrapped to (stored before the key parser refused
+//! it) refuses the call FAILED_PRECONDITION, naming the device, and nothing is written.
+//!
+//! **Modes.** SERVICE_WRAPPED (app role): the service draws each DEK, wraps it per device,
+//! seals it to the staff escrow key and keeps a copy under the KEK to wrap for devices added
+//! later; the plaintext DEK is returned only when asked and zeroized once sent.
+//! CLIENT_WRAPPED (the author device): the device uploads the wraps and the escrow wrap signed
+//! with its identity key ([`crate::crypto::sign::ClientWrappedKeySet`]); the service checks
+//! the signature and that the wraps cover exactly the expected devices' current keys.
+//!
+//! **Layout.** This file is the tonic impl only: parse ([`wire`]), run the workflow
+//! ([`workflow`], over the store, returning [`error::SessionError`]), map back ([`wire`]). The
+//! client-wrapped key-set checks are pure functions in [`key_set`]; wrapping on the blocking
+//! pool, with the escrow and KEK copies, is [`wrapping`].
+
+mod error;
+mod key_set;
+mod wire;
+mod workflow;
+mod wrapping;
+
+use tonic::{Request, Response, Status};
+
+pub use wire::{DEFAULT_SYNC_PAGE, MAX_SYNC_PAGE};
+
+use super::AppState;
+use crate::auth::{principal, Principal};
+use crate::proto::keyhold::v1 as pb;
+use crate::proto::keyhold::v1::sessions_server::Sessions;
+use crate::service::cursor;
+use wire::{CreateMode, RecipientsSpec, SyncPosition};
+
+/// Most session keys one call produces (devices of all recipients together).
+pub const MAX_KEYS_PER_CALL: usize = 2000;
+
+/// The Sessions gRPC service.
+#[derive(Clone)]
+pub struct SessionsService {
+    state: AppState,
+}
+
+impl SessionsService {
+    /// The service over the shared state.
+    pub fn new(state: AppState) -> Self {
+        Self { state }
+    }
+}
+
+/// The device a key read is for: only the device the keys are wrapped for reads them.
+fn reading_device<'a, T>(
+    request: &'a Request<T>,
+    refusal: &'static str,
+) -> Result<
+    (
+        &'a crate::crypto::ids::UserId,
+        &'a crate::crypto::ids::DeviceId,
+    ),
+    Status,
+> {
+    match principal(request)? {
+        Principal::Device { user, device, .. } => Ok((user, device)),
+        _ => Err(Status::permission_denied(refusal)),
+    }
+}
+
+#[tonic::async_trait]
+impl Sessions for SessionsService {
+    async fn create_session(
+        &self,
+        request: Request<pb::CreateSessionRequest>,
+    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
+        let caller = principal(&request)?.clone();
+        let req = request.into_inner();
+        let (suite, author, recipients) = wire::parse_create_head(&req, self.state.max_list_len)?;
+        let listed = match recipients {
+            RecipientsSpec::Listed(users) => users,
+            RecipientsSpec::TrustedUsersOfAuthor => {
+                // Only someone acting for the author may learn (and use) whom it trusts.
+                super::require_acts_for(&caller, &author, None)?;
+                super::trust::trusted_recipients(&self.state, &author).await?
+            }
+        };
+        let users = wire::with_author_first(&author, listed);
+        let created = match wire::parse_create_mode(&caller, &author, &req)? {
+            CreateMode::ServiceWrapped {
+                return_plaintext_dek,
+            } => {
+                workflow::create_service_wrapped(
+                    &self.state,
+                    author,
+                    users,
+                    suite,
+                    return_plaintext_dek,
+                )
+                .await?
+            }
+            CreateMode::ClientWrapped {
+                session_id,
+                author_device,
+                key_set,
+            } => {
+                workflow::create_client_wrapped(
+                    &self.state,
+                    session_id,
+                    author,
+                    author_device,
+                    users,
+                    suite,
+                    key_set,
+                )
+                .await?
+            }
+        };
+        Ok(Response::new(pb::CreateSessionResponse {
+            session_id: created.session_id.to_string(),
+            epoch: created.epoch.get(),
+            session_keys: wire::new_keys_to_wire(
+                created.session_id,
+                created.epoch,
+                &created.session_keys,
+            ),
+            // The response type's Debug redacts this field; the copy in `created` is zeroized
+            // on drop, the encoder's copy is freed with the response buffer.
+            plaintext_dek: created.plaintext_dek.as_ref().map(|p| p.to_vec()),
+        }))
+    }
+
+    async fn add_recipients(
+        &self,
+        request: Request<pb::AddRecipientsRequest>,
+    ) -> Result<Response<pb::AddRecipientsResponse>, Status> {
+        let caller = principal(&request)?.clone();
+        let req = request.into_inner();
+        let session_id = wire::parse_session_id(&req.session_id)?;
+        let users = wire::parse_changed_users(&req.user_ids, self.state.max_list_len)?;
+        let key_set = wire::parse_optional_key_set(req.key_set.as_ref())?;
+        let stored =
+            workflow::add_recipients(&self.state, &caller, session_id, users, key_set).await?;
+        Ok(Response::new(pb::AddRecipientsResponse {
+            epoch: stored.epoch.get(),
+            session_keys: wire::new_keys_to_wire(session_id, stored.epoch, &stored.session_keys),
+        }))
+    }
+
+    async fn remove_recipients(
+        &self,
+        request: Request<pb::RemoveRecipientsRequest>,
+    ) -> Result<Response<pb::RemoveRecipientsResponse>, Status> {
+        let caller = principal(&request)?.clone();
+        let req = request.into_inner();
+        let session_id = wire::parse_session_id(&req.session_id)?;
+        let users = wire::parse_changed_users(&req.user_ids, self.state.max_list_len)?;
+        let key_set = wire::parse_optional_key_set(req.key_set.as_ref())?;
+        let stored = workflow::new_epoch(&self.state, &caller, session_id, users, key_set).await?;
+        Ok(Response::new(pb::RemoveRecipientsResponse {
+            epoch: stored.epoch.get(),
+            session_keys: wire::new_keys_to_wire(session_id, stored.epoch, &stored.session_keys),
+        }))
+    }
+
+    async fn rotate_session(
+        &self,
+        request: Request<pb::RotateSessionRequest>,
+    ) -> Result<Response<pb::RotateSessionResponse>, Status> {
+        let caller = principal(&request)?.clone();
+        let req = request.into_inner();
+        let session_id = wire::parse_session_id(&req.session_id)?;
+        let key_set = wire::parse_optional_key_set(req.key_set.as_ref())?;
+        let stored =
+            workflow::new_epoch(&self.state, &caller, session_id, Vec::new(), key_set).await?;
+        Ok(Response::new(pb::RotateSessionResponse {
+            epoch: stored.epoch.get(),
+            session_keys: wire::new_keys_to_wire(session_id, stored.epoch, &stored.session_keys),
+        }))
+    }
+
+    async fn get_session_keys(
+        &self,
+        request: Request<pb::GetSessionKeysRequest>,
+    ) -> Result<Response<pb::GetSessionKeysResponse>, Status> {
+        let (user, device) = reading_device(
+            &request,
+            "session keys are fetched by the device they are wrapped for",
+        )?;
+        let req = request.get_ref();
+        let session_id = wire::parse_session_id(&req.session_id)?;
+        let epoch = wire::parse_optional_epoch(req.epoch)?;
+        let keys =
+            workflow::device_session_keys(&self.state, user, device, session_id, epoch).await?;
+        Ok(Response::new(pb::GetSessionKeysResponse {
+            session_keys: keys.into_iter().map(wire::record_to_wire).collect(),
+        }))
+    }
+
+    async fn sync_session_keys(
+        &self,
+        request: Request<pb::SyncSessionKeysRequest>,
+    ) -> Result<Response<pb::SyncSessionKeysResponse>, Status> {
+        let (user, device) = reading_device(
+            &request,
+            "session keys are synced by the device they are wrapped for",
+        )?;
+        let req = request.get_ref();
+        let SyncPosition(after) = wire::parse_sync_cursor(&req.cursor)?;
+        let page = wire::sync_page(req.page_size);
+        let (keys, next) =
+            workflow::sync_session_keys(&self.state, user, device, after, page).await?;
+        Ok(Response::new(pb::SyncSessionKeysResponse {
+            session_keys: keys.into_iter().map(wire::record_to_wire).collect(),
+            next_cursor: cursor::format(&SyncPosition(next)),
+        }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::DeleteSessionRequest>,
+    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
+        let caller = principal(&request)?.clone();
+        let session_id = wire::parse_session_id(&request.get_ref().session_id)?;
+        let deleted_at = workflow::delete_session(&self.state, &caller, session_id).await?;
+        Ok(Response::new(pb::DeleteSessionResponse {
+            deleted_at: deleted_at.unix_micros(),
+        }))
+    }
+}

@@ -1,0 +1,471 @@
+//! The Sessions workflows, as domain code over the store: create a session, add recipients to
+//! its epoch, start a new epoch (RemoveRecipients, RotateSession), delete it, read and sync a
+//! device's keys. Each change is one transaction that returns [`SessionError`]: every refusal
+//! comes before the first write, and a refusal rolls the transaction back.
+//!
+//! Who gets which key is the module rule of [`super`]: each recipient user's devices with a
+//! current key at the time of the call; a revoked device gets nothing of a new epoch and
+//! stops being a member.
+
+use std::collections::BTreeSet;
+
+use zeroize::Zeroizing;
+
+use super::error::SessionError;
+use super::key_set::{self, author_identity, EscrowRule, Expected, ParsedKeySet};
+use super::wrapping::{
+    members_of, open_service_copy, targets_from_keys, wrap_for_added, wrap_new_epoch, Target,
+};
+use super::MAX_KEYS_PER_CALL;
+use crate::auth::Principal;
+use crate::crypto::ids::{DeviceId, Epoch, SessionId, UserId};
+use crate::crypto::keys::Dek;
+use crate::crypto::Suite;
+use crate::service::AppState;
+use crate::store::sessions::{
+    EpochKeys, Member, NewSession, NewSessionKey, Session, SessionKeyRecord, SessionMode,
+};
+use crate::store::user_keys::UserKey;
+use crate::store::{StoreError, Timestamp, Tx};
+
+/// A session just created.
+pub(crate) struct CreatedSession {
+    /// Its id.
+    pub(crate) session_id: SessionId,
+    /// Its first epoch.
+    pub(crate) epoch: Epoch,
+    /// The keys stored for its devices.
+    pub(crate) session_keys: Vec<NewSessionKey>,
+    /// The plaintext DEK, when a service-wrapped session's caller asked for it; zeroized
+    /// on drop.
+    pub(crate) plaintext_dek: Option<Zeroizing<Vec<u8>>>,
+}
+
+/// The keys a change to a session stored, and the epoch they are of.
+pub(crate) struct StoredKeys {
+    /// The epoch.
+    pub(crate) epoch: Epoch,
+    /// One per device wrapped for.
+    pub(crate) session_keys: Vec<NewSessionKey>,
+}
+
+fn check_key_count(devices: usize) -> Result<(), SessionError> {
+    if devices > MAX_KEYS_PER_CALL {
+        return Err(SessionError::TooManyKeys {
+            devices,
+            max: MAX_KEYS_PER_CALL,
+        });
+    }
+    Ok(())
+}
+
+/// The session, unless it does not exist or was deleted.
+fn live(session: Option<Session>) -> Result<Session, SessionError> {
+    match session {
+        Some(s) if s.deleted_at.is_none() => Ok(s),
+        _ => Err(SessionError::NoSuchSession),
+    }
+}
+
+/// Who may change a session: an app server for a service-wrapped one; for a client-wrapped
+/// one, its author device (which must also provide the wraps).
+fn require_session_owner(caller: &Principal, session: &Session) -> Result<(), SessionError> {
+    match (session.mode, caller) {
+        (SessionMode::ServiceWrapped, Principal::App { .. }) => Ok(()),
+        (SessionMode::ClientWrapped, Principal::Device { user, device, .. })
+            if user == &session.author_user && Some(device) == session.author_device.as_ref() =>
+        {
+            Ok(())
+        }
+        _ => Err(SessionError::NotOwner),
+    }
+}
+
+/// A key set comes with every change of a client-wrapped session, never with a
+/// service-wrapped one.
+fn key_set_for_mode(
+    session: &Session,
+    key_set: Option<ParsedKeySet>,
+) -> Result<Option<ParsedKeySet>, SessionError> {
+    match (session.mode, key_set) {
+        (SessionMode::ServiceWrapped, Some(_)) => Err(SessionError::KeySetNotAllowed),
+        (SessionMode::ServiceWrapped, None) => Ok(None),
+        (SessionMode::ClientWrapped, None) => Err(SessionError::KeySetRequired),
+        (SessionMode::ClientWrapped, Some(ks)) => Ok(Some(ks)),
+    }
+}
+
+/// Checks a key set uploaded for an existing client-wrapped session against its author
+/// device's current identity key (found in `author_keys`).
+fn check_author_key_set(
+    ks: ParsedKeySet,
+    session: &Session,
+    author_keys: &[UserKey],
+    epoch: Epoch,
+    devices: &[Member],
+    escrow: EscrowRule,
+) -> Result<EpochKeys, SessionError> {
+    let author_device = session.author_device.as_ref().ok_or_else(|| {
+        SessionError::Internal(format!(
+            "client-wrapped session {} without an author device",
+            session.session_id
+        ))
+    })?;
+    let identity = author_identity(author_keys, &session.author_user, author_device)?;
+    Ok(key_set::check_key_set(
+        ks,
+        &Expected {
+            suite: session.suite,
+            session_id: session.session_id,
+            epoch,
+            author_user: &session.author_user,
+            author_device,
+            author_identity: &identity,
+            devices,
+            escrow,
+        },
+    )?)
+}
+
+/// Stores a new session at epoch 1 with its members and first epoch's keys, in one
+/// transaction. A taken session id (client-chosen) is [`SessionError::SessionIdTaken`].
+async fn store_new_session(
+    state: &AppState,
+    session: NewSession,
+    members: Vec<Member>,
+    keys: &EpochKeys,
+) -> Result<(), SessionError> {
+    let session_id = session.session_id;
+    state
+        .store
+        .transaction(async move |tx| -> Result<_, SessionError> {
+            let stored = async {
+                tx.insert_session(&session).await?;
+                tx.add_members(&session_id, Epoch::FIRST, &members).await?;
+                tx.insert_epoch_keys(&session_id, keys).await
+            };
+            match stored.await {
+                Err(StoreError::AlreadyExists(_)) => Err(SessionError::SessionIdTaken),
+                other => Ok(other?),
+            }
+        })
+        .await
+}
+
+/// Creates a SERVICE_WRAPPED session for the current devices of `users` (the author's user
+/// first): draws the DEK, wraps it for each device, escrows it and keeps the KEK copy.
+pub(crate) async fn create_service_wrapped(
+    state: &AppState,
+    author: UserId,
+    users: Vec<UserId>,
+    suite: Suite,
+    return_plaintext_dek: bool,
+) -> Result<CreatedSession, SessionError> {
+    let keys = (state.store.conn().await?).current_user_keys(&users).await?;
+    let targets = targets_from_keys(keys)?;
+    check_key_count(targets.len())?;
+    let session_id = SessionId::generate();
+    let epoch = Epoch::FIRST;
+    let dek = Dek::generate().map_err(SessionError::ServiceCrypto)?;
+    let plaintext_dek = return_plaintext_dek.then(|| Zeroizing::new(dek.expose_secret().to_vec()));
+    let members = members_of(&targets);
+    let keys = wrap_new_epoch(state, session_id, epoch, dek, targets).await?;
+    let session = NewSession {
+        session_id,
+        author_user: author,
+        author_device: None,
+        mode: SessionMode::ServiceWrapped,
+        suite,
+    };
+    store_new_session(state, session, members, &keys).await?;
+    Ok(CreatedSession {
+        session_id,
+        epoch,
+        session_keys: keys.session_keys,
+        plaintext_dek,
+    })
+}
+
+/// Creates a CLIENT_WRAPPED session from the author device's key set, checked against the
+/// current devices of `users` and the author device's identity key.
+pub(crate) async fn create_client_wrapped(
+    state: &AppState,
+    session_id: SessionId,
+    author: UserId,
+    author_device: DeviceId,
+    users: Vec<UserId>,
+    suite: Suite,
+    key_set: ParsedKeySet,
+) -> Result<CreatedSession, SessionError> {
+    let keys = (state.store.conn().await?).current_user_keys(&users).await?;
+    let identity = author_identity(&keys, &author, &author_device)?;
+    let targets = targets_from_keys(keys)?;
+    check_key_count(targets.len())?;
+    let epoch = Epoch::FIRST;
+    let members = members_of(&targets);
+    let epoch_keys = key_set::check_key_set(
+        key_set,
+        &Expected {
+            suite,
+            session_id,
+            epoch,
+            author_user: &author,
+            author_device: &author_device,
+            author_identity: &identity,
+            devices: &members,
+            escrow: EscrowRule::Required(state.escrow_public_key.key_id()),
+        },
+    )?;
+    let session = NewSession {
+        session_id,
+        author_user: author,
+        author_device: Some(author_device),
+        mode: SessionMode::ClientWrapped,
+        suite,
+    };
+    store_new_session(state, session, members, &epoch_keys).await?;
+    Ok(CreatedSession {
+        session_id,
+        epoch,
+        session_keys: epoch_keys.session_keys,
+        plaintext_dek: None,
+    })
+}
+
+/// Adds the current devices of `users` that are not members yet to the session's current
+/// epoch: the service wraps the epoch's DEK (from its KEK copy) for them, or checks the
+/// author device's wraps.
+pub(crate) async fn add_recipients(
+    state: &AppState,
+    caller: &Principal,
+    session_id: SessionId,
+    users: Vec<UserId>,
+    key_set: Option<ParsedKeySet>,
+) -> Result<StoredKeys, SessionError> {
+    let session = live(state.store.conn().await?.session(&session_id).await?)?;
+    require_session_owner(caller, &session)?;
+    let key_set = key_set_for_mode(&session, key_set)?;
+    let candidates = (state.store.conn().await?).current_user_keys(&users).await?;
+    check_key_count(candidates.len())?;
+    let author_keys = match session.mode {
+        SessionMode::ClientWrapped => {
+            (state.store.conn().await?)
+                .current_user_keys(std::slice::from_ref(&session.author_user))
+                .await?
+        }
+        SessionMode::ServiceWrapped => Vec::new(),
+    };
+    state
+        .store
+        .transaction(async move |tx| -> Result<_, SessionError> {
+            let session = live(tx.session(&session_id).await?)?;
+            let epoch = session.current_epoch;
+            let members = tx.active_members(&session_id).await?;
+            // Devices already in the session keep what they have; only the others are
+            // wrapped for, so only their keys need to parse.
+            let new = targets_from_keys(
+                candidates
+                    .into_iter()
+                    .filter(|k| !is_member(&members, &k.user, &k.device))
+                    .collect(),
+            )?;
+            let new_members = members_of(&new);
+            let keys = match key_set {
+                None => {
+                    let dek = service_copy(tx, state, session_id, epoch).await?;
+                    wrap_for_added(state, session_id, epoch, dek, new).await?
+                }
+                Some(ks) => check_author_key_set(
+                    ks,
+                    &session,
+                    &author_keys,
+                    epoch,
+                    &new_members,
+                    EscrowRule::AlreadyEscrowed,
+                )?,
+            };
+            // Every refusal above came before any write. Writing now: first make sure no
+            // rotation moved the session on since it was read (row lock on PostgreSQL).
+            tx.lock_epoch(&session_id, epoch).await?;
+            tx.insert_epoch_keys(&session_id, &keys).await?;
+            tx.add_members(&session_id, epoch, &new_members).await?;
+            Ok(StoredKeys {
+                epoch,
+                session_keys: keys.session_keys,
+            })
+        })
+        .await
+}
+
+fn is_member(members: &[Member], user: &UserId, device: &DeviceId) -> bool {
+    members
+        .iter()
+        .any(|m| &m.user == user && &m.device == device)
+}
+
+/// The DEK of a service-wrapped session's epoch, from its KEK copy.
+async fn service_copy(
+    tx: &mut Tx,
+    state: &AppState,
+    session_id: SessionId,
+    epoch: Epoch,
+) -> Result<Dek, SessionError> {
+    let (version, envelope) = tx
+        .service_key(&session_id, epoch)
+        .await?
+        .ok_or(SessionError::NoServiceCopy)?;
+    if version != state.kek.version().0 {
+        return Err(SessionError::OldKekVersion(version));
+    }
+    open_service_copy(state, session_id, epoch, &envelope)
+}
+
+/// Starts a new epoch without the devices of `removed_users`: RemoveRecipients and
+/// RotateSession. Remaining devices get the new DEK on their current key; a device whose
+/// key was revoked gets nothing and stops being a member.
+pub(crate) async fn new_epoch(
+    state: &AppState,
+    caller: &Principal,
+    session_id: SessionId,
+    removed_users: Vec<UserId>,
+    key_set: Option<ParsedKeySet>,
+) -> Result<StoredKeys, SessionError> {
+    let session = live(state.store.conn().await?.session(&session_id).await?)?;
+    require_session_owner(caller, &session)?;
+    if removed_users.contains(&session.author_user) {
+        return Err(SessionError::AuthorNotRemovable);
+    }
+    let key_set = key_set_for_mode(&session, key_set)?;
+    state
+        .store
+        .transaction(async move |tx| -> Result<_, SessionError> {
+            let session = live(tx.session(&session_id).await?)?;
+            let from = session.current_epoch;
+            let members = tx.active_members(&session_id).await?;
+            if let Some(u) = removed_users
+                .iter()
+                .find(|u| !members.iter().any(|m| &m.user == *u))
+            {
+                return Err(SessionError::NotARecipient(u.clone()));
+            }
+            let staying: Vec<UserId> = members
+                .iter()
+                .map(|m| m.user.clone())
+                .filter(|u| !removed_users.contains(u))
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            let current = tx.current_user_keys(&staying).await?;
+            let targets: Vec<Target> = targets_from_keys(
+                current
+                    .into_iter()
+                    .filter(|k| is_member(&members, &k.user, &k.device))
+                    .collect(),
+            )?;
+            let leaving: Vec<(UserId, DeviceId)> = members
+                .iter()
+                .filter(|m| {
+                    !targets
+                        .iter()
+                        .any(|t| t.user == m.user && t.device == m.device)
+                })
+                .map(|m| (m.user.clone(), m.device.clone()))
+                .collect();
+            let to = from.next().ok_or(SessionError::EpochsExhausted)?;
+            let target_members = members_of(&targets);
+            let keys = match key_set {
+                None => {
+                    let dek = Dek::generate().map_err(SessionError::ServiceCrypto)?;
+                    wrap_new_epoch(state, session_id, to, dek, targets).await?
+                }
+                Some(ks) => {
+                    let author_keys = tx
+                        .current_user_keys(std::slice::from_ref(&session.author_user))
+                        .await?;
+                    check_author_key_set(
+                        ks,
+                        &session,
+                        &author_keys,
+                        to,
+                        &target_members,
+                        EscrowRule::Required(state.escrow_public_key.key_id()),
+                    )?
+                }
+            };
+            // Every refusal above came before any write; the compare-and-swap on the epoch
+            // makes a concurrent rotation of the same session lose with ABORTED.
+            tx.advance_epoch(&session_id, from).await?;
+            tx.remove_members(&session_id, to, &leaving).await?;
+            tx.add_members(&session_id, to, &target_members).await?;
+            tx.insert_epoch_keys(&session_id, &keys).await?;
+            Ok(StoredKeys {
+                epoch: to,
+                session_keys: keys.session_keys,
+            })
+        })
+        .await
+}
+
+/// Soft-deletes a session (the same owner rule as every other change) and revokes its keys;
+/// returns when it was first deleted.
+pub(crate) async fn delete_session(
+    state: &AppState,
+    caller: &Principal,
+    session_id: SessionId,
+) -> Result<Timestamp, SessionError> {
+    let session = state
+        .store
+        .conn()
+        .await?
+        .session(&session_id)
+        .await?
+        .ok_or(SessionError::NoSuchSession)?;
+    require_session_owner(caller, &session)?;
+    state
+        .store
+        .transaction(async move |tx| -> Result<_, SessionError> {
+            match tx.delete_session(&session_id).await {
+                Err(StoreError::NotFound) => Err(SessionError::NoSuchSession),
+                other => Ok(other?),
+            }
+        })
+        .await
+}
+
+/// A device's live keys of a live session, one epoch or all; NOT_FOUND when it holds none.
+pub(crate) async fn device_session_keys(
+    state: &AppState,
+    user: &UserId,
+    device: &DeviceId,
+    session_id: SessionId,
+    epoch: Option<Epoch>,
+) -> Result<Vec<SessionKeyRecord>, SessionError> {
+    let mut conn = state.store.conn().await?;
+    live(conn.session(&session_id).await?)?;
+    let keys = conn
+        .device_session_keys(&session_id, user, device, epoch)
+        .await?;
+    if keys.is_empty() {
+        return Err(match epoch {
+            Some(e) => SessionError::NoKeysOfEpoch(e),
+            None => SessionError::NoKeysHeld,
+        });
+    }
+    Ok(keys)
+}
+
+/// A device's live session keys across sessions after position `after`, at most `page`,
+/// and the position after them (`after` itself when there are none).
+pub(crate) async fn sync_session_keys(
+    state: &AppState,
+    user: &UserId,
+    device: &DeviceId,
+    after: i64,
+    page: u32,
+) -> Result<(Vec<SessionKeyRecord>, i64), SessionError> {
+    let keys = (state.store.conn().await?)
+        .sync_device_session_keys(user, device, after, i64::from(page))
+        .await?;
+    let next = keys.last().map_or(after, |k| k.seq);
+    Ok((keys, next))
+}
