@@ -161,7 +161,9 @@ pub(crate) async fn create_service_wrapped(
     suite: Suite,
     return_plaintext_dek: bool,
 ) -> Result<CreatedSession, SessionError> {
-    let keys = (state.store.conn().await?).current_user_keys(&users).await?;
+    let keys = (state.store.conn().await?)
+        .current_user_keys(&users)
+        .await?;
     let targets = targets_from_keys(keys)?;
     check_key_count(targets.len())?;
     let session_id = SessionId::generate();
@@ -197,7 +199,9 @@ pub(crate) async fn create_client_wrapped(
     suite: Suite,
     key_set: ParsedKeySet,
 ) -> Result<CreatedSession, SessionError> {
-    let keys = (state.store.conn().await?).current_user_keys(&users).await?;
+    let keys = (state.store.conn().await?)
+        .current_user_keys(&users)
+        .await?;
     let identity = author_identity(&keys, &author, &author_device)?;
     let targets = targets_from_keys(keys)?;
     check_key_count(targets.len())?;
@@ -245,7 +249,9 @@ pub(crate) async fn add_recipients(
     let session = live(state.store.conn().await?.session(&session_id).await?)?;
     require_session_owner(caller, &session)?;
     let key_set = key_set_for_mode(&session, key_set)?;
-    let candidates = (state.store.conn().await?).current_user_keys(&users).await?;
+    let candidates = (state.store.conn().await?)
+        .current_user_keys(&users)
+        .await?;
     check_key_count(candidates.len())?;
     let author_keys = match session.mode {
         SessionMode::ClientWrapped => {
