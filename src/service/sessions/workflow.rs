@@ -41,6 +41,33 @@ pub(crate) struct CreatedSession {
     pub(crate) plaintext_dek: Option<Zeroizing<Vec<u8>>>,
 }
 
+/// What a new session is, whatever its mode.
+pub(crate) struct SessionSpec {
+    /// The author's user.
+    pub(crate) author: UserId,
+    /// The recipient users, the author's first: each one's current devices get the DEK.
+    pub(crate) users: Vec<UserId>,
+    /// The envelopes' suite.
+    pub(crate) suite: Suite,
+}
+
+impl SessionSpec {
+    fn into_new_session(
+        self,
+        session_id: SessionId,
+        mode: SessionMode,
+        author_device: Option<DeviceId>,
+    ) -> NewSession {
+        NewSession {
+            session_id,
+            author_user: self.author,
+            author_device,
+            mode,
+            suite: self.suite,
+        }
+    }
+}
+
 /// A change to a session's membership or epoch: AddRecipients, RemoveRecipients,
 /// RotateSession.
 pub(crate) struct SessionChange {
@@ -115,6 +142,7 @@ async fn session_to_change(
     Ok((session, key_set))
 }
 
+/// The key set, if the session's mode takes one; refused if it is missing or extra.
 fn key_set_for_mode(
     session: &Session,
     key_set: Option<ParsedKeySet>,
@@ -191,33 +219,6 @@ async fn store_new_session(
     })
 }
 
-/// What a new session is, whatever its mode.
-pub(crate) struct SessionSpec {
-    /// The author's user.
-    pub(crate) author: UserId,
-    /// The recipient users, the author's first: each one's current devices get the DEK.
-    pub(crate) users: Vec<UserId>,
-    /// The envelopes' suite.
-    pub(crate) suite: Suite,
-}
-
-impl SessionSpec {
-    fn into_new_session(
-        self,
-        session_id: SessionId,
-        mode: SessionMode,
-        author_device: Option<DeviceId>,
-    ) -> NewSession {
-        NewSession {
-            session_id,
-            author_user: self.author,
-            author_device,
-            mode,
-            suite: self.suite,
-        }
-    }
-}
-
 /// Creates a SERVICE_WRAPPED session: draws the DEK, wraps it for each current device of the
 /// recipients, escrows it and keeps the KEK copy.
 pub(crate) async fn create_service_wrapped(
@@ -265,9 +266,9 @@ pub(crate) async fn create_client_wrapped(
     store_new_session(state, session, members, keys, None).await
 }
 
-/// Adds the current devices of the change's users that are not members yet to the session's current
-/// epoch: the service wraps the epoch's DEK (from its KEK copy) for them, or checks the
-/// author device's wraps.
+/// Adds the current devices of the change's users that are not members yet to the session's
+/// current epoch: the service wraps the epoch's DEK (from its KEK copy) for them, or checks
+/// the author device's wraps.
 pub(crate) async fn add_recipients(
     state: &AppState,
     caller: &Principal,
