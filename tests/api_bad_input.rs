@@ -950,28 +950,16 @@ async fn create_session_cases(
             Call::CreateSession(r)
         },
     ));
+    let stored = async || {
+        let mut conn = server.store.conn().await.expect("conn");
+        conn.session(&session).await.expect("read")
+    };
     refuse_all(server, db, &phone, cases).await;
-    assert!(server
-        .store
-        .conn()
-        .await
-        .expect("conn")
-        .session(&session)
-        .await
-        .expect("read")
-        .is_none());
+    assert!(stored().await.is_none());
     send(&phone, cw(&|_| {}))
         .await
         .expect("the client-wrapped base is valid");
-    assert!(server
-        .store
-        .conn()
-        .await
-        .expect("conn")
-        .session(&session)
-        .await
-        .expect("read")
-        .is_some());
+    assert!(stored().await.is_some());
 }
 
 async fn sessions_refuse_bad_input(server: &TestServer) {

@@ -351,15 +351,9 @@ async fn client_wrapped_session(server: &TestServer) {
         "{}",
         err.message()
     );
-    assert!(server
-        .store
-        .conn()
-        .await
-        .expect("conn")
-        .session(&session)
-        .await
-        .expect("read")
-        .is_none());
+    let mut conn = server.store.conn().await.expect("conn");
+    assert!(conn.session(&session).await.expect("read").is_none());
+    drop(conn);
 
     let created = sessions
         .create_session(request(signature.as_bytes().to_vec()))

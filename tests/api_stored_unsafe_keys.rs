@@ -9,7 +9,6 @@ mod common;
 
 use common::raw_db::RawDb;
 use common::server::{TestDevice, TestServer};
-use keyhold::client::Client;
 use keyhold::proto::keyhold::v1 as pb;
 use tonic::Code;
 
@@ -70,32 +69,49 @@ fn service_wrapped(author: &str, recipients: &[&str]) -> pb::CreateSessionReques
     }
 }
 
-/// The refusal every call that would wrap to carol's phone gets.
-fn assert_names_carols_phone<T: std::fmt::Debug>(result: Result<T, tonic::Status>, call: &str) {
-    let err = result.expect_err(call);
-    assert_eq!(err.code(), Code::FailedPrecondition, "{call}: {err:?}");
-    assert!(
-        err.message()
-            .starts_with("user_ids: the current key of device carol/phone cannot be wrapped to ("),
-        "{call}: {}",
-        err.message()
-    );
-    assert!(
-        err.message()
-            .ends_with("; the device must publish a new key"),
-        "{call}: {}",
-        err.message()
-    );
+fn add(session_id: &str, recipients: &[&str]) -> pb::AddRecipientsRequest {
+    pb::AddRecipientsRequest {
+        session_id: session_id.into(),
+        user_ids: users(recipients),
+        key_set: None,
+    }
 }
 
-async fn create(app: &Client, request: pb::CreateSessionRequest) -> String {
-    app.sessions()
-        .create_session(request)
-        .await
-        .expect("create session")
-        .into_inner()
-        .session_id
-        .clone()
+fn remove(session_id: &str, recipients: &[&str]) -> pb::RemoveRecipientsRequest {
+    pb::RemoveRecipientsRequest {
+        session_id: session_id.into(),
+        user_ids: users(recipients),
+        key_set: None,
+    }
+}
+
+/// Runs `call` and checks it gets the refusal every call that would wrap to carol's phone
+/// gets, and that it wrote nothing (no session, no key, no member, nothing else either).
+async fn refused_naming_carols_phone<T: std::fmt::Debug>(
+    db: &mut RawDb,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) {
+    let before = db.fingerprint().await;
+    let err = call.await.expect_err(what);
+    assert_eq!(err.code(), Code::FailedPrecondition, "{what}: {err:?}");
+    let message = err.message();
+    assert!(
+        message
+            .starts_with("user_ids: the current key of device carol/phone cannot be wrapped to (")
+            && message.ends_with("; the device must publish a new key"),
+        "{what}: {message}"
+    );
+    let after = db.fingerprint().await;
+    assert_eq!(
+        after.sessions, before.sessions,
+        "{what}: a session was created"
+    );
+    assert_eq!(
+        after.session_keys, before.session_keys,
+        "{what}: a key was stored"
+    );
+    assert_eq!(after, before, "{what}: the refused call wrote something");
 }
 
 async fn unsafe_stored_key_refuses_every_wrap_to_it(server: &TestServer) {
@@ -103,29 +119,26 @@ async fn unsafe_stored_key_refuses_every_wrap_to_it(server: &TestServer) {
     let app = server
         .client(&server.token(pb::Role::App, "", "").await)
         .await;
+    let mut sessions = app.sessions();
     let alice = TestDevice::enroll(server, "alice", "phone").await;
     TestDevice::enroll(server, "bob", "phone").await;
     let carol = TestDevice::enroll(server, "carol", "phone").await;
     // A session carol's phone is a member of, while its key was still fine.
-    let with_carol = create(&app, service_wrapped("alice", &["bob", "carol"])).await;
+    let with_carol = sessions
+        .create_session(service_wrapped("alice", &["bob", "carol"]))
+        .await
+        .expect("create with carol")
+        .into_inner()
+        .session_id
+        .clone();
 
     store_unsafe_key(&mut db, &carol).await;
-    let before = db.fingerprint().await;
 
-    // CreateSession, service-wrapped, with carol among the recipients.
-    assert_names_carols_phone(
-        app.sessions()
-            .create_session(service_wrapped("alice", &["bob", "carol"]))
-            .await,
-        "create service-wrapped",
-    );
-    // ... and with carol as the author.
-    assert_names_carols_phone(
-        app.sessions()
-            .create_session(service_wrapped("carol", &["bob"]))
-            .await,
-        "create with carol as author",
-    );
+    // CreateSession, service-wrapped, with carol among the recipients or as the author.
+    let call = sessions.create_session(service_wrapped("alice", &["bob", "carol"]));
+    refused_naming_carols_phone(&mut db, "create service-wrapped", call).await;
+    let call = sessions.create_session(service_wrapped("carol", &["bob"]));
+    refused_naming_carols_phone(&mut db, "create with carol as author", call).await;
     // CreateSession, client-wrapped by alice's phone: refused before its wraps are looked at.
     let client_wrapped = pb::CreateSessionRequest {
         mode: pb::SessionMode::ClientWrapped as i32,
@@ -145,69 +158,33 @@ async fn unsafe_stored_key_refuses_every_wrap_to_it(server: &TestServer) {
         }),
         ..Default::default()
     };
-    assert_names_carols_phone(
-        alice
-            .client(server)
-            .await
-            .sessions()
-            .create_session(client_wrapped)
-            .await,
-        "create client-wrapped",
-    );
+    let mut by_alice = alice.client(server).await.sessions();
+    let call = by_alice.create_session(client_wrapped);
+    refused_naming_carols_phone(&mut db, "create client-wrapped", call).await;
     // A new epoch of a session carol's phone stays in: RotateSession, RemoveRecipients of
     // someone else.
-    assert_names_carols_phone(
-        app.sessions()
-            .rotate_session(pb::RotateSessionRequest {
-                session_id: with_carol.clone(),
-                key_set: None,
-            })
-            .await,
-        "rotate",
-    );
-    assert_names_carols_phone(
-        app.sessions()
-            .remove_recipients(pb::RemoveRecipientsRequest {
-                session_id: with_carol.clone(),
-                user_ids: users(&["bob"]),
-                key_set: None,
-            })
-            .await,
-        "remove bob",
-    );
-    let after = db.fingerprint().await;
-    assert_eq!(after.sessions, before.sessions, "no session was created");
-    assert_eq!(after.session_keys, before.session_keys, "no key was stored");
-    assert_eq!(after, before, "the refused calls wrote nothing");
+    let call = sessions.rotate_session(pb::RotateSessionRequest {
+        session_id: with_carol.clone(),
+        key_set: None,
+    });
+    refused_naming_carols_phone(&mut db, "rotate", call).await;
+    let call = sessions.remove_recipients(remove(&with_carol, &["bob"]));
+    refused_naming_carols_phone(&mut db, "remove bob", call).await;
 
-    // The same session without carol is created.
-    let without_carol = create(&app, service_wrapped("alice", &["bob"])).await;
-    // AddRecipients of carol to it is refused, and writes nothing either.
-    let before = db.fingerprint().await;
-    assert_names_carols_phone(
-        app.sessions()
-            .add_recipients(pb::AddRecipientsRequest {
-                session_id: without_carol.clone(),
-                user_ids: users(&["carol"]),
-                key_set: None,
-            })
-            .await,
-        "add carol",
-    );
-    assert_eq!(
-        db.fingerprint().await,
-        before,
-        "the refused add wrote nothing"
-    );
+    // The same session without carol is created; adding carol to it is refused.
+    let without_carol = sessions
+        .create_session(service_wrapped("alice", &["bob"]))
+        .await
+        .expect("create without carol")
+        .into_inner()
+        .session_id
+        .clone();
+    let call = sessions.add_recipients(add(&without_carol, &["carol"]));
+    refused_naming_carols_phone(&mut db, "add carol", call).await;
 
     // Removing carol from the session she is in needs no wrap to her key: it goes through.
-    let removed = app
-        .sessions()
-        .remove_recipients(pb::RemoveRecipientsRequest {
-            session_id: with_carol,
-            user_ids: users(&["carol"]),
-            key_set: None,
-        })
+    let removed = sessions
+        .remove_recipients(remove(&with_carol, &["carol"]))
         .await
         .expect("remove carol")
         .into_inner();
@@ -216,29 +193,24 @@ async fn unsafe_stored_key_refuses_every_wrap_to_it(server: &TestServer) {
 
     // Once carol's phone publishes a new key, it is wrapped for again.
     let carol = TestDevice::enroll(server, "carol", "phone").await;
-    let added = app
-        .sessions()
-        .add_recipients(pb::AddRecipientsRequest {
-            session_id: without_carol,
-            user_ids: users(&["carol"]),
-            key_set: None,
-        })
+    let added = sessions
+        .add_recipients(add(&without_carol, &["carol"]))
         .await
         .expect("add carol with her new key")
         .into_inner();
+    let new_key = carol.xwing.encapsulation_key().key_id();
     let keys: Vec<_> = added
         .session_keys
         .iter()
-        .map(|k| (k.user_id.as_str(), k.device_id.as_str(), k.key_id.clone()))
+        .map(|k| {
+            (
+                k.user_id.as_str(),
+                k.device_id.as_str(),
+                k.key_id.as_slice(),
+            )
+        })
         .collect();
-    assert_eq!(
-        keys,
-        [(
-            "carol",
-            "phone",
-            carol.xwing.encapsulation_key().key_id().as_bytes().to_vec()
-        )]
-    );
+    assert_eq!(keys, [("carol", "phone", new_key.as_bytes().as_slice())]);
 }
 
 on_both_servers! {

@@ -553,6 +553,32 @@ mod tests {
         ));
     }
 
+    /// Wraps for the recipients at epoch 1 on `threads` threads.
+    fn wrap_on(
+        threads: usize,
+        dek: &Dek,
+        session: SessionId,
+        recipients: &[(Recipient, &EncapsulationKey)],
+    ) -> Result<Vec<DekEnvelope>, RecipientWrapError> {
+        let threads = NonZeroUsize::new(threads).unwrap();
+        wrap_dek_for_recipients(dek, session, Epoch::FIRST, recipients, threads)
+    }
+
+    /// Device recipients `u0/d`, `u1/d`, ... with these keys.
+    fn numbered_devices<'k>(
+        keys: impl Iterator<Item = &'k EncapsulationKey>,
+    ) -> Vec<(Recipient, &'k EncapsulationKey)> {
+        keys.enumerate()
+            .map(|(i, key)| {
+                let recipient = Recipient::Device {
+                    user: UserId::new(format!("u{i}")).unwrap(),
+                    device: DeviceId::new("d").unwrap(),
+                };
+                (recipient, key)
+            })
+            .collect()
+    }
+
     #[test]
     fn many_recipients_in_parallel_match_order_and_open() {
         let keys: Vec<_> = (0..9)
@@ -560,28 +586,9 @@ mod tests {
             .collect();
         let dek = Dek::generate().unwrap();
         let session = SessionId::generate();
-        let recipients: Vec<_> = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| {
-                (
-                    Recipient::Device {
-                        user: UserId::new(format!("u{i}")).unwrap(),
-                        device: DeviceId::new("d").unwrap(),
-                    },
-                    k.encapsulation_key(),
-                )
-            })
-            .collect();
+        let recipients = numbered_devices(keys.iter().map(|k| k.encapsulation_key()));
         for threads in [1, 2, 4, 16] {
-            let envs = wrap_dek_for_recipients(
-                &dek,
-                session,
-                Epoch::FIRST,
-                &recipients,
-                NonZeroUsize::new(threads).unwrap(),
-            )
-            .unwrap();
+            let envs = wrap_on(threads, &dek, session, &recipients).unwrap();
             assert_eq!(envs.len(), keys.len());
             for ((recipient, _), (env, key)) in recipients.iter().zip(envs.iter().zip(&keys)) {
                 let ctx = WrapContext {
@@ -612,33 +619,15 @@ mod tests {
         let dek = Dek::generate().unwrap();
         let session = SessionId::generate();
         for bad_at in [0, 3, 5] {
-            let recipients: Vec<_> = good
-                .iter()
-                .enumerate()
-                .map(|(i, k)| {
-                    let key = if i == bad_at {
-                        &bad
-                    } else {
-                        k.encapsulation_key()
-                    };
-                    (
-                        Recipient::Device {
-                            user: UserId::new(format!("u{i}")).unwrap(),
-                            device: DeviceId::new("d").unwrap(),
-                        },
-                        key,
-                    )
-                })
-                .collect();
+            let recipients = numbered_devices(good.iter().enumerate().map(|(i, k)| {
+                if i == bad_at {
+                    &bad
+                } else {
+                    k.encapsulation_key()
+                }
+            }));
             for threads in [1, 2, 4, 16] {
-                let err = wrap_dek_for_recipients(
-                    &dek,
-                    session,
-                    Epoch::FIRST,
-                    &recipients,
-                    NonZeroUsize::new(threads).unwrap(),
-                )
-                .unwrap_err();
+                let err = wrap_on(threads, &dek, session, &recipients).unwrap_err();
                 assert_eq!(
                     err,
                     RecipientWrapError {

@@ -376,6 +376,15 @@ mod tests {
         fn check(&self, ks: ParsedKeySet, escrow: EscrowRule) -> Result<EpochKeys, KeySetError> {
             check_key_set(ks, &self.expected(escrow))
         }
+
+        /// The refusal of these wraps, signed and escrowed, for a new first epoch.
+        fn refusal(&self, wraps: Vec<ClientWrap>) -> KeySetError {
+            self.check(
+                self.signed(Epoch::FIRST, wraps, self.escrow()),
+                EscrowRule::Required(self.escrow_key),
+            )
+            .unwrap_err()
+        }
     }
 
     fn code(e: KeySetError) -> Code {
@@ -474,79 +483,48 @@ mod tests {
     }
 
     #[test]
-    fn a_wrap_to_an_old_key_is_refused_naming_the_wrap_and_device() {
+    fn the_wraps_must_be_the_expected_devices_current_keys_each_once() {
+        type Change = Box<dyn Fn(&mut Vec<ClientWrap>)>;
         let f = Fixture::new();
-        let mut wraps = f.wraps();
-        wraps[1].key_id = key_id();
-        let err = f
-            .check(
-                f.signed(Epoch::FIRST, wraps, f.escrow()),
-                EscrowRule::Required(f.escrow_key),
-            )
-            .unwrap_err();
-        assert_eq!(code(err.clone()), Code::FailedPrecondition);
-        assert_eq!(
-            err.to_string(),
-            "key_set.wraps[1]: device alice/laptop has another current key; fetch the keys again"
-        );
-    }
-
-    #[test]
-    fn a_stranger_or_a_second_wrap_for_a_device_is_unexpected() {
-        let f = Fixture::new();
-        let required = EscrowRule::Required(f.escrow_key);
-
-        let mut stranger = f.wraps();
-        stranger[2].user = UserId::new("mallory").unwrap();
-        let err = f
-            .check(f.signed(Epoch::FIRST, stranger, f.escrow()), required)
-            .unwrap_err();
-        assert_eq!(code(err.clone()), Code::FailedPrecondition);
-        assert!(
-            err.to_string()
-                .starts_with("key_set.wraps[2]: device mallory/phone is not expected"),
-            "{err}"
-        );
-
-        let mut twice = f.wraps();
-        twice.push(twice[0].clone());
-        let err = f
-            .check(f.signed(Epoch::FIRST, twice, f.escrow()), required)
-            .unwrap_err();
-        assert_eq!(
-            err,
-            KeySetError::UnexpectedDevice {
-                index: 3,
-                user: UserId::new("alice").unwrap(),
-                device: DeviceId::new("phone").unwrap(),
-            }
-        );
-    }
-
-    #[test]
-    fn a_device_left_out_is_refused_naming_it() {
-        let f = Fixture::new();
-        let mut wraps = f.wraps();
-        wraps.remove(2);
-        let err = f
-            .check(
-                f.signed(Epoch::FIRST, wraps, f.escrow()),
-                EscrowRule::Required(f.escrow_key),
-            )
-            .unwrap_err();
-        assert_eq!(code(err.clone()), Code::FailedPrecondition);
-        assert_eq!(
-            err.to_string(),
-            "key_set.wraps: no wrap for device bob/phone; fetch the keys again"
-        );
-        // Leaving out every wrap is the same refusal, not an empty epoch.
-        let err = f
-            .check(
-                f.signed(Epoch::FIRST, Vec::new(), f.escrow()),
-                EscrowRule::Required(f.escrow_key),
-            )
-            .unwrap_err();
-        assert!(matches!(err, KeySetError::MissingWrap { .. }), "{err}");
+        let unexpected = "is not expected (not a recipient, duplicated, or without a current key)";
+        let cases: Vec<(&str, Change, String)> = vec![
+            (
+                "a wrap to an old key",
+                Box::new(|w| w[1].key_id = key_id()),
+                "key_set.wraps[1]: device alice/laptop has another current key; fetch the keys again"
+                    .into(),
+            ),
+            (
+                "a stranger",
+                Box::new(|w| w[2].user = UserId::new("mallory").unwrap()),
+                format!("key_set.wraps[2]: device mallory/phone {unexpected}"),
+            ),
+            (
+                "a second wrap for a device",
+                Box::new(|w| w.push(w[0].clone())),
+                format!("key_set.wraps[3]: device alice/phone {unexpected}"),
+            ),
+            (
+                "a device left out",
+                Box::new(|w| {
+                    w.remove(2);
+                }),
+                "key_set.wraps: no wrap for device bob/phone; fetch the keys again".into(),
+            ),
+            (
+                // Not an empty epoch: the same refusal.
+                "every device left out",
+                Box::new(|w| w.clear()),
+                "key_set.wraps: no wrap for device alice/laptop; fetch the keys again".into(),
+            ),
+        ];
+        for (what, change, message) in cases {
+            let mut wraps = f.wraps();
+            change(&mut wraps);
+            let err = f.refusal(wraps);
+            assert_eq!(code(err.clone()), Code::FailedPrecondition, "{what}");
+            assert_eq!(err.to_string(), message, "{what}");
+        }
     }
 
     #[test]

@@ -35,10 +35,12 @@ pub use wire::{DEFAULT_SYNC_PAGE, MAX_SYNC_PAGE};
 
 use super::AppState;
 use crate::auth::{principal, Principal};
+use crate::crypto::ids::{DeviceId, UserId};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::sessions_server::Sessions;
 use crate::service::cursor;
 use wire::{CreateMode, RecipientsSpec, SyncPosition};
+use workflow::SessionSpec;
 
 /// Most session keys one call produces (devices of all recipients together).
 pub const MAX_KEYS_PER_CALL: usize = 2000;
@@ -60,13 +62,7 @@ impl SessionsService {
 fn reading_device<'a, T>(
     request: &'a Request<T>,
     refusal: &'static str,
-) -> Result<
-    (
-        &'a crate::crypto::ids::UserId,
-        &'a crate::crypto::ids::DeviceId,
-    ),
-    Status,
-> {
+) -> Result<(&'a UserId, &'a DeviceId), Status> {
     match principal(request)? {
         Principal::Device { user, device, .. } => Ok((user, device)),
         _ => Err(Status::permission_denied(refusal)),
@@ -90,20 +86,17 @@ impl Sessions for SessionsService {
                 super::trust::trusted_recipients(&self.state, &author).await?
             }
         };
+        let mode = wire::parse_create_mode(&caller, &author, &req)?;
         let users = wire::with_author_first(&author, listed);
-        let created = match wire::parse_create_mode(&caller, &author, &req)? {
+        let spec = SessionSpec {
+            author,
+            users,
+            suite,
+        };
+        let created = match mode {
             CreateMode::ServiceWrapped {
                 return_plaintext_dek,
-            } => {
-                workflow::create_service_wrapped(
-                    &self.state,
-                    author,
-                    users,
-                    suite,
-                    return_plaintext_dek,
-                )
-                .await?
-            }
+            } => workflow::create_service_wrapped(&self.state, spec, return_plaintext_dek).await?,
             CreateMode::ClientWrapped {
                 session_id,
                 author_device,
@@ -111,11 +104,9 @@ impl Sessions for SessionsService {
             } => {
                 workflow::create_client_wrapped(
                     &self.state,
+                    spec,
                     session_id,
-                    author,
                     author_device,
-                    users,
-                    suite,
                     key_set,
                 )
                 .await?
@@ -140,15 +131,15 @@ impl Sessions for SessionsService {
         request: Request<pb::AddRecipientsRequest>,
     ) -> Result<Response<pb::AddRecipientsResponse>, Status> {
         let caller = principal(&request)?.clone();
-        let req = request.into_inner();
-        let session_id = wire::parse_session_id(&req.session_id)?;
-        let users = wire::parse_changed_users(&req.user_ids, self.state.max_list_len)?;
-        let key_set = wire::parse_optional_key_set(req.key_set.as_ref())?;
-        let stored =
-            workflow::add_recipients(&self.state, &caller, session_id, users, key_set).await?;
+        let req = request.get_ref();
+        let max = self.state.max_list_len;
+        let change = wire::parse_change(&req.session_id, Some(&req.user_ids), &req.key_set, max)?;
+        let (epoch, session_keys) = wire::stored_keys_to_wire(
+            workflow::add_recipients(&self.state, &caller, change).await?,
+        );
         Ok(Response::new(pb::AddRecipientsResponse {
-            epoch: stored.epoch.get(),
-            session_keys: wire::new_keys_to_wire(session_id, stored.epoch, &stored.session_keys),
+            epoch,
+            session_keys,
         }))
     }
 
@@ -157,14 +148,14 @@ impl Sessions for SessionsService {
         request: Request<pb::RemoveRecipientsRequest>,
     ) -> Result<Response<pb::RemoveRecipientsResponse>, Status> {
         let caller = principal(&request)?.clone();
-        let req = request.into_inner();
-        let session_id = wire::parse_session_id(&req.session_id)?;
-        let users = wire::parse_changed_users(&req.user_ids, self.state.max_list_len)?;
-        let key_set = wire::parse_optional_key_set(req.key_set.as_ref())?;
-        let stored = workflow::new_epoch(&self.state, &caller, session_id, users, key_set).await?;
+        let req = request.get_ref();
+        let max = self.state.max_list_len;
+        let change = wire::parse_change(&req.session_id, Some(&req.user_ids), &req.key_set, max)?;
+        let (epoch, session_keys) =
+            wire::stored_keys_to_wire(workflow::new_epoch(&self.state, &caller, change).await?);
         Ok(Response::new(pb::RemoveRecipientsResponse {
-            epoch: stored.epoch.get(),
-            session_keys: wire::new_keys_to_wire(session_id, stored.epoch, &stored.session_keys),
+            epoch,
+            session_keys,
         }))
     }
 
@@ -173,14 +164,13 @@ impl Sessions for SessionsService {
         request: Request<pb::RotateSessionRequest>,
     ) -> Result<Response<pb::RotateSessionResponse>, Status> {
         let caller = principal(&request)?.clone();
-        let req = request.into_inner();
-        let session_id = wire::parse_session_id(&req.session_id)?;
-        let key_set = wire::parse_optional_key_set(req.key_set.as_ref())?;
-        let stored =
-            workflow::new_epoch(&self.state, &caller, session_id, Vec::new(), key_set).await?;
+        let req = request.get_ref();
+        let change = wire::parse_change(&req.session_id, None, &req.key_set, 0)?;
+        let (epoch, session_keys) =
+            wire::stored_keys_to_wire(workflow::new_epoch(&self.state, &caller, change).await?);
         Ok(Response::new(pb::RotateSessionResponse {
-            epoch: stored.epoch.get(),
-            session_keys: wire::new_keys_to_wire(session_id, stored.epoch, &stored.session_keys),
+            epoch,
+            session_keys,
         }))
     }
 

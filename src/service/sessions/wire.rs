@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use tonic::Status;
 
 use super::key_set::ParsedKeySet;
+use super::workflow::{SessionChange, StoredKeys};
 use crate::auth::Principal;
 use crate::crypto::envelope::DekEnvelope;
 use crate::crypto::ids::{DeviceId, Epoch, KeyId, SessionId, UserId};
@@ -55,6 +56,27 @@ pub(crate) fn parse_changed_users(ids: &[String], max: usize) -> Result<Vec<User
 /// The `session_id` of a request.
 pub(crate) fn parse_session_id(id: &str) -> Result<SessionId, Status> {
     parse_field("session_id", SessionId::parse(id))
+}
+
+/// AddRecipients, RemoveRecipients (`user_ids` given: a non-empty list of at most `max`) and
+/// RotateSession (`user_ids` none), in that order of fields.
+pub(crate) fn parse_change(
+    session_id: &str,
+    user_ids: Option<&[String]>,
+    key_set: &Option<pb::ClientWrappedKeySet>,
+    max: usize,
+) -> Result<SessionChange, Status> {
+    let session_id = parse_session_id(session_id)?;
+    let users = match user_ids {
+        Some(ids) => parse_changed_users(ids, max)?,
+        None => Vec::new(),
+    };
+    let key_set = key_set.as_ref().map(parse_key_set).transpose()?;
+    Ok(SessionChange {
+        session_id,
+        users,
+        key_set,
+    })
 }
 
 /// Who a CreateSession names as recipients, before the author's trusted users are looked up.
@@ -189,14 +211,6 @@ pub(crate) fn parse_create_mode(
     }
 }
 
-/// The `key_set` of a change to a session, when there is one (whether there must be depends
-/// on the session's mode, which the workflow reads).
-pub(crate) fn parse_optional_key_set(
-    ks: Option<&pb::ClientWrappedKeySet>,
-) -> Result<Option<ParsedKeySet>, Status> {
-    ks.map(parse_key_set).transpose()
-}
-
 /// A client-wrapped key set, each field parsed; what it must match is checked later
 /// ([`super::key_set::check_key_set`]).
 pub(crate) fn parse_key_set(ks: &pb::ClientWrappedKeySet) -> Result<ParsedKeySet, Status> {
@@ -314,6 +328,12 @@ pub(crate) fn new_keys_to_wire(
             envelope: k.envelope.clone(),
         })
         .collect()
+}
+
+/// The epoch and wire keys of what a change to a session stored.
+pub(crate) fn stored_keys_to_wire(stored: StoredKeys) -> (u32, Vec<pb::SessionKey>) {
+    let keys = new_keys_to_wire(stored.session_id, stored.epoch, &stored.session_keys);
+    (stored.epoch.get(), keys)
 }
 
 /// The wire form of a stored session key.

@@ -14,7 +14,7 @@ use zeroize::Zeroizing;
 use super::error::SessionError;
 use super::key_set::{self, author_identity, EscrowRule, Expected, ParsedKeySet};
 use super::wrapping::{
-    members_of, open_service_copy, targets_from_keys, wrap_for_added, wrap_new_epoch, Target,
+    members_of, open_service_copy, targets_from_keys, wrap_epoch, Copies, Target,
 };
 use super::MAX_KEYS_PER_CALL;
 use crate::auth::Principal;
@@ -41,12 +41,59 @@ pub(crate) struct CreatedSession {
     pub(crate) plaintext_dek: Option<Zeroizing<Vec<u8>>>,
 }
 
+/// What a new session is, whatever its mode.
+pub(crate) struct SessionSpec {
+    /// The author's user.
+    pub(crate) author: UserId,
+    /// The recipient users, the author's first: each one's current devices get the DEK.
+    pub(crate) users: Vec<UserId>,
+    /// The envelopes' suite.
+    pub(crate) suite: Suite,
+}
+
+impl SessionSpec {
+    fn into_new_session(
+        self,
+        session_id: SessionId,
+        mode: SessionMode,
+        author_device: Option<DeviceId>,
+    ) -> NewSession {
+        NewSession {
+            session_id,
+            author_user: self.author,
+            author_device,
+            mode,
+            suite: self.suite,
+        }
+    }
+}
+
+/// A change to a session's membership or epoch: AddRecipients, RemoveRecipients,
+/// RotateSession.
+pub(crate) struct SessionChange {
+    /// The session.
+    pub(crate) session_id: SessionId,
+    /// The users added or removed (none for a rotation).
+    pub(crate) users: Vec<UserId>,
+    /// The author device's key set, for a client-wrapped session.
+    pub(crate) key_set: Option<ParsedKeySet>,
+}
+
 /// The keys a change to a session stored, and the epoch they are of.
 pub(crate) struct StoredKeys {
+    /// The session.
+    pub(crate) session_id: SessionId,
     /// The epoch.
     pub(crate) epoch: Epoch,
     /// One per device wrapped for.
     pub(crate) session_keys: Vec<NewSessionKey>,
+}
+
+/// The targets of a new session's current device keys, at most [`MAX_KEYS_PER_CALL`].
+fn targets_within_limit(keys: Vec<UserKey>) -> Result<Vec<Target>, SessionError> {
+    let targets = targets_from_keys(keys)?;
+    check_key_count(targets.len())?;
+    Ok(targets)
 }
 
 fn check_key_count(devices: usize) -> Result<(), SessionError> {
@@ -81,8 +128,21 @@ fn require_session_owner(caller: &Principal, session: &Session) -> Result<(), Se
     }
 }
 
-/// A key set comes with every change of a client-wrapped session, never with a
-/// service-wrapped one.
+/// The live session a change is for, if the caller owns it, and the change's key set, which
+/// comes with every change of a client-wrapped session and never with a service-wrapped one.
+async fn session_to_change(
+    state: &AppState,
+    caller: &Principal,
+    session_id: &SessionId,
+    key_set: Option<ParsedKeySet>,
+) -> Result<(Session, Option<ParsedKeySet>), SessionError> {
+    let session = live(state.store.conn().await?.session(session_id).await?)?;
+    require_session_owner(caller, &session)?;
+    let key_set = key_set_for_mode(&session, key_set)?;
+    Ok((session, key_set))
+}
+
+/// The key set, if the session's mode takes one; refused if it is missing or extra.
 fn key_set_for_mode(
     session: &Session,
     key_set: Option<ParsedKeySet>,
@@ -133,129 +193,95 @@ async fn store_new_session(
     state: &AppState,
     session: NewSession,
     members: Vec<Member>,
-    keys: &EpochKeys,
-) -> Result<(), SessionError> {
+    keys: EpochKeys,
+    plaintext_dek: Option<Zeroizing<Vec<u8>>>,
+) -> Result<CreatedSession, SessionError> {
     let session_id = session.session_id;
-    state
+    let keys = state
         .store
         .transaction(async move |tx| -> Result<_, SessionError> {
             let stored = async {
                 tx.insert_session(&session).await?;
                 tx.add_members(&session_id, Epoch::FIRST, &members).await?;
-                tx.insert_epoch_keys(&session_id, keys).await
+                tx.insert_epoch_keys(&session_id, &keys).await
             };
             match stored.await {
                 Err(StoreError::AlreadyExists(_)) => Err(SessionError::SessionIdTaken),
-                other => Ok(other?),
+                other => Ok(other.map(|()| keys)?),
             }
         })
-        .await
-}
-
-/// Creates a SERVICE_WRAPPED session for the current devices of `users` (the author's user
-/// first): draws the DEK, wraps it for each device, escrows it and keeps the KEK copy.
-pub(crate) async fn create_service_wrapped(
-    state: &AppState,
-    author: UserId,
-    users: Vec<UserId>,
-    suite: Suite,
-    return_plaintext_dek: bool,
-) -> Result<CreatedSession, SessionError> {
-    let keys = (state.store.conn().await?)
-        .current_user_keys(&users)
         .await?;
-    let targets = targets_from_keys(keys)?;
-    check_key_count(targets.len())?;
-    let session_id = SessionId::generate();
-    let epoch = Epoch::FIRST;
-    let dek = Dek::generate().map_err(SessionError::ServiceCrypto)?;
-    let plaintext_dek = return_plaintext_dek.then(|| Zeroizing::new(dek.expose_secret().to_vec()));
-    let members = members_of(&targets);
-    let keys = wrap_new_epoch(state, session_id, epoch, dek, targets).await?;
-    let session = NewSession {
-        session_id,
-        author_user: author,
-        author_device: None,
-        mode: SessionMode::ServiceWrapped,
-        suite,
-    };
-    store_new_session(state, session, members, &keys).await?;
     Ok(CreatedSession {
         session_id,
-        epoch,
+        epoch: Epoch::FIRST,
         session_keys: keys.session_keys,
         plaintext_dek,
     })
 }
 
-/// Creates a CLIENT_WRAPPED session from the author device's key set, checked against the
-/// current devices of `users` and the author device's identity key.
-pub(crate) async fn create_client_wrapped(
+/// Creates a SERVICE_WRAPPED session: draws the DEK, wraps it for each current device of the
+/// recipients, escrows it and keeps the KEK copy.
+pub(crate) async fn create_service_wrapped(
     state: &AppState,
-    session_id: SessionId,
-    author: UserId,
-    author_device: DeviceId,
-    users: Vec<UserId>,
-    suite: Suite,
-    key_set: ParsedKeySet,
+    spec: SessionSpec,
+    return_plaintext_dek: bool,
 ) -> Result<CreatedSession, SessionError> {
-    let keys = (state.store.conn().await?)
-        .current_user_keys(&users)
-        .await?;
-    let identity = author_identity(&keys, &author, &author_device)?;
-    let targets = targets_from_keys(keys)?;
-    check_key_count(targets.len())?;
-    let epoch = Epoch::FIRST;
+    let keys = (state.store.conn().await?).current_user_keys(&spec.users).await?;
+    let targets = targets_within_limit(keys)?;
+    let session_id = SessionId::generate();
+    let dek = Dek::generate().map_err(SessionError::ServiceCrypto)?;
+    let plaintext_dek = return_plaintext_dek.then(|| Zeroizing::new(dek.expose_secret().to_vec()));
     let members = members_of(&targets);
-    let epoch_keys = key_set::check_key_set(
-        key_set,
-        &Expected {
-            suite,
-            session_id,
-            epoch,
-            author_user: &author,
-            author_device: &author_device,
-            author_identity: &identity,
-            devices: &members,
-            escrow: EscrowRule::Required(state.escrow_public_key.key_id()),
-        },
-    )?;
-    let session = NewSession {
-        session_id,
-        author_user: author,
-        author_device: Some(author_device),
-        mode: SessionMode::ClientWrapped,
-        suite,
-    };
-    store_new_session(state, session, members, &epoch_keys).await?;
-    Ok(CreatedSession {
-        session_id,
-        epoch,
-        session_keys: epoch_keys.session_keys,
-        plaintext_dek: None,
-    })
+    let keys = wrap_epoch(state, session_id, Epoch::FIRST, dek, targets, Copies::Seal).await?;
+    let session = spec.into_new_session(session_id, SessionMode::ServiceWrapped, None);
+    store_new_session(state, session, members, keys, plaintext_dek).await
 }
 
-/// Adds the current devices of `users` that are not members yet to the session's current
-/// epoch: the service wraps the epoch's DEK (from its KEK copy) for them, or checks the
-/// author device's wraps.
+/// Creates a CLIENT_WRAPPED session from the author device's key set, checked against the
+/// current devices of the recipients and the author device's identity key.
+pub(crate) async fn create_client_wrapped(
+    state: &AppState,
+    spec: SessionSpec,
+    session_id: SessionId,
+    author_device: DeviceId,
+    key_set: ParsedKeySet,
+) -> Result<CreatedSession, SessionError> {
+    let keys = (state.store.conn().await?).current_user_keys(&spec.users).await?;
+    let identity = author_identity(&keys, &spec.author, &author_device)?;
+    let targets = targets_within_limit(keys)?;
+    let members = members_of(&targets);
+    let expected = Expected {
+        suite: spec.suite,
+        session_id,
+        epoch: Epoch::FIRST,
+        author_user: &spec.author,
+        author_device: &author_device,
+        author_identity: &identity,
+        devices: &members,
+        escrow: EscrowRule::Required(state.escrow_public_key.key_id()),
+    };
+    let keys = key_set::check_key_set(key_set, &expected)?;
+    let session =
+        spec.into_new_session(session_id, SessionMode::ClientWrapped, Some(author_device));
+    store_new_session(state, session, members, keys, None).await
+}
+
+/// Adds the current devices of the change's users that are not members yet to the session's
+/// current epoch: the service wraps the epoch's DEK (from its KEK copy) for them, or checks
+/// the author device's wraps.
 pub(crate) async fn add_recipients(
     state: &AppState,
     caller: &Principal,
-    session_id: SessionId,
-    users: Vec<UserId>,
-    key_set: Option<ParsedKeySet>,
+    change: SessionChange,
 ) -> Result<StoredKeys, SessionError> {
-    let session = live(state.store.conn().await?.session(&session_id).await?)?;
-    require_session_owner(caller, &session)?;
-    let key_set = key_set_for_mode(&session, key_set)?;
-    let candidates = (state.store.conn().await?)
-        .current_user_keys(&users)
-        .await?;
+    let session_id = change.session_id;
+    let (session, key_set) = session_to_change(state, caller, &session_id, change.key_set).await?;
+    let candidates = (state.store.conn().await?).current_user_keys(&change.users).await?;
     check_key_count(candidates.len())?;
     let author_keys = match session.mode {
         SessionMode::ClientWrapped => {
-            (state.store.conn().await?)
+            state
+                .store
                 .current_user_keys(std::slice::from_ref(&session.author_user))
                 .await?
         }
@@ -279,7 +305,7 @@ pub(crate) async fn add_recipients(
             let keys = match key_set {
                 None => {
                     let dek = service_copy(tx, state, session_id, epoch).await?;
-                    wrap_for_added(state, session_id, epoch, dek, new).await?
+                    wrap_epoch(state, session_id, epoch, dek, new, Copies::Existing).await?
                 }
                 Some(ks) => check_author_key_set(
                     ks,
@@ -296,6 +322,7 @@ pub(crate) async fn add_recipients(
             tx.insert_epoch_keys(&session_id, &keys).await?;
             tx.add_members(&session_id, epoch, &new_members).await?;
             Ok(StoredKeys {
+                session_id,
                 epoch,
                 session_keys: keys.session_keys,
             })
@@ -326,22 +353,19 @@ async fn service_copy(
     open_service_copy(state, session_id, epoch, &envelope)
 }
 
-/// Starts a new epoch without the devices of `removed_users`: RemoveRecipients and
+/// Starts a new epoch without the devices of the change's users: RemoveRecipients and
 /// RotateSession. Remaining devices get the new DEK on their current key; a device whose
 /// key was revoked gets nothing and stops being a member.
 pub(crate) async fn new_epoch(
     state: &AppState,
     caller: &Principal,
-    session_id: SessionId,
-    removed_users: Vec<UserId>,
-    key_set: Option<ParsedKeySet>,
+    change: SessionChange,
 ) -> Result<StoredKeys, SessionError> {
-    let session = live(state.store.conn().await?.session(&session_id).await?)?;
-    require_session_owner(caller, &session)?;
+    let (session_id, removed_users) = (change.session_id, change.users);
+    let (session, key_set) = session_to_change(state, caller, &session_id, change.key_set).await?;
     if removed_users.contains(&session.author_user) {
         return Err(SessionError::AuthorNotRemovable);
     }
-    let key_set = key_set_for_mode(&session, key_set)?;
     state
         .store
         .transaction(async move |tx| -> Result<_, SessionError> {
@@ -382,7 +406,7 @@ pub(crate) async fn new_epoch(
             let keys = match key_set {
                 None => {
                     let dek = Dek::generate().map_err(SessionError::ServiceCrypto)?;
-                    wrap_new_epoch(state, session_id, to, dek, targets).await?
+                    wrap_epoch(state, session_id, to, dek, targets, Copies::Seal).await?
                 }
                 Some(ks) => {
                     let author_keys = tx
@@ -405,6 +429,7 @@ pub(crate) async fn new_epoch(
             tx.add_members(&session_id, to, &target_members).await?;
             tx.insert_epoch_keys(&session_id, &keys).await?;
             Ok(StoredKeys {
+                session_id,
                 epoch: to,
                 session_keys: keys.session_keys,
             })

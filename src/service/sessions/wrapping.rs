@@ -77,29 +77,16 @@ pub(crate) fn members_of(targets: &[Target]) -> Vec<Member> {
         .collect()
 }
 
-/// Wraps a new epoch's `dek` for every target, seals its escrow copy and its service copy.
-pub(crate) async fn wrap_new_epoch(
-    state: &AppState,
-    session_id: SessionId,
-    epoch: Epoch,
-    dek: Dek,
-    targets: Vec<Target>,
-) -> Result<EpochKeys, SessionError> {
-    wrap_on_pool(state, session_id, epoch, dek, targets, true).await
+/// Which copies of an epoch's DEK a wrapping makes besides the devices' ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Copies {
+    /// A new epoch: seal the escrow copy and the service copy too.
+    Seal,
+    /// Devices added to an epoch whose copies exist already.
+    Existing,
 }
 
-/// Wraps an existing epoch's `dek` for devices added to it (its copies exist already).
-pub(crate) async fn wrap_for_added(
-    state: &AppState,
-    session_id: SessionId,
-    epoch: Epoch,
-    dek: Dek,
-    targets: Vec<Target>,
-) -> Result<EpochKeys, SessionError> {
-    wrap_on_pool(state, session_id, epoch, dek, targets, false).await
-}
-
-/// Opens the service copy of an epoch's DEK (sealed under the KEK by [`wrap_new_epoch`]).
+/// Opens the service copy of an epoch's DEK (sealed under the KEK by [`wrap_epoch`]).
 pub(crate) fn open_service_copy(
     state: &AppState,
     session_id: SessionId,
@@ -115,15 +102,15 @@ pub(crate) fn open_service_copy(
     .map_err(SessionError::ServiceCrypto)
 }
 
-/// The wrapping runs on tokio's blocking pool, over all cores: a thousand recipients are a
-/// thousand encapsulations.
-async fn wrap_on_pool(
+/// Wraps `dek` for every target and makes the `copies` asked for, on tokio's blocking pool
+/// over all cores (a thousand recipients are a thousand encapsulations).
+pub(crate) async fn wrap_epoch(
     state: &AppState,
     session_id: SessionId,
     epoch: Epoch,
     dek: Dek,
     targets: Vec<Target>,
-    seal_copies: bool,
+    copies: Copies,
 ) -> Result<EpochKeys, SessionError> {
     let kek = state.kek.clone();
     let escrow = state.escrow_public_key.clone();
@@ -153,7 +140,7 @@ async fn wrap_on_pool(
                 envelope: env.into_bytes(),
             })
             .collect();
-        let (staff_key, service_key) = if seal_copies {
+        let (staff_key, service_key) = if copies == Copies::Seal {
             let escrow_ctx = WrapContext {
                 session_id,
                 epoch,

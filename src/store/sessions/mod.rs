@@ -289,53 +289,40 @@ impl Tx {
         id: &SessionId,
         from: Epoch,
     ) -> Result<Epoch, StoreError> {
-        let conn = &mut self.db;
         let next = from.next().ok_or_else(|| {
             StoreError::VersionConflict("the session has used every epoch".into())
         })?;
-        let sid = id.as_bytes().as_slice();
-        let (from_db, next_db) = (epoch_db(from)?, epoch_db(next)?);
-        let updated = db_run!(conn: {
-            diesel::update(
-                sessions::table
-                    .filter(sessions::session_id.eq(sid))
-                    .filter(sessions::current_epoch.eq(from_db))
-                    .filter(sessions::deleted_at.is_null()),
-            )
-            .set(sessions::current_epoch.eq(next_db))
-            .execute(conn)
-            .await?
-        });
-        if updated == 0 {
-            return Err(StoreError::VersionConflict(format!(
-                "session {id} is no longer at epoch {from}"
-            )));
-        }
+        self.move_epoch(id, from, next).await?;
         Ok(next)
     }
 
     /// Holds the session at `epoch` until the transaction ends; [`StoreError::VersionConflict`]
     /// if it is no longer there (or was deleted).
     pub async fn lock_epoch(&mut self, id: &SessionId, epoch: Epoch) -> Result<(), StoreError> {
+        // A no-op move: it takes the row lock on PostgreSQL and matches nothing if the
+        // session moved to another epoch or was deleted since the caller read it.
+        self.move_epoch(id, epoch, epoch).await
+    }
+
+    /// Compare-and-swap of a live session's epoch from `at` to `to`.
+    async fn move_epoch(&mut self, id: &SessionId, at: Epoch, to: Epoch) -> Result<(), StoreError> {
         let conn = &mut self.db;
         let sid = id.as_bytes().as_slice();
-        let e = epoch_db(epoch)?;
-        // A no-op update: it takes the row lock on PostgreSQL and matches nothing if the
-        // session moved to another epoch or was deleted since the caller read it.
+        let (at_db, to_db) = (epoch_db(at)?, epoch_db(to)?);
         let updated = db_run!(conn: {
             diesel::update(
                 sessions::table
                     .filter(sessions::session_id.eq(sid))
-                    .filter(sessions::current_epoch.eq(e))
+                    .filter(sessions::current_epoch.eq(at_db))
                     .filter(sessions::deleted_at.is_null()),
             )
-            .set(sessions::current_epoch.eq(e))
+            .set(sessions::current_epoch.eq(to_db))
             .execute(conn)
             .await?
         });
         if updated == 0 {
             return Err(StoreError::VersionConflict(format!(
-                "session {id} is no longer at epoch {epoch}"
+                "session {id} is no longer at epoch {at}"
             )));
         }
         Ok(())
