@@ -226,7 +226,7 @@ impl Tx {
 
     /// The transaction of [`Store::send_key_packages`]: the checks, the inbox bound under
     /// each recipient inbox's lock, the inserts and the notifications.
-    async fn send_key_packages(
+    async fn put_in_inboxes(
         &mut self,
         user: &UserId,
         sender: &DeviceId,
@@ -304,10 +304,7 @@ impl Store {
         inbox_max: usize,
     ) -> Result<Vec<i64>, SendError> {
         let ids = self
-            .transaction(async |tx| {
-                tx.send_key_packages(user, sender, packages, inbox_max)
-                    .await
-            })
+            .transaction(async |tx| tx.put_in_inboxes(user, sender, packages, inbox_max).await)
             .await?;
         let events: Vec<DeviceEvent> = recipients(packages)
             .into_iter()
