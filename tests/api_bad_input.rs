@@ -113,14 +113,7 @@ async fn refuse_all(server: &TestServer, db: &mut RawDb, client: &Client, cases:
     let mut differences = Vec::new();
     for case in cases {
         let before = db.fingerprint().await;
-        let audit_before = server
-            .store
-            .conn()
-            .await
-            .expect("connection")
-            .list_audit_events(0, 1000)
-            .await
-            .expect("audit events");
+        let audit_before = server.audit_events().await;
         let outcome = send(client, case.call).await;
         let what = &case.what;
         match outcome {
@@ -142,14 +135,7 @@ async fn refuse_all(server: &TestServer, db: &mut RawDb, client: &Client, cases:
         if after != before {
             differences.push(format!("{what}: wrote {before:?} -> {after:?}"));
         }
-        let audit_after = server
-            .store
-            .conn()
-            .await
-            .expect("connection")
-            .list_audit_events(0, 1000)
-            .await
-            .expect("audit events");
+        let audit_after = server.audit_events().await;
         if audit_after.len() != audit_before.len() {
             differences.push(format!(
                 "{what}: audit log went from {} to {} events",

@@ -952,15 +952,7 @@ async fn escrow_read_fails_when_the_audit_write_fails(server: &TestServer) {
     let app = app_client(server, &mut tokens).await;
     let _alice = enroll(server, &mut tokens, "alice", "phone").await;
     let (session, dek, _) = service_wrapped(&app, "alice", &[]).await;
-    let before = server
-        .store
-        .conn()
-        .await
-        .expect("connection")
-        .list_audit_events(0, 1000)
-        .await
-        .expect("list")
-        .len();
+    let before = server.audit_events().await.len();
 
     refuse_audit_writes(server).await;
     let request = pb::GetEscrowedKeysRequest {
@@ -988,31 +980,13 @@ async fn escrow_read_fails_when_the_audit_write_fails(server: &TestServer) {
     );
     // The whole read rolled back: no event was half-written.
     allow_audit_writes(server).await;
-    assert_eq!(
-        server
-            .store
-            .conn()
-            .await
-            .expect("connection")
-            .list_audit_events(0, 1000)
-            .await
-            .expect("list")
-            .len(),
-        before
-    );
+    assert_eq!(server.audit_events().await.len(), before);
 
     // With the audit writable again, the same read succeeds and is recorded: the failure above
     // was the audit write's.
     let opened = escrowed_deks(server, &staff, session).await;
     assert_eq!(opened, vec![(1, dek)]);
-    let after = server
-        .store
-        .conn()
-        .await
-        .expect("connection")
-        .list_audit_events(0, 1000)
-        .await
-        .expect("list");
+    let after = server.audit_events().await;
     assert_eq!(after.len(), before + 1);
     assert_eq!(after.last().map(|e| e.action.as_str()), Some("escrow.read"));
     assert_eq!(

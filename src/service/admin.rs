@@ -35,7 +35,7 @@ pub enum AdminError {
     /// Drawing a new token's secret failed (the system's random source).
     #[error("generating a token: {0}")]
     Generate(#[from] CryptoError),
-    /// The store failed: for a revocation, [`StoreError::NotFound`] when no token has the id.
+    /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
 }

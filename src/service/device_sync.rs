@@ -24,7 +24,7 @@ use crate::crypto::ids::{DeviceId, KeyId, UserId};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::device_sync_server::DeviceSync;
 use crate::store::events::{DeviceWatch, EventKind};
-use crate::store::key_packages::{KeyPackage, NewKeyPackage, SendError};
+use crate::store::key_packages::{KeyPackage, NewKeyPackage, SendError, SendRefusal};
 use crate::store::StoreError;
 
 /// Page size of FetchKeyPackages when the caller gives none, and of the watch's reads.
@@ -59,41 +59,15 @@ fn calling_device(caller: &Principal) -> Result<(&UserId, &DeviceId), Status> {
 /// What the DeviceSync workflow refuses.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum DeviceSyncError {
-    /// The sending device has no current key.
-    #[error("the sending device {user}/{device} has no current key: publish one first")]
-    SenderNotCurrent {
+    /// A send by `user`'s device `sender` was refused before anything was written.
+    #[error("{}", refusal_message(refusal, user, sender))]
+    Refused {
+        /// Why.
+        refusal: SendRefusal,
         /// The sender's user.
         user: UserId,
         /// The sending device.
-        device: DeviceId,
-    },
-    /// The recipient of the package at `index` has no current (non-revoked) key.
-    #[error("packages[{index}].recipient_device_id: the device has no current (non-revoked) key")]
-    RecipientNotCurrent {
-        /// The package's position in the request.
-        index: usize,
-    },
-    /// The package at `index` is sealed to another key than its recipient's current one.
-    #[error("packages[{index}].recipient_key_id: the device's current key is {current}; fetch the keys again")]
-    RecipientKeyChanged {
-        /// The package's position in the request.
-        index: usize,
-        /// The recipient's current key.
-        current: KeyId,
-    },
-    /// A recipient's inbox would pass its bound; nothing of the send was written.
-    #[error("packages: the inbox of device {user}/{device} holds {held} packages; {adding} more would pass the bound of {max}")]
-    InboxFull {
-        /// The user of both devices.
-        user: UserId,
-        /// The recipient device.
-        device: DeviceId,
-        /// How many packages its inbox holds.
-        held: u64,
-        /// How many the send adds to it.
-        adding: usize,
-        /// The bound.
-        max: usize,
+        sender: DeviceId,
     },
     /// The store failed.
     #[error(transparent)]
@@ -101,43 +75,50 @@ pub(crate) enum DeviceSyncError {
 }
 
 impl DeviceSyncError {
-    /// The refusal of a send by `user`'s device `sender`.
+    /// How a send by `user`'s device `sender` failed.
     fn of_send(e: SendError, user: &UserId, sender: &DeviceId) -> Self {
         match e {
-            SendError::SenderNotCurrent => DeviceSyncError::SenderNotCurrent {
+            SendError::Refused(refusal) => DeviceSyncError::Refused {
+                refusal,
                 user: user.clone(),
-                device: sender.clone(),
-            },
-            SendError::RecipientNotCurrent { index } => {
-                DeviceSyncError::RecipientNotCurrent { index }
-            }
-            SendError::RecipientKeyChanged { index, current } => {
-                DeviceSyncError::RecipientKeyChanged { index, current }
-            }
-            SendError::InboxFull {
-                device,
-                held,
-                adding,
-                max,
-            } => DeviceSyncError::InboxFull {
-                user: user.clone(),
-                device,
-                held,
-                adding,
-                max,
+                sender: sender.clone(),
             },
             SendError::Store(e) => DeviceSyncError::Store(e),
         }
     }
 }
 
+/// What the caller reads of a refused send: the field to fix, and how.
+fn refusal_message(refusal: &SendRefusal, user: &UserId, sender: &DeviceId) -> String {
+    match refusal {
+        SendRefusal::SenderNotCurrent => {
+            format!("the sending device {user}/{sender} has no current key: publish one first")
+        }
+        SendRefusal::RecipientNotCurrent { index } => format!(
+            "packages[{index}].recipient_device_id: the device has no current (non-revoked) key"
+        ),
+        SendRefusal::RecipientKeyChanged { index, current } => format!(
+            "packages[{index}].recipient_key_id: the device's current key is {current}; fetch the keys again"
+        ),
+        SendRefusal::InboxFull {
+            device,
+            held,
+            adding,
+            max,
+        } => format!(
+            "packages: the inbox of device {user}/{device} holds {held} packages; {adding} more would pass the bound of {max}"
+        ),
+    }
+}
+
 impl DomainError for DeviceSyncError {
     fn class(&self) -> ErrorClass {
         match self {
-            DeviceSyncError::SenderNotCurrent { .. }
-            | DeviceSyncError::RecipientNotCurrent { .. }
-            | DeviceSyncError::RecipientKeyChanged { .. } => ErrorClass::FailedPrecondition,
-            DeviceSyncError::InboxFull { .. } => ErrorClass::ResourceExhausted,
+            DeviceSyncError::Refused {
+                refusal: SendRefusal::InboxFull { .. },
+                ..
+            } => ErrorClass::ResourceExhausted,
+            DeviceSyncError::Refused { .. } => ErrorClass::FailedPrecondition,
             DeviceSyncError::Store(e) => e.class(),
         }
     }
@@ -461,14 +442,15 @@ mod tests {
         let user = UserId::new("alice").unwrap();
         let sender = DeviceId::new("phone").unwrap();
         let laptop = DeviceId::new("laptop").unwrap();
-        let status = |e: SendError| Status::from(DeviceSyncError::of_send(e, &user, &sender));
-        let s = status(SendError::SenderNotCurrent);
+        let status =
+            |r: SendRefusal| Status::from(DeviceSyncError::of_send(r.into(), &user, &sender));
+        let s = status(SendRefusal::SenderNotCurrent);
         assert_eq!(s.code(), tonic::Code::FailedPrecondition);
         assert!(s.message().contains("alice/phone"), "{}", s.message());
-        let s = status(SendError::RecipientNotCurrent { index: 2 });
+        let s = status(SendRefusal::RecipientNotCurrent { index: 2 });
         assert_eq!(s.code(), tonic::Code::FailedPrecondition);
         assert!(s.message().starts_with("packages[2].recipient_device_id:"));
-        let s = status(SendError::InboxFull {
+        let s = status(SendRefusal::InboxFull {
             device: laptop,
             held: 4,
             adding: 2,

@@ -36,20 +36,17 @@ pub struct NewKeyPackage {
     pub payload: Vec<u8>,
 }
 
-/// Why a send wrote nothing.
-#[derive(Debug, thiserror::Error)]
-pub enum SendError {
+/// Why a send was refused before anything was written.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SendRefusal {
     /// The sending device has no current (non-revoked) key.
-    #[error("the sending device has no current key")]
     SenderNotCurrent,
     /// The recipient of the package at `index` has no current (non-revoked) key.
-    #[error("the recipient of package {index} has no current key")]
     RecipientNotCurrent {
         /// The package's position in the request.
         index: usize,
     },
     /// The package at `index` names another key than its recipient's current one.
-    #[error("package {index} is sealed to another key than its recipient's current {current}")]
     RecipientKeyChanged {
         /// The package's position in the request.
         index: usize,
@@ -57,7 +54,6 @@ pub enum SendError {
         current: KeyId,
     },
     /// A recipient's inbox would hold more than the bound.
-    #[error("the inbox of {device} holds {held} packages; {adding} more would pass {max}")]
     InboxFull {
         /// The recipient device.
         device: DeviceId,
@@ -68,9 +64,23 @@ pub enum SendError {
         /// The bound.
         max: usize,
     },
+}
+
+/// Why a send wrote nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Refused before anything was written.
+    #[error("send refused: {0:?}")]
+    Refused(SendRefusal),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<SendRefusal> for SendError {
+    fn from(refusal: SendRefusal) -> Self {
+        SendError::Refused(refusal)
+    }
 }
 
 /// A stored package.
@@ -216,7 +226,7 @@ impl Tx {
 
     /// The transaction of [`Store::send_key_packages`]: the checks, the inbox bound under
     /// each recipient inbox's lock, the inserts and the notifications.
-    async fn send_key_packages(
+    async fn put_in_inboxes(
         &mut self,
         user: &UserId,
         sender: &DeviceId,
@@ -226,13 +236,13 @@ impl Tx {
         let current = self.current_user_keys(std::slice::from_ref(user)).await?;
         let key_of = |d: &DeviceId| current.iter().find(|k| &k.device == d).map(|k| k.key_id);
         if key_of(sender).is_none() {
-            return Err(SendError::SenderNotCurrent);
+            return Err(SendRefusal::SenderNotCurrent.into());
         }
         for (index, p) in packages.iter().enumerate() {
             match key_of(&p.recipient_device) {
-                None => return Err(SendError::RecipientNotCurrent { index }),
+                None => return Err(SendRefusal::RecipientNotCurrent { index }.into()),
                 Some(k) if k != p.recipient_key_id => {
-                    return Err(SendError::RecipientKeyChanged { index, current: k })
+                    return Err(SendRefusal::RecipientKeyChanged { index, current: k }.into())
                 }
                 Some(_) => {}
             }
@@ -247,12 +257,13 @@ impl Tx {
                 .saturating_add(adding)
                 > inbox_max
             {
-                return Err(SendError::InboxFull {
+                return Err(SendRefusal::InboxFull {
                     device: r.clone(),
                     held,
                     adding,
                     max: inbox_max,
-                });
+                }
+                .into());
             }
         }
         let now = Timestamp::now();
@@ -284,7 +295,7 @@ impl Store {
     /// Checked in the same transaction, before anything is written: the sender and every
     /// recipient have a current (non-revoked) key, each package names its recipient's
     /// current key, and no inbox would hold more than `inbox_max` packages; otherwise the
-    /// [`SendError`] says which, and nothing is written.
+    /// [`SendRefusal`] says which, and nothing is written.
     pub async fn send_key_packages(
         &self,
         user: &UserId,
@@ -293,10 +304,7 @@ impl Store {
         inbox_max: usize,
     ) -> Result<Vec<i64>, SendError> {
         let ids = self
-            .transaction(async |tx| {
-                tx.send_key_packages(user, sender, packages, inbox_max)
-                    .await
-            })
+            .transaction(async |tx| tx.put_in_inboxes(user, sender, packages, inbox_max).await)
             .await?;
         let events: Vec<DeviceEvent> = recipients(packages)
             .into_iter()

@@ -13,6 +13,7 @@ use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::admin::{create_token, TokenRequest};
+use keyhold::store::audit::AuditEvent;
 use keyhold::store::Store;
 use tokio::sync::oneshot;
 
@@ -120,6 +121,12 @@ impl TestServer {
             .expect("create token")
             .into_inner();
         std::mem::take(&mut response.token)
+    }
+
+    /// The first 1000 events of the audit log, read behind the server's back.
+    pub async fn audit_events(&self) -> Vec<AuditEvent> {
+        let mut conn = self.store.conn().await.expect("connection");
+        conn.list_audit_events(0, 1000).await.expect("audit events")
     }
 
     /// Stops the server and waits for it.
