@@ -280,8 +280,7 @@ pub(crate) async fn add_recipients(
     check_key_count(candidates.len())?;
     let author_keys = match session.mode {
         SessionMode::ClientWrapped => {
-            state
-                .store
+            (state.store.conn().await?)
                 .current_user_keys(std::slice::from_ref(&session.author_user))
                 .await?
         }
