@@ -66,7 +66,7 @@ use keyhold::client::Client;
 use keyhold::config::Limits;
 use keyhold::crypto::ids::{DeviceId, MessageId, UserId};
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::admin::{create_token, TokenRequest};
+use keyhold::service::{create_token, TokenRequest};
 use keyhold::store::messages::postgres_timeline_sql;
 use keyhold::store::Store;
 
@@ -872,8 +872,22 @@ struct WriterRow {
     epoch: i32,
 }
 
+// The columns a plain INSERT fills, declared here: the crate's schema is not its API.
+diesel::table! {
+    messages (message_id) {
+        message_id -> Binary,
+        session_id -> Binary,
+        epoch -> Integer,
+        author_user_id -> Text,
+        author_device_id -> Nullable<Text>,
+        nonce -> Binary,
+        ciphertext -> Binary,
+        created_at -> BigInt,
+    }
+}
+
 #[derive(Insertable)]
-#[diesel(table_name = keyhold::store::schema::messages)]
+#[diesel(table_name = messages)]
 struct PlainRow {
     message_id: Vec<u8>,
     session_id: Vec<u8>,
@@ -983,8 +997,7 @@ async fn insert_rate(
                             })
                             .collect();
                         diesel_async::RunQueryDsl::execute(
-                            diesel::insert_into(keyhold::store::schema::messages::table)
-                                .values(&rows),
+                            diesel::insert_into(messages::table).values(&rows),
                             conn.as_mut(),
                         )
                         .await?;

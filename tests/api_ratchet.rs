@@ -9,7 +9,7 @@ use keyhold::client::Client;
 use keyhold::config::Limits;
 use keyhold::crypto::ids::{ConversationId, DeviceId, UserId};
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::ratchet::CURRENT_VERSION_TRAILER;
+use keyhold::service::CURRENT_VERSION_TRAILER;
 use keyhold::store::ratchet_states::RatchetKey;
 use tonic::Code;
 

@@ -14,17 +14,17 @@ use crate::store::tokens::{NewApiToken, TokenId};
 use crate::store::{Store, StoreError};
 
 /// Longest token label accepted, in characters.
-pub const MAX_LABEL_CHARS: usize = 128;
+pub(crate) const MAX_LABEL_CHARS: usize = 128;
 
 /// The Admin gRPC service.
 #[derive(Clone)]
-pub struct AdminService {
+pub(crate) struct AdminService {
     state: AppState,
 }
 
 impl AdminService {
     /// The service over the shared state.
-    pub fn new(state: AppState) -> Self {
+    pub(crate) fn new(state: AppState) -> Self {
         Self { state }
     }
 }
@@ -69,7 +69,7 @@ pub struct TokenRequest {
 }
 
 /// Parses CreateToken's fields, naming the field that is wrong.
-pub fn parse_token_request(req: &pb::CreateTokenRequest) -> Result<TokenRequest, Status> {
+pub(crate) fn parse_token_request(req: &pb::CreateTokenRequest) -> Result<TokenRequest, Status> {
     let role = match pb::Role::try_from(req.role) {
         Ok(pb::Role::App) => Role::App,
         Ok(pb::Role::Device) => Role::Device,

@@ -28,19 +28,19 @@ use crate::store::key_packages::{KeyPackage, NewKeyPackage, SendError, SendRefus
 use crate::store::StoreError;
 
 /// Page size of FetchKeyPackages when the caller gives none, and of the watch's reads.
-pub const DEFAULT_PAGE: u32 = 100;
+pub(crate) const DEFAULT_PAGE: u32 = 100;
 /// Largest FetchKeyPackages page.
-pub const MAX_PAGE: u32 = 500;
+pub(crate) const MAX_PAGE: u32 = 500;
 
 /// The DeviceSync gRPC service.
 #[derive(Clone)]
-pub struct DeviceSyncService {
+pub(crate) struct DeviceSyncService {
     state: AppState,
 }
 
 impl DeviceSyncService {
     /// The service over the shared state.
-    pub fn new(state: AppState) -> Self {
+    pub(crate) fn new(state: AppState) -> Self {
         Self { state }
     }
 }

@@ -13,21 +13,21 @@ use crate::store::audit::NewAuditEvent;
 use crate::store::StoreError;
 
 /// Longest reason accepted, in characters.
-pub const MAX_REASON_CHARS: usize = 1000;
+pub(crate) const MAX_REASON_CHARS: usize = 1000;
 /// Page size when the caller gives none.
-pub const DEFAULT_PAGE: u32 = 100;
+pub(crate) const DEFAULT_PAGE: u32 = 100;
 /// Largest page.
-pub const MAX_PAGE: u32 = 500;
+pub(crate) const MAX_PAGE: u32 = 500;
 
 /// The Escrow gRPC service.
 #[derive(Clone)]
-pub struct EscrowService {
+pub(crate) struct EscrowService {
     state: AppState,
 }
 
 impl EscrowService {
     /// The service over the shared state.
-    pub fn new(state: AppState) -> Self {
+    pub(crate) fn new(state: AppState) -> Self {
         Self { state }
     }
 }
@@ -63,7 +63,7 @@ impl DomainError for EscrowError {
 into_status!(EscrowError);
 
 /// The page size a request asks for: 0 means the default, more than the maximum is capped.
-pub fn page_size(requested: u32) -> u32 {
+pub(crate) fn page_size(requested: u32) -> u32 {
     match requested {
         0 => DEFAULT_PAGE,
         n => n.min(MAX_PAGE),

@@ -1,22 +1,25 @@
 //! The gRPC services: each parses its request into domain types, checks the caller's rights,
 //! calls the store or the crypto core, and maps the result. No SQL here, no crypto of its own.
 //!
-//! Errors map to gRPC codes in one place ([`store_status`], [`invalid`]): bad input is
+//! Errors map to gRPC codes in one place ([`error`], and [`invalid`] for wire parsing): bad input is
 //! INVALID_ARGUMENT naming the field, unknown is NOT_FOUND, wrong role or owner is
 //! PERMISSION_DENIED, a conflict is ALREADY_EXISTS or ABORTED, an unreachable database is
 //! UNAVAILABLE. Internal details are logged, never sent.
 
-pub mod admin;
+pub(crate) mod admin;
 pub(crate) mod cursor;
-pub mod device_sync;
+pub(crate) mod device_sync;
 pub(crate) mod error;
-pub mod escrow;
-pub mod key_directory;
-pub mod messages;
-pub mod ratchet;
-pub mod sessions;
-pub mod trust;
-pub mod watch;
+pub(crate) mod escrow;
+pub(crate) mod key_directory;
+pub(crate) mod messages;
+pub(crate) mod ratchet;
+pub(crate) mod sessions;
+pub(crate) mod trust;
+pub(crate) mod watch;
+
+pub use admin::{create_token, TokenRequest};
+pub use ratchet::CURRENT_VERSION_TRAILER;
 
 use std::sync::Arc;
 
@@ -28,23 +31,23 @@ use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::keys::Kek;
 use crate::crypto::xwing::EncapsulationKey;
 use crate::crypto::CryptoError;
-use crate::store::{Store, StoreError};
+use crate::store::Store;
 
 /// What every service shares: the store, the keys, the limits.
 #[derive(Clone)]
 pub struct AppState {
     /// The records.
-    pub store: Store,
+    pub(crate) store: Store,
     /// The service KEK.
-    pub kek: Arc<Kek>,
+    pub(crate) kek: Arc<Kek>,
     /// The staff escrow public key every DEK is sealed to.
-    pub escrow_public_key: Arc<EncapsulationKey>,
+    pub(crate) escrow_public_key: Arc<EncapsulationKey>,
     /// Most items accepted in one list (user ids, recipients).
-    pub max_list_len: usize,
+    pub(crate) max_list_len: usize,
     /// Bounds on prekeys, ratchet states, inboxes and messages.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Ends the server-streaming calls when the server shuts down.
-    pub streams: watch::StreamStop,
+    pub(crate) streams: watch::StreamStop,
 }
 
 /// INVALID_ARGUMENT naming `field`.
@@ -68,16 +71,6 @@ pub fn check_list_len(field: &str, len: usize, max: usize, required: bool) -> Re
         )));
     }
     Ok(())
-}
-
-/// Maps a store error to its gRPC status ([`error::status`], the one mapping).
-pub fn store_status(e: StoreError) -> Status {
-    error::status(e)
-}
-
-/// Maps a crypto failure on the service's own keys (not the caller's input) to INTERNAL.
-pub fn crypto_internal(e: CryptoError) -> Status {
-    error::status(error::ServiceCrypto(e))
 }
 
 /// The caller must have one of `roles`.

@@ -27,13 +27,13 @@ pub const CURRENT_VERSION_TRAILER: &str = "keyhold-current-version";
 
 /// The Ratchet gRPC service.
 #[derive(Clone)]
-pub struct RatchetService {
+pub(crate) struct RatchetService {
     state: AppState,
 }
 
 impl RatchetService {
     /// The service over the shared state.
-    pub fn new(state: AppState) -> Self {
+    pub(crate) fn new(state: AppState) -> Self {
         Self { state }
     }
 }

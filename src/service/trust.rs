@@ -17,19 +17,19 @@ use crate::store::trust::AddTrust;
 use crate::store::StoreError;
 
 /// Page size of ListTrustedUsers when the caller gives none.
-pub const DEFAULT_PAGE: u32 = 100;
+pub(crate) const DEFAULT_PAGE: u32 = 100;
 /// Largest ListTrustedUsers page.
-pub const MAX_PAGE: u32 = 1000;
+pub(crate) const MAX_PAGE: u32 = 1000;
 
 /// The Trust gRPC service.
 #[derive(Clone)]
-pub struct TrustService {
+pub(crate) struct TrustService {
     state: AppState,
 }
 
 impl TrustService {
     /// The service over the shared state.
-    pub fn new(state: AppState) -> Self {
+    pub(crate) fn new(state: AppState) -> Self {
         Self { state }
     }
 }
@@ -111,7 +111,10 @@ fn parse_author(caller: &Principal, author: &str) -> Result<UserId, Status> {
 /// The recipients of a session created with the author's trusted users: all of them as they
 /// stand now. More than `max_list_len` (possible if the setting was lowered since they were
 /// added) is RESOURCE_EXHAUSTED, as a longer explicit list would be.
-pub async fn trusted_recipients(state: &AppState, author: &UserId) -> Result<Vec<UserId>, Status> {
+pub(crate) async fn trusted_recipients(
+    state: &AppState,
+    author: &UserId,
+) -> Result<Vec<UserId>, Status> {
     let max = state.max_list_len;
     let limit = i64::try_from(max).unwrap_or(i64::MAX - 1) + 1;
     let trusted = (state.store.conn().await?)

@@ -17,7 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 /// How long a watch waits for an event before it reads the database again anyway.
-pub const REREAD_INTERVAL: Duration = Duration::from_secs(30);
+pub(crate) const REREAD_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Messages buffered per stream before the task waits for the client to read.
 const STREAM_BUFFER: usize = 16;
@@ -25,7 +25,7 @@ const STREAM_BUFFER: usize = 16;
 /// Tells every open stream that the server is shutting down: a graceful shutdown waits for
 /// in-flight calls, and a watch stream would otherwise never end. Clones share one signal.
 #[derive(Clone, Debug)]
-pub struct StreamStop(Arc<watch::Sender<bool>>);
+pub(crate) struct StreamStop(Arc<watch::Sender<bool>>);
 
 impl Default for StreamStop {
     fn default() -> Self {
@@ -35,12 +35,12 @@ impl Default for StreamStop {
 
 impl StreamStop {
     /// Ends every stream opened with this signal, now and later.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.0.send_replace(true);
     }
 
     /// Completes once [`StreamStop::stop`] was called.
-    pub async fn stopped(&self) {
+    pub(crate) async fn stopped(&self) {
         let mut rx = self.0.subscribe();
         // The sender lives as long as `self`, so this waits for `true` or returns at once.
         let _ = rx.wait_for(|stopped| *stopped).await;
@@ -48,12 +48,15 @@ impl StreamStop {
 }
 
 /// The sending half a stream task writes to; `send` fails once the client has gone.
-pub type StreamSender<T> = mpsc::Sender<Result<T, Status>>;
+pub(crate) type StreamSender<T> = mpsc::Sender<Result<T, Status>>;
 
 /// Runs `body` as a stream task and returns the stream for tonic. The task ends when `body`
 /// returns, when the client drops the stream, or when `stop` fires (the client then gets
 /// UNAVAILABLE, to reconnect to a replica that is still up).
-pub fn spawn_stream<T, F, Fut>(stop: StreamStop, body: F) -> ReceiverStream<Result<T, Status>>
+pub(crate) fn spawn_stream<T, F, Fut>(
+    stop: StreamStop,
+    body: F,
+) -> ReceiverStream<Result<T, Status>>
 where
     T: Send + 'static,
     F: FnOnce(StreamSender<T>) -> Fut,

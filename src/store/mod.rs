@@ -47,7 +47,7 @@ pub mod messages;
 mod migrations;
 pub mod prekeys;
 pub mod ratchet_states;
-pub mod schema;
+pub(crate) mod schema;
 pub mod screening;
 pub mod sessions;
 pub mod tokens;

@@ -12,7 +12,7 @@ use keyhold::crypto::xwing::DecapsulationKey;
 use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::admin::{create_token, TokenRequest};
+use keyhold::service::{create_token, TokenRequest};
 use keyhold::store::audit::AuditEvent;
 use keyhold::store::Store;
 use tokio::sync::oneshot;

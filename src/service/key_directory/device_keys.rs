@@ -25,7 +25,7 @@ use crate::store::StoreError;
 const MAX_LOOKUP_USERS: usize = 100;
 
 /// Parses a wire suite, naming the field.
-pub fn parse_suite(field: &str, value: i32) -> Result<Suite, Status> {
+pub(crate) fn parse_suite(field: &str, value: i32) -> Result<Suite, Status> {
     match pb::Suite::try_from(value) {
         Ok(pb::Suite::XwingAes256gcmV1) => Ok(Suite::XWingAes256GcmV1),
         Ok(pb::Suite::Unspecified) => Err(invalid(field, "must be set")),
@@ -34,7 +34,7 @@ pub fn parse_suite(field: &str, value: i32) -> Result<Suite, Status> {
 }
 
 /// The wire value of a suite.
-pub fn suite_to_wire(suite: Suite) -> i32 {
+pub(crate) fn suite_to_wire(suite: Suite) -> i32 {
     match suite {
         Suite::XWingAes256GcmV1 => pb::Suite::XwingAes256gcmV1 as i32,
     }
@@ -42,7 +42,7 @@ pub fn suite_to_wire(suite: Suite) -> i32 {
 
 /// Parses and verifies a PublishDeviceKey request: every field well-formed and the bundle's
 /// self-signature valid under its own identity key.
-pub fn parse_bundle(
+pub(crate) fn parse_bundle(
     req: &pb::PublishDeviceKeyRequest,
 ) -> Result<(DeviceKeyBundle, Signature), Status> {
     let bundle = DeviceKeyBundle {

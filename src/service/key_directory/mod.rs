@@ -29,18 +29,17 @@ use crate::auth::{principal, Principal};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::key_directory_server::KeyDirectory;
 
-pub use device_keys::{parse_bundle, parse_suite, suite_to_wire};
-pub use prekeys::MAX_CLAIM_USERS;
+pub(crate) use device_keys::parse_suite;
 
 /// The KeyDirectory gRPC service.
 #[derive(Clone)]
-pub struct KeyDirectoryService {
+pub(crate) struct KeyDirectoryService {
     state: AppState,
 }
 
 impl KeyDirectoryService {
     /// The service over the shared state.
-    pub fn new(state: AppState) -> Self {
+    pub(crate) fn new(state: AppState) -> Self {
         Self { state }
     }
 }

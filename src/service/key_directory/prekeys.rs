@@ -27,7 +27,7 @@ use crate::store::prekeys::{
 use crate::store::user_keys::UserKey;
 
 /// Most users whose every device one ClaimPrekeys call may name.
-pub const MAX_CLAIM_USERS: usize = 100;
+pub(crate) const MAX_CLAIM_USERS: usize = 100;
 
 /// The user and device fields of a request that only the device itself may make.
 pub(super) fn own_device(

@@ -15,7 +15,7 @@ use crate::store::events::{DeviceWatch, EventKind};
 use crate::store::prekeys::PrekeyStock;
 
 /// The stream WatchPrekeyStock answers with.
-pub type WatchPrekeyStockStream =
+pub(super) type WatchPrekeyStockStream =
     tokio_stream::wrappers::ReceiverStream<Result<pb::WatchPrekeyStockResponse, Status>>;
 
 /// WatchPrekeyStock: checks the call, listens for changes, and starts the stream.

@@ -34,17 +34,17 @@ use crate::store::messages::{Position, PutOutcome, Writer};
 use crate::store::{StoreError, Timestamp, Tx};
 use wire::{page_to_wire, parse_put, parse_reader};
 
-pub use wire::{page_size, parse_message_id, DEFAULT_PAGE, MAX_PAGE, MAX_PAGE_BYTES};
+pub(crate) use wire::{page_size, parse_message_id};
 
 /// The Messages gRPC service.
 #[derive(Clone)]
-pub struct MessagesService {
+pub(crate) struct MessagesService {
     state: AppState,
 }
 
 impl MessagesService {
     /// The service over the shared state.
-    pub fn new(state: AppState) -> Self {
+    pub(crate) fn new(state: AppState) -> Self {
         Self { state }
     }
 }

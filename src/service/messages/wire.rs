@@ -16,15 +16,15 @@ use crate::store::messages::{Author, Message, NewMessage, Position, Reader};
 use crate::store::Timestamp;
 
 /// Page size of the listings when the caller gives none.
-pub const DEFAULT_PAGE: u32 = 50;
+pub(crate) const DEFAULT_PAGE: u32 = 50;
 /// Largest page of the listings.
-pub const MAX_PAGE: u32 = 200;
+pub(crate) const MAX_PAGE: u32 = 200;
 /// Most message bytes (nonce, ciphertext, associated data) in one page: under the 4 MiB a
 /// gRPC client accepts by default.
-pub const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
+pub(crate) const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 /// The page size a request asks for: 0 means the default, more than the maximum is capped.
-pub fn page_size(requested: u32) -> u32 {
+pub(crate) fn page_size(requested: u32) -> u32 {
     match requested {
         0 => DEFAULT_PAGE,
         n => n.min(MAX_PAGE),
@@ -59,7 +59,7 @@ impl Cursor for Position {
 }
 
 /// Parses a message id: the text form of a UUIDv7, as the author chose it.
-pub fn parse_message_id(field: &str, text: &str) -> Result<MessageId, Status> {
+pub(crate) fn parse_message_id(field: &str, text: &str) -> Result<MessageId, Status> {
     let id = parse_field(field, MessageId::parse(text))?;
     if id.as_uuid().get_version_num() != 7 {
         return Err(invalid(field, "not a UUIDv7"));

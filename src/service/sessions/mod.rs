@@ -31,8 +31,6 @@ mod wrapping;
 
 use tonic::{Request, Response, Status};
 
-pub use wire::{DEFAULT_SYNC_PAGE, MAX_SYNC_PAGE};
-
 use super::AppState;
 use crate::auth::{principal, Principal};
 use crate::crypto::ids::{DeviceId, UserId};
@@ -43,17 +41,17 @@ use wire::{CreateMode, RecipientsSpec, SyncPosition};
 use workflow::SessionSpec;
 
 /// Most session keys one call produces (devices of all recipients together).
-pub const MAX_KEYS_PER_CALL: usize = 2000;
+pub(crate) const MAX_KEYS_PER_CALL: usize = 2000;
 
 /// The Sessions gRPC service.
 #[derive(Clone)]
-pub struct SessionsService {
+pub(crate) struct SessionsService {
     state: AppState,
 }
 
 impl SessionsService {
     /// The service over the shared state.
-    pub fn new(state: AppState) -> Self {
+    pub(crate) fn new(state: AppState) -> Self {
         Self { state }
     }
 }

@@ -22,9 +22,9 @@ use crate::store::sessions::{NewSessionKey, SessionKeyRecord};
 use super::MAX_KEYS_PER_CALL;
 
 /// Page size of SyncSessionKeys when the caller gives none.
-pub const DEFAULT_SYNC_PAGE: u32 = 100;
+pub(crate) const DEFAULT_SYNC_PAGE: u32 = 100;
 /// Largest SyncSessionKeys page.
-pub const MAX_SYNC_PAGE: u32 = 500;
+pub(crate) const MAX_SYNC_PAGE: u32 = 500;
 
 /// A list of user ids, each valid, duplicates dropped (first kept), at most `max`.
 pub(crate) fn parse_user_list(
