@@ -51,6 +51,7 @@ impl std::str::FromStr for Role {
 
 /// Who is calling: the authenticated token's role and, for a device, whom it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Principal {
     /// An app server token.
     App {

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 /// A setting could not be read.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ConfigError {
     /// A value did not parse.
     #[error("invalid value {value:?} for {flag} / {env} / `{key}` in the config file: {reason}")]

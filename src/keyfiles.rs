@@ -23,6 +23,7 @@ use crate::crypto::CryptoError;
 
 /// A key file could not be read or written.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum KeyFileError {
     /// The file could not be read or written.
     #[error("{path}: {source}")]

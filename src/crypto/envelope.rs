@@ -283,6 +283,7 @@ pub fn wrap_dek_for_recipients(
 /// The suite of a KEK envelope.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
+#[non_exhaustive]
 pub enum KekSuite {
     /// HKDF-SHA256 per-envelope key from a random salt, AES-256-GCM.
     Aes256GcmHkdfV1 = 0x01,

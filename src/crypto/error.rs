@@ -6,6 +6,7 @@
 /// crypto core panics on bytes it is handed. Failures to open or verify carry no detail on
 /// purpose: telling a caller *which* check failed would help an attacker.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum CryptoError {
     /// A byte string had the wrong length for what it was parsed as.
     #[error("{what}: expected {expected} bytes, got {actual}")]

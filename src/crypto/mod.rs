@@ -28,6 +28,7 @@ pub use error::CryptoError;
 /// New suites get new bytes; old data keeps opening under the suite it names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
+#[non_exhaustive]
 pub enum Suite {
     /// X-Wing KEM (X25519 + ML-KEM-768), HKDF-SHA256, AES-256-GCM. The default.
     XWingAes256GcmV1 = 0x01,

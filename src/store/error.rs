@@ -7,6 +7,7 @@ use diesel::result::{DatabaseErrorInformation, DatabaseErrorKind, Error as Diese
 /// The services map each variant to one gRPC code (see `DESIGN.md`, "API"); the messages are
 /// for logs and never carry secret values, only table, constraint and driver text.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The record asked for does not exist, or a record the write refers to does not
     /// (a foreign key refused it).

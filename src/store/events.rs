@@ -51,6 +51,7 @@ const BUFFER: usize = 1024;
 
 /// Which records of a device an event is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum EventKind {
     /// The device's key-sync inbox (key packages sent to it, or acknowledged by it).
     KeyPackages,

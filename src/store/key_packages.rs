@@ -38,6 +38,7 @@ pub struct NewKeyPackage {
 
 /// Why a send was refused before anything was written.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SendRefusal {
     /// The sending device has no current (non-revoked) key.
     SenderNotCurrent,

@@ -149,6 +149,7 @@ impl Timestamp {
 
 /// Which database engine a [`Store`] talks to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Backend {
     /// Embedded SQLite (`sqlite://…`).
     Sqlite,

@@ -90,6 +90,7 @@ impl std::fmt::Debug for TokenHash {
 /// What a token allows (see `DESIGN.md`, "Auth").
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(i16)]
+#[non_exhaustive]
 pub enum Role {
     /// An app server: acts for any user.
     App = 1,

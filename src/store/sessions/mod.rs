@@ -23,6 +23,7 @@ use crate::crypto::Suite;
 
 /// Who wraps a session's DEKs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum SessionMode {
     /// The service draws, wraps and escrows each DEK.
     ServiceWrapped,
