@@ -90,6 +90,25 @@ pub(crate) fn decode_i64(bytes: &[u8]) -> Option<i64> {
     (value >= 0).then_some(value)
 }
 
+/// Asserts that `parse` refuses every cursor in `bad` as INVALID_ARGUMENT naming the
+/// `cursor` field: the refusal tests of every listing.
+#[cfg(test)]
+pub(crate) fn assert_refused<T: std::fmt::Debug>(
+    parse: impl Fn(&str) -> Result<T, Status>,
+    bad: impl IntoIterator<Item = impl AsRef<str>>,
+) {
+    for bad in bad {
+        let bad = bad.as_ref();
+        let err = parse(bad).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
+        assert!(
+            err.message().starts_with("cursor:"),
+            "{bad}: {}",
+            err.message()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,25 +160,20 @@ mod tests {
         let mut negative = vec![CursorKind::SessionKeys as u8];
         negative.extend_from_slice(&(-1i64).to_be_bytes());
         let negative = format!("c1.{}", hex::encode(negative));
-        for bad in [
-            other.as_str(),
-            "c1.",
-            "c1.zz",
-            "c1.01",
-            "c2.010000000000000001",
-            "old.-1",
-            "old.",
-            negative.as_str(),
-            "42",
-        ] {
-            let err = parse::<Pos>("cursor", bad).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
-            assert!(
-                err.message().starts_with("cursor:"),
-                "{bad}: {}",
-                err.message()
-            );
-        }
+        super::assert_refused(
+            |bad| parse::<Pos>("cursor", bad),
+            [
+                other.as_str(),
+                "c1.",
+                "c1.zz",
+                "c1.01",
+                "c2.010000000000000001",
+                "old.-1",
+                "old.",
+                negative.as_str(),
+                "42",
+            ],
+        );
         // A listing without a legacy codec refuses the old prefix too.
         assert!(parse::<Other>("cursor", "old.1").is_err());
     }

@@ -17,7 +17,7 @@ use tonic::{Request, Response, Status};
 
 use super::cursor::{self, Cursor, CursorKind};
 use super::error::{into_status, DomainError, ErrorClass};
-use super::watch::{spawn_stream, StreamSender, REREAD_INTERVAL};
+use super::watch::{next_change, spawn_stream, StreamSender};
 use super::{check_list_len, invalid, parse_field, AppState};
 use crate::auth::{principal, Principal};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
@@ -280,14 +280,8 @@ async fn deliver_inbox(
         if full {
             continue;
         }
-        tokio::select! {
-            changed = watch.changed() => {
-                if let Err(e) = changed {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            }
-            () = tokio::time::sleep(REREAD_INTERVAL) => {}
+        if !next_change(&mut watch, &tx).await {
+            return;
         }
     }
 }
@@ -416,7 +410,7 @@ mod tests {
     #[test]
     fn anything_else_is_invalid_argument_naming_the_cursor() {
         let trusted = cursor::format(&UserId::new("bob").unwrap());
-        for bad in [
+        let bad = [
             "not-a-cursor",
             "kp1:",
             "kp1:-1",
@@ -426,15 +420,8 @@ mod tests {
             "c1.",
             "c1.04",
             trusted.as_str(),
-        ] {
-            let err = parse_inbox_cursor(bad).unwrap_err();
-            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{bad}");
-            assert!(
-                err.message().starts_with("cursor:"),
-                "{bad}: {}",
-                err.message()
-            );
-        }
+        ];
+        cursor::assert_refused(parse_inbox_cursor, bad);
     }
 
     #[test]

@@ -16,6 +16,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use crate::store::events::DeviceWatch;
+
 /// How long a watch waits for an event before it reads the database again anyway.
 pub(crate) const REREAD_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -49,6 +51,21 @@ impl StreamStop {
 
 /// The sending half a stream task writes to; `send` fails once the client has gone.
 pub(crate) type StreamSender<T> = mpsc::Sender<Result<T, Status>>;
+
+/// Waits for the next change `watch` reports, or [`REREAD_INTERVAL`] without one. False when
+/// the watch failed: the error went to the client as the stream's last item and the task ends.
+pub(crate) async fn next_change<T>(watch: &mut DeviceWatch, tx: &StreamSender<T>) -> bool {
+    tokio::select! {
+        changed = watch.changed() => match changed {
+            Ok(()) => true,
+            Err(e) => {
+                let _ = tx.send(Err(e.into())).await;
+                false
+            }
+        },
+        () = tokio::time::sleep(REREAD_INTERVAL) => true,
+    }
+}
 
 /// Runs `body` as a stream task and returns the stream for tonic. The task ends when `body`
 /// returns, when the client drops the stream, or when `stop` fires (the client then gets

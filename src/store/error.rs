@@ -46,6 +46,19 @@ impl StoreError {
     }
 }
 
+/// Reading a stored value back into its domain type: one that no longer parses is a corrupt
+/// record ([`StoreError::corrupt`] naming `what`), never the caller's fault.
+pub(crate) trait Stored<T> {
+    /// The parsed value, or a corrupt-record error naming `what`.
+    fn stored(self, what: &str) -> Result<T, StoreError>;
+}
+
+impl<T, E: std::fmt::Display> Stored<T> for Result<T, E> {
+    fn stored(self, what: &str) -> Result<T, StoreError> {
+        self.map_err(|e| StoreError::corrupt(what, e))
+    }
+}
+
 fn describe(info: &dyn DatabaseErrorInformation) -> String {
     match (info.table_name(), info.constraint_name()) {
         (_, Some(constraint)) => constraint.to_owned(),

@@ -21,6 +21,7 @@ use super::locks::{lock, DeviceScope, TxLock};
 use super::schema::key_packages;
 use super::{db_run, unsigned, Conn, Store, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
+use crate::store::error::Stored;
 
 /// Most package ids one acknowledgement names per statement (bound-parameter limits).
 const IDS_PER_DELETE: usize = 500;
@@ -120,13 +121,10 @@ impl TryFrom<KeyPackageRow> for KeyPackage {
     fn try_from(r: KeyPackageRow) -> Result<Self, StoreError> {
         Ok(KeyPackage {
             id: r.id,
-            user: UserId::new(r.user_id).map_err(|e| StoreError::corrupt("user id", e))?,
-            sender_device: DeviceId::new(r.sender_device_id)
-                .map_err(|e| StoreError::corrupt("sender device id", e))?,
-            recipient_device: DeviceId::new(r.recipient_device_id)
-                .map_err(|e| StoreError::corrupt("recipient device id", e))?,
-            recipient_key_id: KeyId::from_slice(&r.recipient_key_id)
-                .map_err(|e| StoreError::corrupt("recipient key id", e))?,
+            user: UserId::new(r.user_id).stored("user id")?,
+            sender_device: DeviceId::new(r.sender_device_id).stored("sender device id")?,
+            recipient_device: DeviceId::new(r.recipient_device_id).stored("recipient device id")?,
+            recipient_key_id: KeyId::from_slice(&r.recipient_key_id).stored("recipient key id")?,
             payload: r.payload,
             created_at: Timestamp::from_unix_micros(r.created_at),
         })

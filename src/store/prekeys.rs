@@ -43,6 +43,7 @@ use super::{db_run, unsigned, Conn, Store, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
 use crate::crypto::sign::PrekeyKind;
 use crate::crypto::Suite;
+use crate::store::error::Stored;
 
 /// Rows per multi-row INSERT, under both backends' limits on bound parameters.
 const ROWS_PER_INSERT: usize = 500;
@@ -175,10 +176,9 @@ impl TryFrom<PrekeyRow> for ClaimedPrekey {
             .and_then(|b| Suite::from_byte(b).ok())
             .ok_or_else(|| StoreError::corrupt("prekey suite", r.suite))?;
         Ok(ClaimedPrekey {
-            user: UserId::new(r.user_id).map_err(|e| StoreError::corrupt("user id", e))?,
-            device: DeviceId::new(r.device_id).map_err(|e| StoreError::corrupt("device id", e))?,
-            key_id: KeyId::from_slice(&r.key_id)
-                .map_err(|e| StoreError::corrupt("prekey id", e))?,
+            user: UserId::new(r.user_id).stored("user id")?,
+            device: DeviceId::new(r.device_id).stored("device id")?,
+            key_id: KeyId::from_slice(&r.key_id).stored("prekey id")?,
             kind: kind_from_db(r.kind)?,
             suite,
             encapsulation_key: r.encapsulation_key,

@@ -11,6 +11,7 @@ use diesel_async::RunQueryDsl;
 use super::schema::{maintenance_runs, prekeys, user_keys};
 use super::{db_run, Conn, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
+use crate::store::error::Stored;
 
 /// Which record a stored encapsulation key sits in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,8 +37,8 @@ pub struct StoredEncapsulationKey {
 
 fn owner(user: String, device: String) -> Result<(UserId, DeviceId), StoreError> {
     Ok((
-        UserId::new(user).map_err(|e| StoreError::corrupt("user id", e))?,
-        DeviceId::new(device).map_err(|e| StoreError::corrupt("device id", e))?,
+        UserId::new(user).stored("user id")?,
+        DeviceId::new(device).stored("device id")?,
     ))
 }
 
@@ -67,8 +68,7 @@ impl Conn {
         });
         rows.into_iter()
             .map(|(key_id, user, device, encapsulation_key)| {
-                let key_id =
-                    KeyId::from_slice(&key_id).map_err(|e| StoreError::corrupt("key id", e))?;
+                let key_id = KeyId::from_slice(&key_id).stored("key id")?;
                 let (user, device) = owner(user, device)?;
                 Ok(StoredEncapsulationKey {
                     record: KeyRecord::DeviceKey(key_id),

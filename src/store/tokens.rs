@@ -17,6 +17,7 @@ use super::schema::api_tokens;
 use super::sql::coalesce;
 use super::{db_run, Conn, StoreError, Timestamp};
 use crate::crypto::ids::{DeviceId, UserId};
+use crate::store::error::Stored;
 
 /// A token's public identifier (16 bytes, UUIDv7), used to name it when revoking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -192,12 +193,12 @@ impl TryFrom<TokenRow> for ApiToken {
                 .user_id
                 .map(UserId::new)
                 .transpose()
-                .map_err(|e| StoreError::corrupt("token user id", e))?,
+                .stored("token user id")?,
             device: row
                 .device_id
                 .map(DeviceId::new)
                 .transpose()
-                .map_err(|e| StoreError::corrupt("token device id", e))?,
+                .stored("token device id")?,
             label: row.label,
             created_at: Timestamp::from_unix_micros(row.created_at),
             revoked_at: row.revoked_at.map(Timestamp::from_unix_micros),

@@ -14,6 +14,7 @@ use super::locks::{lock, TxLock};
 use super::schema::trusted_users;
 use super::{db_run, Conn, StoreError, Timestamp, Tx};
 use crate::crypto::ids::UserId;
+use crate::store::error::Stored;
 
 /// One trusted user of an author.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -123,7 +124,7 @@ impl Conn {
         rows.into_iter()
             .map(|(u, at)| {
                 Ok(TrustedUser {
-                    user: UserId::new(u).map_err(|e| StoreError::corrupt("trusted user id", e))?,
+                    user: UserId::new(u).stored("trusted user id")?,
                     created_at: Timestamp::from_unix_micros(at),
                 })
             })

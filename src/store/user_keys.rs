@@ -18,6 +18,7 @@ use super::sql::coalesce;
 use super::{db_run, unsigned, Conn, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
 use crate::crypto::Suite;
+use crate::store::error::Stored;
 
 /// Most users whose keys one query asks for; longer lists are split, because each backend
 /// caps the number of bound parameters in a statement.
@@ -112,15 +113,11 @@ impl TryFrom<UserKeyRow> for UserKey {
     fn try_from(row: UserKeyRow) -> Result<Self, StoreError> {
         let suite = u8::try_from(row.suite)
             .map_err(|_| StoreError::corrupt("user key suite", row.suite))
-            .and_then(|b| {
-                Suite::from_byte(b).map_err(|e| StoreError::corrupt("user key suite", e))
-            })?;
+            .and_then(|b| Suite::from_byte(b).stored("user key suite"))?;
         Ok(UserKey {
-            key_id: KeyId::from_slice(&row.key_id)
-                .map_err(|e| StoreError::corrupt("user key id", e))?,
-            user: UserId::new(row.user_id).map_err(|e| StoreError::corrupt("user id", e))?,
-            device: DeviceId::new(row.device_id)
-                .map_err(|e| StoreError::corrupt("device id", e))?,
+            key_id: KeyId::from_slice(&row.key_id).stored("user key id")?,
+            user: UserId::new(row.user_id).stored("user id")?,
+            device: DeviceId::new(row.device_id).stored("device id")?,
             version: unsigned("user key version", row.version)?,
             suite,
             encapsulation_key: row.encapsulation_key,

@@ -9,7 +9,7 @@ use super::prekeys::{current_stock, own_device, stock_to_wire};
 use crate::auth::Principal;
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::proto::keyhold::v1 as pb;
-use crate::service::watch::{spawn_stream, StreamSender, REREAD_INTERVAL};
+use crate::service::watch::{next_change, spawn_stream, StreamSender};
 use crate::service::AppState;
 use crate::store::events::{DeviceWatch, EventKind};
 use crate::store::prekeys::PrekeyStock;
@@ -73,14 +73,8 @@ async fn send_while_low(
             }
         }
         last = Some(stock);
-        tokio::select! {
-            changed = watch.changed() => {
-                if let Err(e) = changed {
-                    let _ = tx.send(Err(e.into())).await;
-                    return;
-                }
-            }
-            () = tokio::time::sleep(REREAD_INTERVAL) => {}
+        if !next_change(&mut watch, &tx).await {
+            return;
         }
     }
 }

@@ -80,6 +80,7 @@ use diesel::prelude::*;
 use super::schema::messages;
 use super::{unsigned, StoreError, Timestamp};
 use crate::crypto::ids::{DeviceId, Epoch, MessageId, SessionId, UserId};
+use crate::store::error::Stored;
 
 pub use horizon::MESSAGE_WRITER_APPLICATION_NAME;
 pub use read::postgres_timeline_sql;
@@ -227,19 +228,16 @@ impl TryFrom<MessageRow> for Message {
     type Error = StoreError;
     fn try_from(r: MessageRow) -> Result<Self, StoreError> {
         Ok(Message {
-            message_id: MessageId::from_slice(&r.message_id)
-                .map_err(|e| StoreError::corrupt("message id", e))?,
-            session_id: SessionId::from_slice(&r.session_id)
-                .map_err(|e| StoreError::corrupt("message session id", e))?,
+            message_id: MessageId::from_slice(&r.message_id).stored("message id")?,
+            session_id: SessionId::from_slice(&r.session_id).stored("message session id")?,
             epoch: epoch_from_db("message epoch", r.epoch)?,
             author: Author {
-                user: UserId::new(r.author_user_id)
-                    .map_err(|e| StoreError::corrupt("message author user id", e))?,
+                user: UserId::new(r.author_user_id).stored("message author user id")?,
                 device: r
                     .author_device_id
                     .map(DeviceId::new)
                     .transpose()
-                    .map_err(|e| StoreError::corrupt("message author device id", e))?,
+                    .stored("message author device id")?,
             },
             nonce: r.nonce,
             ciphertext: r.ciphertext,

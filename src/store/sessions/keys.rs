@@ -12,6 +12,7 @@ use diesel_async::RunQueryDsl;
 
 use super::{epoch_db, epoch_of};
 use crate::crypto::ids::{DeviceId, Epoch, KeyId, SessionId, UserId};
+use crate::store::error::Stored;
 use crate::store::locks::{lock, TxLock};
 use crate::store::schema::{service_keys, session_keys, staff_keys};
 use crate::store::{db_run, unsigned, Conn, StoreError, Timestamp, Tx};
@@ -68,14 +69,11 @@ impl TryFrom<SessionKeyRow> for SessionKeyRecord {
     fn try_from(r: SessionKeyRow) -> Result<Self, StoreError> {
         Ok(SessionKeyRecord {
             seq: r.id,
-            session_id: SessionId::from_slice(&r.session_id)
-                .map_err(|e| StoreError::corrupt("session id", e))?,
+            session_id: SessionId::from_slice(&r.session_id).stored("session id")?,
             epoch: epoch_of("session key epoch", r.epoch)?,
-            user: UserId::new(r.recipient_user_id)
-                .map_err(|e| StoreError::corrupt("user id", e))?,
-            device: DeviceId::new(r.recipient_device_id)
-                .map_err(|e| StoreError::corrupt("device id", e))?,
-            key_id: KeyId::from_slice(&r.key_id).map_err(|e| StoreError::corrupt("key id", e))?,
+            user: UserId::new(r.recipient_user_id).stored("user id")?,
+            device: DeviceId::new(r.recipient_device_id).stored("device id")?,
+            key_id: KeyId::from_slice(&r.key_id).stored("key id")?,
             envelope: r.envelope,
             created_at: Timestamp::from_unix_micros(r.created_at),
         })
@@ -170,8 +168,7 @@ impl Conn {
             .map(|(e, k, env)| {
                 Ok(StaffKeyRecord {
                     epoch: epoch_of("staff key epoch", e)?,
-                    escrow_key_id: KeyId::from_slice(&k)
-                        .map_err(|e| StoreError::corrupt("escrow key id", e))?,
+                    escrow_key_id: KeyId::from_slice(&k).stored("escrow key id")?,
                     envelope: env,
                 })
             })

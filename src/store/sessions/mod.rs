@@ -20,6 +20,7 @@ use super::sql::coalesce;
 use super::{db_run, unsigned, Conn, StoreError, Timestamp, Tx};
 use crate::crypto::ids::{DeviceId, Epoch, KeyId, SessionId, UserId};
 use crate::crypto::Suite;
+use crate::store::error::Stored;
 
 /// Who wraps a session's DEKs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,7 +99,7 @@ struct SessionRow {
 }
 
 fn epoch_of(what: &str, v: i32) -> Result<Epoch, StoreError> {
-    Epoch::new(unsigned(what, v)?).map_err(|e| StoreError::corrupt(what, e))
+    Epoch::new(unsigned(what, v)?).stored(what)
 }
 
 fn epoch_db(e: Epoch) -> Result<i32, StoreError> {
@@ -114,15 +115,13 @@ impl TryFrom<SessionRow> for Session {
             .and_then(|b| Suite::from_byte(b).ok())
             .ok_or_else(|| StoreError::corrupt("session suite", r.suite))?;
         Ok(Session {
-            session_id: SessionId::from_slice(&r.session_id)
-                .map_err(|e| StoreError::corrupt("session id", e))?,
-            author_user: UserId::new(r.author_user_id)
-                .map_err(|e| StoreError::corrupt("author user id", e))?,
+            session_id: SessionId::from_slice(&r.session_id).stored("session id")?,
+            author_user: UserId::new(r.author_user_id).stored("author user id")?,
             author_device: r
                 .author_device_id
                 .map(DeviceId::new)
                 .transpose()
-                .map_err(|e| StoreError::corrupt("author device id", e))?,
+                .stored("author device id")?,
             mode: SessionMode::from_db(r.mode)?,
             suite,
             current_epoch: epoch_of("session epoch", r.current_epoch)?,
@@ -185,11 +184,9 @@ impl Conn {
         rows.into_iter()
             .map(|(u, d, k)| {
                 Ok(Member {
-                    user: UserId::new(u).map_err(|e| StoreError::corrupt("member user id", e))?,
-                    device: DeviceId::new(d)
-                        .map_err(|e| StoreError::corrupt("member device id", e))?,
-                    key_id: KeyId::from_slice(&k)
-                        .map_err(|e| StoreError::corrupt("member key id", e))?,
+                    user: UserId::new(u).stored("member user id")?,
+                    device: DeviceId::new(d).stored("member device id")?,
+                    key_id: KeyId::from_slice(&k).stored("member key id")?,
                 })
             })
             .collect()
