@@ -33,7 +33,7 @@ use keyhold::crypto::xwing::DecapsulationKey;
 use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::{create_token, TokenRequest};
+use keyhold::service::{issue_token, TokenRequest};
 use keyhold::store::prekeys::{ClaimRateLimit, ClaimTarget};
 use keyhold::store::Store;
 use tokio::sync::oneshot;
@@ -135,7 +135,7 @@ async fn start_server(url: &str) -> Result<(Server, String), BoxError> {
     let (keys, _) = keyfiles::load_or_generate(&key_dir, None, None)?;
     let store = Store::open(url).await?;
     store.migrate().await?;
-    let admin = create_token(
+    let admin = issue_token(
         &store,
         "bench".into(),
         TokenRequest {

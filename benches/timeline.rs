@@ -66,7 +66,7 @@ use keyhold::client::Client;
 use keyhold::config::Limits;
 use keyhold::crypto::ids::{DeviceId, MessageId, UserId};
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::{create_token, TokenRequest};
+use keyhold::service::{issue_token, TokenRequest};
 use keyhold::store::messages::postgres_timeline_sql;
 use keyhold::store::Store;
 
@@ -694,7 +694,7 @@ async fn start_server(url: &str) -> Result<Server, Error> {
 
 impl Server {
     async fn device_client(&self, user: &str, device: &str) -> Result<Client, Error> {
-        let issued = create_token(
+        let issued = issue_token(
             &self.store,
             "bench".into(),
             TokenRequest {

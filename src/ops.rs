@@ -10,7 +10,7 @@ use crate::config::Settings;
 use crate::crypto::envelope::{open_dek, DekEnvelope, Recipient, WrapContext};
 use crate::crypto::ids::{DeviceId, Epoch, SessionId, UserId};
 use crate::keyfiles;
-use crate::service::admin::{create_token, TokenRequest};
+use crate::service::admin::{issue_token, TokenRequest};
 use crate::store::{Backend, Store};
 
 /// A command's failure, shown to the operator as one line.
@@ -86,7 +86,7 @@ pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
         .count_active_admin_tokens()
         .await?;
     if admins == 0 {
-        let issued = create_token(
+        let issued = issue_token(
             &state.store,
             "bootstrap".to_string(),
             TokenRequest {
@@ -145,7 +145,7 @@ pub async fn token_create(
         return Err("--user and --device are required for device tokens, and only for them".into());
     }
     let store = open_store_for_serving(settings, false).await?;
-    let issued = create_token(
+    let issued = issue_token(
         &store,
         "cli".to_string(),
         TokenRequest {

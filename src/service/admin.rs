@@ -1,10 +1,10 @@
 //! The Admin service: creating and revoking API tokens. Admin role only.
 
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::error::{into_status, DomainError, ErrorClass};
 use super::{invalid, parse_field, require_role, AppState};
-use crate::auth::{principal, IssuedToken, Role};
+use crate::auth::{IssuedToken, Principal, Role};
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::CryptoError;
 use crate::proto::keyhold::v1 as pb;
@@ -15,19 +15,6 @@ use crate::store::{Store, StoreError};
 
 /// Longest token label accepted, in characters.
 pub(crate) const MAX_LABEL_CHARS: usize = 128;
-
-/// The Admin gRPC service.
-#[derive(Clone)]
-pub(crate) struct AdminService {
-    state: AppState,
-}
-
-impl AdminService {
-    /// The service over the shared state.
-    pub(crate) fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
 
 /// What creating or revoking a token can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -114,7 +101,7 @@ pub(crate) fn parse_token_request(req: &pb::CreateTokenRequest) -> Result<TokenR
 
 /// Creates a token in the store and records it in the audit log, in one transaction.
 /// Returns the issued token; its plaintext exists only in the returned value.
-pub async fn create_token(
+pub async fn issue_token(
     store: &Store,
     actor: String,
     request: TokenRequest,
@@ -151,51 +138,54 @@ pub async fn create_token(
     Ok(issued)
 }
 
-#[tonic::async_trait]
-impl Admin for AdminService {
-    async fn create_token(
-        &self,
-        request: Request<pb::CreateTokenRequest>,
-    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::Admin])?;
-        let parsed = parse_token_request(request.get_ref())?;
-        let issued = create_token(&self.state.store, caller.actor(), parsed).await?;
-        Ok(Response::new(pb::CreateTokenResponse {
-            token: issued.expose_plaintext().to_string(),
-            token_id: hex::encode(issued.token_id.as_bytes()),
-        }))
+rpc_service! {
+    /// The Admin gRPC service.
+    AdminService: Admin {
+        fn create_token(pb::CreateTokenRequest) -> pb::CreateTokenResponse;
+        fn revoke_token(pb::RevokeTokenRequest) -> pb::RevokeTokenResponse;
     }
+}
 
-    async fn revoke_token(
-        &self,
-        request: Request<pb::RevokeTokenRequest>,
-    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::Admin])?;
-        let mut id = [0u8; 16];
-        hex::decode_to_slice(&request.get_ref().token_id, &mut id)
-            .map_err(|_| invalid("token_id", "expected 32 hex digits"))?;
-        let token_id = TokenId::from_bytes(id);
-        let event = NewAuditEvent::new(
-            caller.actor(),
-            "token.revoke",
-            format!("token:{}", hex::encode(id)),
-        );
-        self.state
-            .store
-            .transaction(async move |tx| -> Result<_, StoreError> {
-                tx.revoke_token(&token_id).await?;
-                tx.append_audit_event(&event).await
-            })
-            .await?;
-        let token = (self.state.store.conn().await?)
-            .find_token(&token_id)
-            .await?;
-        Ok(Response::new(pb::RevokeTokenResponse {
-            revoked_at: token
-                .and_then(|t| t.revoked_at)
-                .map_or(0, |t| t.unix_micros()),
-        }))
-    }
+async fn create_token(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::CreateTokenRequest,
+) -> Result<pb::CreateTokenResponse, Status> {
+    require_role(caller, &[Role::Admin])?;
+    let parsed = parse_token_request(&req)?;
+    let issued = issue_token(&state.store, caller.actor(), parsed).await?;
+    Ok(pb::CreateTokenResponse {
+        token: issued.expose_plaintext().to_string(),
+        token_id: hex::encode(issued.token_id.as_bytes()),
+    })
+}
+
+async fn revoke_token(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::RevokeTokenRequest,
+) -> Result<pb::RevokeTokenResponse, Status> {
+    require_role(caller, &[Role::Admin])?;
+    let mut id = [0u8; 16];
+    hex::decode_to_slice(&req.token_id, &mut id)
+        .map_err(|_| invalid("token_id", "expected 32 hex digits"))?;
+    let token_id = TokenId::from_bytes(id);
+    let event = NewAuditEvent::new(
+        caller.actor(),
+        "token.revoke",
+        format!("token:{}", hex::encode(id)),
+    );
+    state
+        .store
+        .transaction(async move |tx| -> Result<_, StoreError> {
+            tx.revoke_token(&token_id).await?;
+            tx.append_audit_event(&event).await
+        })
+        .await?;
+    let token = (state.store.conn().await?).find_token(&token_id).await?;
+    Ok(pb::RevokeTokenResponse {
+        revoked_at: token
+            .and_then(|t| t.revoked_at)
+            .map_or(0, |t| t.unix_micros()),
+    })
 }

@@ -13,13 +13,13 @@
 //! seen the send.
 
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::cursor::{self, Cursor, CursorKind};
 use super::error::{into_status, DomainError, ErrorClass};
 use super::watch::{next_change, spawn_stream, StreamSender};
 use super::{check_list_len, invalid, parse_field, AppState};
-use crate::auth::{principal, Principal};
+use crate::auth::Principal;
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::device_sync_server::DeviceSync;
@@ -31,19 +31,6 @@ use crate::store::StoreError;
 pub(crate) const DEFAULT_PAGE: u32 = 100;
 /// Largest FetchKeyPackages page.
 pub(crate) const MAX_PAGE: u32 = 500;
-
-/// The DeviceSync gRPC service.
-#[derive(Clone)]
-pub(crate) struct DeviceSyncService {
-    state: AppState,
-}
-
-impl DeviceSyncService {
-    /// The service over the shared state.
-    pub(crate) fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
 
 /// The calling device, or PERMISSION_DENIED: only devices have an inbox.
 fn calling_device(caller: &Principal) -> Result<(&UserId, &DeviceId), Status> {
@@ -286,108 +273,103 @@ async fn deliver_inbox(
     }
 }
 
-#[tonic::async_trait]
-impl DeviceSync for DeviceSyncService {
-    type WatchKeyPackagesStream = ReceiverStream<Result<pb::WatchKeyPackagesResponse, Status>>;
-
-    async fn send_key_packages(
-        &self,
-        request: Request<pb::SendKeyPackagesRequest>,
-    ) -> Result<Response<pb::SendKeyPackagesResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let (user, sender) = calling_device(&caller)?;
-        let packages = parse_packages(
-            request.get_ref(),
-            user,
-            sender,
-            self.state.max_list_len,
-            self.state.limits.max_key_package_bytes,
-        )?;
-        let sent = self
-            .state
-            .store
-            .send_key_packages(
-                user,
-                sender,
-                &packages,
-                self.state.limits.max_inbox_packages,
-            )
-            .await
-            .map_err(|e| DeviceSyncError::of_send(e, user, sender))?;
-        Ok(Response::new(pb::SendKeyPackagesResponse {
-            package_ids: sent
-                .into_iter()
-                .map(|id| u64::try_from(id).unwrap_or_default())
-                .collect(),
-        }))
+rpc_service! {
+    /// The DeviceSync gRPC service.
+    DeviceSyncService: DeviceSync {
+        type WatchKeyPackagesStream = ReceiverStream<Result<pb::WatchKeyPackagesResponse, Status>>;
+        fn send_key_packages(pb::SendKeyPackagesRequest) -> pb::SendKeyPackagesResponse;
+        fn fetch_key_packages(pb::FetchKeyPackagesRequest) -> pb::FetchKeyPackagesResponse;
+        fn ack_key_packages(pb::AckKeyPackagesRequest) -> pb::AckKeyPackagesResponse;
+        fn watch_key_packages(pb::WatchKeyPackagesRequest) -> Self::WatchKeyPackagesStream;
     }
+}
 
-    async fn fetch_key_packages(
-        &self,
-        request: Request<pb::FetchKeyPackagesRequest>,
-    ) -> Result<Response<pb::FetchKeyPackagesResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let (user, device) = calling_device(&caller)?;
-        let req = request.get_ref();
-        let after = parse_inbox_cursor(&req.cursor)?;
-        let page = match req.page_size {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
-        let packages = read_inbox(&self.state, user, device, after, page).await?;
-        let next = packages.last().map_or(after, |p| p.id);
-        Ok(Response::new(pb::FetchKeyPackagesResponse {
-            packages: packages.into_iter().map(package_to_wire).collect(),
-            next_cursor: inbox_cursor(next),
-        }))
-    }
+async fn send_key_packages(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::SendKeyPackagesRequest,
+) -> Result<pb::SendKeyPackagesResponse, Status> {
+    let (user, sender) = calling_device(caller)?;
+    let packages = parse_packages(
+        &req,
+        user,
+        sender,
+        state.max_list_len,
+        state.limits.max_key_package_bytes,
+    )?;
+    let sent = state
+        .store
+        .send_key_packages(user, sender, &packages, state.limits.max_inbox_packages)
+        .await
+        .map_err(|e| DeviceSyncError::of_send(e, user, sender))?;
+    Ok(pb::SendKeyPackagesResponse {
+        package_ids: sent
+            .into_iter()
+            .map(|id| u64::try_from(id).unwrap_or_default())
+            .collect(),
+    })
+}
 
-    async fn ack_key_packages(
-        &self,
-        request: Request<pb::AckKeyPackagesRequest>,
-    ) -> Result<Response<pb::AckKeyPackagesResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let (user, device) = calling_device(&caller)?;
-        let req = request.get_ref();
-        check_list_len(
-            "package_ids",
-            req.package_ids.len(),
-            self.state.max_list_len,
-            true,
-        )?;
-        // An id past i64 was never handed out, so it names nothing to remove.
-        let ids: Vec<i64> = req
-            .package_ids
-            .iter()
-            .filter_map(|id| i64::try_from(*id).ok())
-            .collect();
-        let removed = self
-            .state
-            .store
-            .transaction(async |tx| tx.ack_key_packages(user, device, &ids).await)
-            .await?;
-        Ok(Response::new(pb::AckKeyPackagesResponse { removed }))
-    }
+async fn fetch_key_packages(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::FetchKeyPackagesRequest,
+) -> Result<pb::FetchKeyPackagesResponse, Status> {
+    let (user, device) = calling_device(caller)?;
+    let after = parse_inbox_cursor(&req.cursor)?;
+    let page = match req.page_size {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let packages = read_inbox(state, user, device, after, page).await?;
+    let next = packages.last().map_or(after, |p| p.id);
+    Ok(pb::FetchKeyPackagesResponse {
+        packages: packages.into_iter().map(package_to_wire).collect(),
+        next_cursor: inbox_cursor(next),
+    })
+}
 
-    async fn watch_key_packages(
-        &self,
-        request: Request<pb::WatchKeyPackagesRequest>,
-    ) -> Result<Response<Self::WatchKeyPackagesStream>, Status> {
-        let caller = principal(&request)?.clone();
-        let (user, device) = calling_device(&caller)?;
-        let after = parse_inbox_cursor(&request.get_ref().cursor)?;
-        // Listen before the first read, so nothing committed after it is missed.
-        let watch = self
-            .state
-            .store
-            .watch_device(EventKind::KeyPackages, user, device)
-            .await?;
-        let (state, user, device) = (self.state.clone(), user.clone(), device.clone());
-        Ok(Response::new(spawn_stream(
-            self.state.streams.clone(),
-            move |tx| deliver_inbox(state, user, device, after, watch, tx),
-        )))
-    }
+async fn ack_key_packages(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::AckKeyPackagesRequest,
+) -> Result<pb::AckKeyPackagesResponse, Status> {
+    let (user, device) = calling_device(caller)?;
+    check_list_len(
+        "package_ids",
+        req.package_ids.len(),
+        state.max_list_len,
+        true,
+    )?;
+    // An id past i64 was never handed out, so it names nothing to remove.
+    let ids: Vec<i64> = req
+        .package_ids
+        .iter()
+        .filter_map(|id| i64::try_from(*id).ok())
+        .collect();
+    let removed = state
+        .store
+        .transaction(async |tx| tx.ack_key_packages(user, device, &ids).await)
+        .await?;
+    Ok(pb::AckKeyPackagesResponse { removed })
+}
+
+async fn watch_key_packages(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::WatchKeyPackagesRequest,
+) -> Result<ReceiverStream<Result<pb::WatchKeyPackagesResponse, Status>>, Status> {
+    let (user, device) = calling_device(caller)?;
+    let after = parse_inbox_cursor(&req.cursor)?;
+    // Listen before the first read, so nothing committed after it is missed.
+    let watch = state
+        .store
+        .watch_device(EventKind::KeyPackages, user, device)
+        .await?;
+    let (state, user, device) = (state.clone(), user.clone(), device.clone());
+    Ok(spawn_stream(state.streams.clone(), move |tx| {
+        deliver_inbox(state, user, device, after, watch, tx)
+    }))
 }
 
 #[cfg(test)]

@@ -6,6 +6,50 @@
 //! PERMISSION_DENIED, a conflict is ALREADY_EXISTS or ABORTED, an unreachable database is
 //! UNAVAILABLE. Internal details are logged, never sent.
 
+/// Writes a gRPC service: the struct over the shared [`AppState`] and its tonic impl, in
+/// which every RPC takes the authenticated caller and the request message, calls the
+/// module's handler of the same name — `async fn rpc(state: &AppState, caller: &Principal,
+/// req: Request) -> Result<Response, Status>` — and wraps its answer. The tonic impl thus
+/// holds no logic, and each handler is a plain function its tests can call.
+macro_rules! rpc_service {
+    (
+        $(#[$doc:meta])*
+        $service:ident: $trait:ident {
+            $(type $stream:ident = $stream_ty:ty;)*
+            $(fn $rpc:ident($req:ty) -> $resp:ty;)*
+        }
+    ) => {
+        $(#[$doc])*
+        #[derive(Clone)]
+        pub(crate) struct $service {
+            state: $crate::service::AppState,
+        }
+
+        impl $service {
+            /// The service over the shared state.
+            pub(crate) fn new(state: $crate::service::AppState) -> Self {
+                Self { state }
+            }
+        }
+
+        #[tonic::async_trait]
+        impl $trait for $service {
+            $(type $stream = $stream_ty;)*
+            $(
+                async fn $rpc(
+                    &self,
+                    request: tonic::Request<$req>,
+                ) -> Result<tonic::Response<$resp>, tonic::Status> {
+                    let caller = $crate::auth::principal(&request)?.clone();
+                    $rpc(&self.state, &caller, request.into_inner())
+                        .await
+                        .map(tonic::Response::new)
+                }
+            )*
+        }
+    };
+}
+
 pub(crate) mod admin;
 pub(crate) mod cursor;
 pub(crate) mod device_sync;
@@ -18,7 +62,7 @@ pub(crate) mod sessions;
 pub(crate) mod trust;
 pub(crate) mod watch;
 
-pub use admin::{create_token, TokenRequest};
+pub use admin::{issue_token, TokenRequest};
 pub use ratchet::CURRENT_VERSION_TRAILER;
 
 use std::sync::Arc;

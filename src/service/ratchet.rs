@@ -9,11 +9,11 @@
 //! device is refused even for its own user.
 
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::error::{into_status, DomainError, ErrorClass};
 use super::{invalid, parse_field, require_own_device, AppState};
-use crate::auth::{principal, Principal};
+use crate::auth::Principal;
 use crate::crypto::envelope::{open_under_kek, seal_under_kek, KekContext};
 use crate::crypto::ids::{ConversationId, DeviceId, UserId};
 use crate::crypto::CryptoError;
@@ -24,19 +24,6 @@ use crate::store::StoreError;
 
 /// The metadata key of an ABORTED write's current version (decimal text).
 pub const CURRENT_VERSION_TRAILER: &str = "keyhold-current-version";
-
-/// The Ratchet gRPC service.
-#[derive(Clone)]
-pub(crate) struct RatchetService {
-    state: AppState,
-}
-
-impl RatchetService {
-    /// The service over the shared state.
-    pub(crate) fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
 
 /// The row a request names, after checking the caller is its device.
 fn ratchet_key(
@@ -123,83 +110,85 @@ fn written(outcome: CasOutcome) -> Result<u64, RatchetError> {
     }
 }
 
-#[tonic::async_trait]
-impl Ratchet for RatchetService {
-    async fn get_ratchet_state(
-        &self,
-        request: Request<pb::GetRatchetStateRequest>,
-    ) -> Result<Response<pb::GetRatchetStateResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let req = request.get_ref();
-        let key = ratchet_key(&caller, &req.user_id, &req.device_id, &req.conversation_id)?;
-        let stored = (self.state.store.conn().await?)
-            .ratchet_state(&key)
-            .await?
-            .ok_or(RatchetError::NoState)?;
-        // A state that does not open under its own row's context was moved or altered.
-        let state = open_under_kek(&self.state.kek, &stored.envelope, &sealing_context(&key))
-            .map_err(RatchetError::from)?;
-        Ok(Response::new(pb::GetRatchetStateResponse {
-            state: state.to_vec(),
-            version: stored.version,
-            updated_at: stored.updated_at.unix_micros(),
-        }))
+rpc_service! {
+    /// The Ratchet gRPC service.
+    RatchetService: Ratchet {
+        fn get_ratchet_state(pb::GetRatchetStateRequest) -> pb::GetRatchetStateResponse;
+        fn put_ratchet_state(pb::PutRatchetStateRequest) -> pb::PutRatchetStateResponse;
+        fn delete_ratchet_state(pb::DeleteRatchetStateRequest) -> pb::DeleteRatchetStateResponse;
     }
+}
 
-    async fn put_ratchet_state(
-        &self,
-        request: Request<pb::PutRatchetStateRequest>,
-    ) -> Result<Response<pb::PutRatchetStateResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let req = request.get_ref();
-        let key = ratchet_key(&caller, &req.user_id, &req.device_id, &req.conversation_id)?;
-        let max = self.state.limits.max_ratchet_state_bytes;
-        if req.state.is_empty() {
-            return Err(invalid("state", "must not be empty"));
-        }
-        if req.state.len() > max {
-            return Err(Status::resource_exhausted(format!(
-                "state: {} bytes; at most {max}",
-                req.state.len()
-            )));
-        }
-        let envelope = seal_under_kek(&self.state.kek, &req.state, &sealing_context(&key))
-            .map_err(RatchetError::from)?;
-        let write = RatchetWrite {
-            expected_version: req.expected_version,
-            kek_version: self.state.kek.version().0,
-            envelope,
-        };
-        let version = self
-            .state
-            .store
-            .transaction(async |tx| written(tx.put_ratchet_state(&key, &write).await?))
-            .await?;
-        Ok(Response::new(pb::PutRatchetStateResponse { version }))
-    }
+async fn get_ratchet_state(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::GetRatchetStateRequest,
+) -> Result<pb::GetRatchetStateResponse, Status> {
+    let key = ratchet_key(caller, &req.user_id, &req.device_id, &req.conversation_id)?;
+    let stored = (state.store.conn().await?)
+        .ratchet_state(&key)
+        .await?
+        .ok_or(RatchetError::NoState)?;
+    // A state that does not open under its own row's context was moved or altered.
+    let state = open_under_kek(&state.kek, &stored.envelope, &sealing_context(&key))
+        .map_err(RatchetError::from)?;
+    Ok(pb::GetRatchetStateResponse {
+        state: state.to_vec(),
+        version: stored.version,
+        updated_at: stored.updated_at.unix_micros(),
+    })
+}
 
-    async fn delete_ratchet_state(
-        &self,
-        request: Request<pb::DeleteRatchetStateRequest>,
-    ) -> Result<Response<pb::DeleteRatchetStateResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let req = request.get_ref();
-        let key = ratchet_key(&caller, &req.user_id, &req.device_id, &req.conversation_id)?;
-        let expected = match req.expected_version {
-            0 => None,
-            v => Some(v),
-        };
-        self.state
-            .store
-            .transaction(
-                async |tx| match tx.delete_ratchet_state(&key, expected).await {
-                    Err(StoreError::NotFound) => Err(RatchetError::NoState),
-                    outcome => written(outcome?),
-                },
-            )
-            .await?;
-        Ok(Response::new(pb::DeleteRatchetStateResponse {}))
+async fn put_ratchet_state(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::PutRatchetStateRequest,
+) -> Result<pb::PutRatchetStateResponse, Status> {
+    let key = ratchet_key(caller, &req.user_id, &req.device_id, &req.conversation_id)?;
+    let max = state.limits.max_ratchet_state_bytes;
+    if req.state.is_empty() {
+        return Err(invalid("state", "must not be empty"));
     }
+    if req.state.len() > max {
+        return Err(Status::resource_exhausted(format!(
+            "state: {} bytes; at most {max}",
+            req.state.len()
+        )));
+    }
+    let envelope = seal_under_kek(&state.kek, &req.state, &sealing_context(&key))
+        .map_err(RatchetError::from)?;
+    let write = RatchetWrite {
+        expected_version: req.expected_version,
+        kek_version: state.kek.version().0,
+        envelope,
+    };
+    let version = state
+        .store
+        .transaction(async |tx| written(tx.put_ratchet_state(&key, &write).await?))
+        .await?;
+    Ok(pb::PutRatchetStateResponse { version })
+}
+
+async fn delete_ratchet_state(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::DeleteRatchetStateRequest,
+) -> Result<pb::DeleteRatchetStateResponse, Status> {
+    let key = ratchet_key(caller, &req.user_id, &req.device_id, &req.conversation_id)?;
+    let expected = match req.expected_version {
+        0 => None,
+        v => Some(v),
+    };
+    state
+        .store
+        .transaction(
+            async |tx| match tx.delete_ratchet_state(&key, expected).await {
+                Err(StoreError::NotFound) => Err(RatchetError::NoState),
+                outcome => written(outcome?),
+            },
+        )
+        .await?;
+    Ok(pb::DeleteRatchetStateResponse {})
 }
 
 #[cfg(test)]

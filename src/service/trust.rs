@@ -4,12 +4,12 @@
 //! An app server manages any author's trusted users, a device only its own user's. An author
 //! trusts at most `max_list_len` users: the most recipients one CreateSession takes.
 
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::cursor::{self, Cursor, CursorKind};
 use super::error::{into_status, DomainError, ErrorClass};
 use super::{invalid, parse_field, require_acts_for, require_role, AppState};
-use crate::auth::{principal, Principal, Role};
+use crate::auth::{Principal, Role};
 use crate::crypto::ids::UserId;
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::trust_server::Trust;
@@ -20,19 +20,6 @@ use crate::store::StoreError;
 pub(crate) const DEFAULT_PAGE: u32 = 100;
 /// Largest ListTrustedUsers page.
 pub(crate) const MAX_PAGE: u32 = 1000;
-
-/// The Trust gRPC service.
-#[derive(Clone)]
-pub(crate) struct TrustService {
-    state: AppState,
-}
-
-impl TrustService {
-    /// The service over the shared state.
-    pub(crate) fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
 
 /// What the Trust workflow refuses.
 #[derive(Debug, thiserror::Error)]
@@ -130,92 +117,94 @@ pub(crate) async fn trusted_recipients(
     Ok(trusted.into_iter().map(|t| t.user).collect())
 }
 
-#[tonic::async_trait]
-impl Trust for TrustService {
-    async fn add_trusted_user(
-        &self,
-        request: Request<pb::AddTrustedUserRequest>,
-    ) -> Result<Response<pb::AddTrustedUserResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::App, Role::Device])?;
-        let req = request.get_ref();
-        let author = parse_author(&caller, &req.author_user_id)?;
-        let trusted = parse_field("trusted_user_id", UserId::new(req.trusted_user_id.clone()))?;
-        if trusted == author {
-            return Err(invalid(
-                "trusted_user_id",
-                "an author does not trust itself",
-            ));
-        }
-        let max = self.state.max_list_len;
-        let added = self
-            .state
-            .store
-            .transaction(async |tx| tx.add_trusted_user(&author, &trusted, max).await)
-            .await?;
-        let (created_at, created) = match added {
-            AddTrust::Added(at) => (at, true),
-            AddTrust::AlreadyTrusted(at) => (at, false),
-            AddTrust::LimitReached => return Err(TrustError::LimitReached { author, max }.into()),
-        };
-        Ok(Response::new(pb::AddTrustedUserResponse {
-            created_at: created_at.unix_micros(),
-            created,
-        }))
+rpc_service! {
+    /// The Trust gRPC service.
+    TrustService: Trust {
+        fn add_trusted_user(pb::AddTrustedUserRequest) -> pb::AddTrustedUserResponse;
+        fn remove_trusted_user(pb::RemoveTrustedUserRequest) -> pb::RemoveTrustedUserResponse;
+        fn list_trusted_users(pb::ListTrustedUsersRequest) -> pb::ListTrustedUsersResponse;
     }
+}
 
-    async fn remove_trusted_user(
-        &self,
-        request: Request<pb::RemoveTrustedUserRequest>,
-    ) -> Result<Response<pb::RemoveTrustedUserResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::App, Role::Device])?;
-        let req = request.get_ref();
-        let author = parse_author(&caller, &req.author_user_id)?;
-        let trusted = parse_field("trusted_user_id", UserId::new(req.trusted_user_id.clone()))?;
-        self.state
-            .store
-            .transaction(
-                async |tx| match tx.remove_trusted_user(&author, &trusted).await {
-                    Err(StoreError::NotFound) => Err(TrustError::NotTrusted),
-                    other => Ok(other?),
-                },
-            )
-            .await?;
-        Ok(Response::new(pb::RemoveTrustedUserResponse {}))
+async fn add_trusted_user(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::AddTrustedUserRequest,
+) -> Result<pb::AddTrustedUserResponse, Status> {
+    require_role(caller, &[Role::App, Role::Device])?;
+    let author = parse_author(caller, &req.author_user_id)?;
+    let trusted = parse_field("trusted_user_id", UserId::new(req.trusted_user_id.clone()))?;
+    if trusted == author {
+        return Err(invalid(
+            "trusted_user_id",
+            "an author does not trust itself",
+        ));
     }
+    let max = state.max_list_len;
+    let added = state
+        .store
+        .transaction(async |tx| tx.add_trusted_user(&author, &trusted, max).await)
+        .await?;
+    let (created_at, created) = match added {
+        AddTrust::Added(at) => (at, true),
+        AddTrust::AlreadyTrusted(at) => (at, false),
+        AddTrust::LimitReached => return Err(TrustError::LimitReached { author, max }.into()),
+    };
+    Ok(pb::AddTrustedUserResponse {
+        created_at: created_at.unix_micros(),
+        created,
+    })
+}
 
-    async fn list_trusted_users(
-        &self,
-        request: Request<pb::ListTrustedUsersRequest>,
-    ) -> Result<Response<pb::ListTrustedUsersResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::App, Role::Device])?;
-        let req = request.get_ref();
-        let author = parse_author(&caller, &req.author_user_id)?;
-        let after = cursor::parse::<UserId>("cursor", &req.cursor)?;
-        let limit = match req.page_size {
-            0 => DEFAULT_PAGE,
-            n => n.min(MAX_PAGE),
-        };
-        let page = (self.state.store.conn().await?)
-            .trusted_users(&author, after.as_ref(), i64::from(limit))
-            .await?;
-        let next_cursor = match page.last() {
-            Some(last) if page.len() >= limit as usize => cursor::format(&last.user),
-            _ => String::new(),
-        };
-        Ok(Response::new(pb::ListTrustedUsersResponse {
-            trusted_users: page
-                .into_iter()
-                .map(|t| pb::TrustedUser {
-                    user_id: t.user.to_string(),
-                    created_at: t.created_at.unix_micros(),
-                })
-                .collect(),
-            next_cursor,
-        }))
-    }
+async fn remove_trusted_user(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::RemoveTrustedUserRequest,
+) -> Result<pb::RemoveTrustedUserResponse, Status> {
+    require_role(caller, &[Role::App, Role::Device])?;
+    let author = parse_author(caller, &req.author_user_id)?;
+    let trusted = parse_field("trusted_user_id", UserId::new(req.trusted_user_id.clone()))?;
+    state
+        .store
+        .transaction(
+            async |tx| match tx.remove_trusted_user(&author, &trusted).await {
+                Err(StoreError::NotFound) => Err(TrustError::NotTrusted),
+                other => Ok(other?),
+            },
+        )
+        .await?;
+    Ok(pb::RemoveTrustedUserResponse {})
+}
+
+async fn list_trusted_users(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::ListTrustedUsersRequest,
+) -> Result<pb::ListTrustedUsersResponse, Status> {
+    require_role(caller, &[Role::App, Role::Device])?;
+    let author = parse_author(caller, &req.author_user_id)?;
+    let after = cursor::parse::<UserId>("cursor", &req.cursor)?;
+    let limit = match req.page_size {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let page = (state.store.conn().await?)
+        .trusted_users(&author, after.as_ref(), i64::from(limit))
+        .await?;
+    let next_cursor = match page.last() {
+        Some(last) if page.len() >= limit as usize => cursor::format(&last.user),
+        _ => String::new(),
+    };
+    Ok(pb::ListTrustedUsersResponse {
+        trusted_users: page
+            .into_iter()
+            .map(|t| pb::TrustedUser {
+                user_id: t.user.to_string(),
+                created_at: t.created_at.unix_micros(),
+            })
+            .collect(),
+        next_cursor,
+    })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use keyhold::crypto::xwing::DecapsulationKey;
 use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::service::{create_token, TokenRequest};
+use keyhold::service::{issue_token, TokenRequest};
 use keyhold::store::audit::AuditEvent;
 use keyhold::store::Store;
 use tokio::sync::oneshot;
@@ -56,7 +56,7 @@ impl TestServer {
             .expect("read escrow private key");
         let store = Store::open(&db.url).await.expect("open store");
         store.migrate().await.expect("migrate");
-        let admin = create_token(
+        let admin = issue_token(
             &store,
             "test".into(),
             TokenRequest {

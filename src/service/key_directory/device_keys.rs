@@ -194,9 +194,10 @@ pub(super) async fn get_user_keys(
 }
 
 /// GetEscrowKey: the staff escrow public key every DEK is sealed to.
-pub(super) fn get_escrow_key(
+pub(super) async fn get_escrow_key(
     state: &AppState,
     caller: &Principal,
+    _req: pb::GetEscrowKeyRequest,
 ) -> Result<pb::GetEscrowKeyResponse, Status> {
     require_role(caller, &[Role::App, Role::Device])?;
     let key = &state.escrow_public_key;

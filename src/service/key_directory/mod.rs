@@ -22,113 +22,27 @@ mod error;
 mod prekeys;
 mod stock;
 
-use tonic::{Request, Response, Status};
-
-use super::AppState;
-use crate::auth::{principal, Principal};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::key_directory_server::KeyDirectory;
+use device_keys::{
+    get_escrow_key, get_user_keys, publish as publish_device_key, revoke as revoke_device_key,
+};
+use prekeys::{claim as claim_prekeys, count as count_prekeys, upload as upload_prekeys};
+use stock::watch as watch_prekey_stock;
 
 pub(crate) use device_keys::parse_suite;
 
-/// The KeyDirectory gRPC service.
-#[derive(Clone)]
-pub(crate) struct KeyDirectoryService {
-    state: AppState,
-}
-
-impl KeyDirectoryService {
-    /// The service over the shared state.
-    pub(crate) fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
-
-/// The authenticated caller of a request, and its message.
-fn caller_and_message<T>(request: Request<T>) -> Result<(Principal, T), Status> {
-    let caller = principal(&request)?.clone();
-    Ok((caller, request.into_inner()))
-}
-
-#[tonic::async_trait]
-impl KeyDirectory for KeyDirectoryService {
-    type WatchPrekeyStockStream = stock::WatchPrekeyStockStream;
-
-    async fn publish_device_key(
-        &self,
-        request: Request<pb::PublishDeviceKeyRequest>,
-    ) -> Result<Response<pb::PublishDeviceKeyResponse>, Status> {
-        let (caller, req) = caller_and_message(request)?;
-        device_keys::publish(&self.state, &caller, req)
-            .await
-            .map(Response::new)
-    }
-
-    async fn revoke_device_key(
-        &self,
-        request: Request<pb::RevokeDeviceKeyRequest>,
-    ) -> Result<Response<pb::RevokeDeviceKeyResponse>, Status> {
-        let (caller, req) = caller_and_message(request)?;
-        device_keys::revoke(&self.state, &caller, req)
-            .await
-            .map(Response::new)
-    }
-
-    async fn get_user_keys(
-        &self,
-        request: Request<pb::GetUserKeysRequest>,
-    ) -> Result<Response<pb::GetUserKeysResponse>, Status> {
-        let (caller, req) = caller_and_message(request)?;
-        device_keys::get_user_keys(&self.state, &caller, req)
-            .await
-            .map(Response::new)
-    }
-
-    async fn get_escrow_key(
-        &self,
-        request: Request<pb::GetEscrowKeyRequest>,
-    ) -> Result<Response<pb::GetEscrowKeyResponse>, Status> {
-        let (caller, _) = caller_and_message(request)?;
-        device_keys::get_escrow_key(&self.state, &caller).map(Response::new)
-    }
-
-    async fn upload_prekeys(
-        &self,
-        request: Request<pb::UploadPrekeysRequest>,
-    ) -> Result<Response<pb::UploadPrekeysResponse>, Status> {
-        let (caller, req) = caller_and_message(request)?;
-        prekeys::upload(&self.state, &caller, req)
-            .await
-            .map(Response::new)
-    }
-
-    async fn claim_prekeys(
-        &self,
-        request: Request<pb::ClaimPrekeysRequest>,
-    ) -> Result<Response<pb::ClaimPrekeysResponse>, Status> {
-        let (caller, req) = caller_and_message(request)?;
-        prekeys::claim(&self.state, &caller, req)
-            .await
-            .map(Response::new)
-    }
-
-    async fn count_prekeys(
-        &self,
-        request: Request<pb::CountPrekeysRequest>,
-    ) -> Result<Response<pb::CountPrekeysResponse>, Status> {
-        let (caller, req) = caller_and_message(request)?;
-        prekeys::count(&self.state, &caller, req)
-            .await
-            .map(Response::new)
-    }
-
-    async fn watch_prekey_stock(
-        &self,
-        request: Request<pb::WatchPrekeyStockRequest>,
-    ) -> Result<Response<Self::WatchPrekeyStockStream>, Status> {
-        let (caller, req) = caller_and_message(request)?;
-        stock::watch(&self.state, &caller, req)
-            .await
-            .map(Response::new)
+rpc_service! {
+    /// The KeyDirectory gRPC service.
+    KeyDirectoryService: KeyDirectory {
+        type WatchPrekeyStockStream = stock::WatchPrekeyStockStream;
+        fn publish_device_key(pb::PublishDeviceKeyRequest) -> pb::PublishDeviceKeyResponse;
+        fn revoke_device_key(pb::RevokeDeviceKeyRequest) -> pb::RevokeDeviceKeyResponse;
+        fn get_user_keys(pb::GetUserKeysRequest) -> pb::GetUserKeysResponse;
+        fn get_escrow_key(pb::GetEscrowKeyRequest) -> pb::GetEscrowKeyResponse;
+        fn upload_prekeys(pb::UploadPrekeysRequest) -> pb::UploadPrekeysResponse;
+        fn claim_prekeys(pb::ClaimPrekeysRequest) -> pb::ClaimPrekeysResponse;
+        fn count_prekeys(pb::CountPrekeysRequest) -> pb::CountPrekeysResponse;
+        fn watch_prekey_stock(pb::WatchPrekeyStockRequest) -> Self::WatchPrekeyStockStream;
     }
 }

@@ -21,12 +21,12 @@
 
 mod wire;
 
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::cursor;
 use super::error::{into_status, DomainError, ErrorClass};
 use super::{parse_field, require_role, AppState};
-use crate::auth::{principal, Principal, Role};
+use crate::auth::{Principal, Role};
 use crate::crypto::ids::{Epoch, MessageId, SessionId, UserId};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::messages_server::Messages;
@@ -35,19 +35,6 @@ use crate::store::{StoreError, Timestamp, Tx};
 use wire::{page_to_wire, parse_put, parse_reader};
 
 pub(crate) use wire::{page_size, parse_message_id};
-
-/// The Messages gRPC service.
-#[derive(Clone)]
-pub(crate) struct MessagesService {
-    state: AppState,
-}
-
-impl MessagesService {
-    /// The service over the shared state.
-    pub(crate) fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
 
 /// What the Messages workflows refuse.
 #[derive(Debug, thiserror::Error)]
@@ -184,121 +171,125 @@ async fn delete_as(
         .ok_or(MessagesError::NoSuchMessage)
 }
 
-#[tonic::async_trait]
-impl Messages for MessagesService {
-    async fn put_messages(
-        &self,
-        request: Request<pb::PutMessagesRequest>,
-    ) -> Result<Response<pb::PutMessagesResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::App, Role::Device])?;
-        let (author, batch) = parse_put(&caller, request.into_inner(), &self.state.limits)?;
-        let ids: Vec<(MessageId, SessionId, Epoch)> = batch
-            .iter()
-            .map(|m| (m.message_id, m.session_id, m.epoch))
-            .collect();
-        let writer = match caller {
-            Principal::App { .. } => Writer::AppServer,
-            _ => Writer::Device,
-        };
-        let outcome = self.state.store.put_messages(writer, author, batch).await?;
-        let stored = stored_or_refused(outcome, &ids)?;
-        Ok(Response::new(pb::PutMessagesResponse {
-            results: ids
-                .into_iter()
-                .zip(stored)
-                .map(|((id, _, _), (at, created))| pb::PutMessageResult {
-                    message_id: id.to_string(),
-                    created_at: at.unix_micros(),
-                    created,
-                })
-                .collect(),
-        }))
+rpc_service! {
+    /// The Messages gRPC service.
+    MessagesService: Messages {
+        fn put_messages(pb::PutMessagesRequest) -> pb::PutMessagesResponse;
+        fn list_session_messages(pb::ListSessionMessagesRequest) -> pb::ListSessionMessagesResponse;
+        fn timeline(pb::TimelineRequest) -> pb::TimelineResponse;
+        fn list_author_messages(pb::ListAuthorMessagesRequest) -> pb::ListAuthorMessagesResponse;
+        fn delete_message(pb::DeleteMessageRequest) -> pb::DeleteMessageResponse;
     }
+}
 
-    async fn list_session_messages(
-        &self,
-        request: Request<pb::ListSessionMessagesRequest>,
-    ) -> Result<Response<pb::ListSessionMessagesResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::App, Role::Device])?;
-        let req = request.get_ref();
-        let reader = parse_reader(&caller, &req.user_id, &req.device_id)?;
-        let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
-        let before = cursor::parse::<Position>("cursor", &req.cursor)?;
-        let limit = page_size(req.page_size);
-        let mut conn = self.state.store.conn().await?;
-        let epochs = conn
-            .readable_session_epochs(&reader.user, &reader.device, &session_id)
-            .await?;
-        if epochs.is_empty() {
-            return Err(MessagesError::SessionNotReadable.into());
-        }
-        let page = conn
-            .readable_messages(&reader, Some(session_id), before, limit)
-            .await?;
-        let (messages, next_cursor) = page_to_wire(page, limit);
-        Ok(Response::new(pb::ListSessionMessagesResponse {
-            messages,
-            next_cursor,
-        }))
-    }
+async fn put_messages(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::PutMessagesRequest,
+) -> Result<pb::PutMessagesResponse, Status> {
+    require_role(caller, &[Role::App, Role::Device])?;
+    let (author, batch) = parse_put(caller, req, &state.limits)?;
+    let ids: Vec<(MessageId, SessionId, Epoch)> = batch
+        .iter()
+        .map(|m| (m.message_id, m.session_id, m.epoch))
+        .collect();
+    let writer = match caller {
+        Principal::App { .. } => Writer::AppServer,
+        _ => Writer::Device,
+    };
+    let outcome = state.store.put_messages(writer, author, batch).await?;
+    let stored = stored_or_refused(outcome, &ids)?;
+    Ok(pb::PutMessagesResponse {
+        results: ids
+            .into_iter()
+            .zip(stored)
+            .map(|((id, _, _), (at, created))| pb::PutMessageResult {
+                message_id: id.to_string(),
+                created_at: at.unix_micros(),
+                created,
+            })
+            .collect(),
+    })
+}
 
-    async fn timeline(
-        &self,
-        request: Request<pb::TimelineRequest>,
-    ) -> Result<Response<pb::TimelineResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::App, Role::Device])?;
-        let req = request.get_ref();
-        let reader = parse_reader(&caller, &req.user_id, &req.device_id)?;
-        let before = cursor::parse::<Position>("cursor", &req.cursor)?;
-        let limit = page_size(req.page_size);
-        let page = (self.state.store.conn().await?)
-            .readable_messages(&reader, None, before, limit)
-            .await?;
-        let (messages, next_cursor) = page_to_wire(page, limit);
-        Ok(Response::new(pb::TimelineResponse {
-            messages,
-            next_cursor,
-        }))
+async fn list_session_messages(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::ListSessionMessagesRequest,
+) -> Result<pb::ListSessionMessagesResponse, Status> {
+    require_role(caller, &[Role::App, Role::Device])?;
+    let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
+    let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
+    let before = cursor::parse::<Position>("cursor", &req.cursor)?;
+    let limit = page_size(req.page_size);
+    let mut conn = state.store.conn().await?;
+    let epochs = conn
+        .readable_session_epochs(&reader.user, &reader.device, &session_id)
+        .await?;
+    if epochs.is_empty() {
+        return Err(MessagesError::SessionNotReadable.into());
     }
+    let page = conn
+        .readable_messages(&reader, Some(session_id), before, limit)
+        .await?;
+    let (messages, next_cursor) = page_to_wire(page, limit);
+    Ok(pb::ListSessionMessagesResponse {
+        messages,
+        next_cursor,
+    })
+}
 
-    async fn list_author_messages(
-        &self,
-        request: Request<pb::ListAuthorMessagesRequest>,
-    ) -> Result<Response<pb::ListAuthorMessagesResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::App, Role::Device])?;
-        let req = request.get_ref();
-        let reader = parse_reader(&caller, &req.user_id, &req.device_id)?;
-        let author = parse_field("author_user_id", UserId::new(req.author_user_id.clone()))?;
-        let before = cursor::parse::<Position>("cursor", &req.cursor)?;
-        let limit = page_size(req.page_size);
-        let page = (self.state.store.conn().await?)
-            .author_messages(&reader, &author, before, limit)
-            .await?;
-        let (messages, next_cursor) = page_to_wire(page, limit);
-        Ok(Response::new(pb::ListAuthorMessagesResponse {
-            messages,
-            next_cursor,
-        }))
-    }
+async fn timeline(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::TimelineRequest,
+) -> Result<pb::TimelineResponse, Status> {
+    require_role(caller, &[Role::App, Role::Device])?;
+    let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
+    let before = cursor::parse::<Position>("cursor", &req.cursor)?;
+    let limit = page_size(req.page_size);
+    let page = (state.store.conn().await?)
+        .readable_messages(&reader, None, before, limit)
+        .await?;
+    let (messages, next_cursor) = page_to_wire(page, limit);
+    Ok(pb::TimelineResponse {
+        messages,
+        next_cursor,
+    })
+}
 
-    async fn delete_message(
-        &self,
-        request: Request<pb::DeleteMessageRequest>,
-    ) -> Result<Response<pb::DeleteMessageResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        require_role(&caller, &[Role::App, Role::Device])?;
-        let message_id = parse_message_id("message_id", &request.get_ref().message_id)?;
-        let deleted_at = self
-            .state
-            .store
-            .transaction(async move |tx| delete_as(tx, &caller, &message_id).await)
-            .await?;
-        Ok(Response::new(pb::DeleteMessageResponse {
-            deleted_at: deleted_at.unix_micros(),
-        }))
-    }
+async fn list_author_messages(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::ListAuthorMessagesRequest,
+) -> Result<pb::ListAuthorMessagesResponse, Status> {
+    require_role(caller, &[Role::App, Role::Device])?;
+    let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
+    let author = parse_field("author_user_id", UserId::new(req.author_user_id.clone()))?;
+    let before = cursor::parse::<Position>("cursor", &req.cursor)?;
+    let limit = page_size(req.page_size);
+    let page = (state.store.conn().await?)
+        .author_messages(&reader, &author, before, limit)
+        .await?;
+    let (messages, next_cursor) = page_to_wire(page, limit);
+    Ok(pb::ListAuthorMessagesResponse {
+        messages,
+        next_cursor,
+    })
+}
+
+async fn delete_message(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::DeleteMessageRequest,
+) -> Result<pb::DeleteMessageResponse, Status> {
+    require_role(caller, &[Role::App, Role::Device])?;
+    let message_id = parse_message_id("message_id", &req.message_id)?;
+    let deleted_at = state
+        .store
+        .transaction(async move |tx| delete_as(tx, caller, &message_id).await)
+        .await?;
+    Ok(pb::DeleteMessageResponse {
+        deleted_at: deleted_at.unix_micros(),
+    })
 }

@@ -29,10 +29,10 @@ mod wire;
 mod workflow;
 mod wrapping;
 
-use tonic::{Request, Response, Status};
+use tonic::Status;
 
 use super::AppState;
-use crate::auth::{principal, Principal};
+use crate::auth::Principal;
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::sessions_server::Sessions;
@@ -43,181 +43,164 @@ use workflow::SessionSpec;
 /// Most session keys one call produces (devices of all recipients together).
 pub(crate) const MAX_KEYS_PER_CALL: usize = 2000;
 
-/// The Sessions gRPC service.
-#[derive(Clone)]
-pub(crate) struct SessionsService {
-    state: AppState,
-}
-
-impl SessionsService {
-    /// The service over the shared state.
-    pub(crate) fn new(state: AppState) -> Self {
-        Self { state }
-    }
-}
-
 /// The device a key read is for: only the device the keys are wrapped for reads them.
-fn reading_device<'a, T>(
-    request: &'a Request<T>,
+fn reading_device<'a>(
+    caller: &'a Principal,
     refusal: &'static str,
 ) -> Result<(&'a UserId, &'a DeviceId), Status> {
-    match principal(request)? {
+    match caller {
         Principal::Device { user, device, .. } => Ok((user, device)),
         _ => Err(Status::permission_denied(refusal)),
     }
 }
 
-#[tonic::async_trait]
-impl Sessions for SessionsService {
-    async fn create_session(
-        &self,
-        request: Request<pb::CreateSessionRequest>,
-    ) -> Result<Response<pb::CreateSessionResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let req = request.into_inner();
-        let (suite, author, recipients) = wire::parse_create_head(&req, self.state.max_list_len)?;
-        let listed = match recipients {
-            RecipientsSpec::Listed(users) => users,
-            RecipientsSpec::TrustedUsersOfAuthor => {
-                // Only someone acting for the author may learn (and use) whom it trusts.
-                super::require_acts_for(&caller, &author, None)?;
-                super::trust::trusted_recipients(&self.state, &author).await?
-            }
-        };
-        let mode = wire::parse_create_mode(&caller, &author, &req)?;
-        let users = wire::with_author_first(&author, listed);
-        let spec = SessionSpec {
-            author,
-            users,
-            suite,
-        };
-        let created = match mode {
-            CreateMode::ServiceWrapped {
-                return_plaintext_dek,
-            } => workflow::create_service_wrapped(&self.state, spec, return_plaintext_dek).await?,
-            CreateMode::ClientWrapped {
-                session_id,
-                author_device,
-                key_set,
-            } => {
-                workflow::create_client_wrapped(
-                    &self.state,
-                    spec,
-                    session_id,
-                    author_device,
-                    key_set,
-                )
-                .await?
-            }
-        };
-        Ok(Response::new(pb::CreateSessionResponse {
-            session_id: created.session_id.to_string(),
-            epoch: created.epoch.get(),
-            session_keys: wire::new_keys_to_wire(
-                created.session_id,
-                created.epoch,
-                &created.session_keys,
-            ),
-            // The response type's Debug redacts this field; the copy in `created` is zeroized
-            // on drop, the encoder's copy is freed with the response buffer.
-            plaintext_dek: created.plaintext_dek.as_ref().map(|p| p.to_vec()),
-        }))
+rpc_service! {
+    /// The Sessions gRPC service.
+    SessionsService: Sessions {
+        fn create_session(pb::CreateSessionRequest) -> pb::CreateSessionResponse;
+        fn add_recipients(pb::AddRecipientsRequest) -> pb::AddRecipientsResponse;
+        fn remove_recipients(pb::RemoveRecipientsRequest) -> pb::RemoveRecipientsResponse;
+        fn rotate_session(pb::RotateSessionRequest) -> pb::RotateSessionResponse;
+        fn get_session_keys(pb::GetSessionKeysRequest) -> pb::GetSessionKeysResponse;
+        fn sync_session_keys(pb::SyncSessionKeysRequest) -> pb::SyncSessionKeysResponse;
+        fn delete_session(pb::DeleteSessionRequest) -> pb::DeleteSessionResponse;
     }
+}
 
-    async fn add_recipients(
-        &self,
-        request: Request<pb::AddRecipientsRequest>,
-    ) -> Result<Response<pb::AddRecipientsResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let req = request.get_ref();
-        let max = self.state.max_list_len;
-        let change = wire::parse_change(&req.session_id, Some(&req.user_ids), &req.key_set, max)?;
-        let (epoch, session_keys) = wire::stored_keys_to_wire(
-            workflow::add_recipients(&self.state, &caller, change).await?,
-        );
-        Ok(Response::new(pb::AddRecipientsResponse {
-            epoch,
-            session_keys,
-        }))
-    }
+async fn create_session(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::CreateSessionRequest,
+) -> Result<pb::CreateSessionResponse, Status> {
+    let (suite, author, recipients) = wire::parse_create_head(&req, state.max_list_len)?;
+    let listed = match recipients {
+        RecipientsSpec::Listed(users) => users,
+        RecipientsSpec::TrustedUsersOfAuthor => {
+            // Only someone acting for the author may learn (and use) whom it trusts.
+            super::require_acts_for(caller, &author, None)?;
+            super::trust::trusted_recipients(state, &author).await?
+        }
+    };
+    let mode = wire::parse_create_mode(caller, &author, &req)?;
+    let users = wire::with_author_first(&author, listed);
+    let spec = SessionSpec {
+        author,
+        users,
+        suite,
+    };
+    let created = match mode {
+        CreateMode::ServiceWrapped {
+            return_plaintext_dek,
+        } => workflow::create_service_wrapped(state, spec, return_plaintext_dek).await?,
+        CreateMode::ClientWrapped {
+            session_id,
+            author_device,
+            key_set,
+        } => {
+            workflow::create_client_wrapped(state, spec, session_id, author_device, key_set).await?
+        }
+    };
+    Ok(pb::CreateSessionResponse {
+        session_id: created.session_id.to_string(),
+        epoch: created.epoch.get(),
+        session_keys: wire::new_keys_to_wire(
+            created.session_id,
+            created.epoch,
+            &created.session_keys,
+        ),
+        // The response type's Debug redacts this field; the copy in `created` is zeroized
+        // on drop, the encoder's copy is freed with the response buffer.
+        plaintext_dek: created.plaintext_dek.as_ref().map(|p| p.to_vec()),
+    })
+}
 
-    async fn remove_recipients(
-        &self,
-        request: Request<pb::RemoveRecipientsRequest>,
-    ) -> Result<Response<pb::RemoveRecipientsResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let req = request.get_ref();
-        let max = self.state.max_list_len;
-        let change = wire::parse_change(&req.session_id, Some(&req.user_ids), &req.key_set, max)?;
-        let (epoch, session_keys) =
-            wire::stored_keys_to_wire(workflow::new_epoch(&self.state, &caller, change).await?);
-        Ok(Response::new(pb::RemoveRecipientsResponse {
-            epoch,
-            session_keys,
-        }))
-    }
+async fn add_recipients(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::AddRecipientsRequest,
+) -> Result<pb::AddRecipientsResponse, Status> {
+    let max = state.max_list_len;
+    let change = wire::parse_change(&req.session_id, Some(&req.user_ids), &req.key_set, max)?;
+    let (epoch, session_keys) =
+        wire::stored_keys_to_wire(workflow::add_recipients(state, caller, change).await?);
+    Ok(pb::AddRecipientsResponse {
+        epoch,
+        session_keys,
+    })
+}
 
-    async fn rotate_session(
-        &self,
-        request: Request<pb::RotateSessionRequest>,
-    ) -> Result<Response<pb::RotateSessionResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let req = request.get_ref();
-        let change = wire::parse_change(&req.session_id, None, &req.key_set, 0)?;
-        let (epoch, session_keys) =
-            wire::stored_keys_to_wire(workflow::new_epoch(&self.state, &caller, change).await?);
-        Ok(Response::new(pb::RotateSessionResponse {
-            epoch,
-            session_keys,
-        }))
-    }
+async fn remove_recipients(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::RemoveRecipientsRequest,
+) -> Result<pb::RemoveRecipientsResponse, Status> {
+    let max = state.max_list_len;
+    let change = wire::parse_change(&req.session_id, Some(&req.user_ids), &req.key_set, max)?;
+    let (epoch, session_keys) =
+        wire::stored_keys_to_wire(workflow::new_epoch(state, caller, change).await?);
+    Ok(pb::RemoveRecipientsResponse {
+        epoch,
+        session_keys,
+    })
+}
 
-    async fn get_session_keys(
-        &self,
-        request: Request<pb::GetSessionKeysRequest>,
-    ) -> Result<Response<pb::GetSessionKeysResponse>, Status> {
-        let (user, device) = reading_device(
-            &request,
-            "session keys are fetched by the device they are wrapped for",
-        )?;
-        let req = request.get_ref();
-        let session_id = wire::parse_session_id(&req.session_id)?;
-        let epoch = wire::parse_optional_epoch(req.epoch)?;
-        let keys =
-            workflow::device_session_keys(&self.state, user, device, session_id, epoch).await?;
-        Ok(Response::new(pb::GetSessionKeysResponse {
-            session_keys: keys.into_iter().map(wire::record_to_wire).collect(),
-        }))
-    }
+async fn rotate_session(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::RotateSessionRequest,
+) -> Result<pb::RotateSessionResponse, Status> {
+    let change = wire::parse_change(&req.session_id, None, &req.key_set, 0)?;
+    let (epoch, session_keys) =
+        wire::stored_keys_to_wire(workflow::new_epoch(state, caller, change).await?);
+    Ok(pb::RotateSessionResponse {
+        epoch,
+        session_keys,
+    })
+}
 
-    async fn sync_session_keys(
-        &self,
-        request: Request<pb::SyncSessionKeysRequest>,
-    ) -> Result<Response<pb::SyncSessionKeysResponse>, Status> {
-        let (user, device) = reading_device(
-            &request,
-            "session keys are synced by the device they are wrapped for",
-        )?;
-        let req = request.get_ref();
-        let SyncPosition(after) = wire::parse_sync_cursor(&req.cursor)?;
-        let page = wire::sync_page(req.page_size);
-        let (keys, next) =
-            workflow::sync_session_keys(&self.state, user, device, after, page).await?;
-        Ok(Response::new(pb::SyncSessionKeysResponse {
-            session_keys: keys.into_iter().map(wire::record_to_wire).collect(),
-            next_cursor: cursor::format(&SyncPosition(next)),
-        }))
-    }
+async fn get_session_keys(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::GetSessionKeysRequest,
+) -> Result<pb::GetSessionKeysResponse, Status> {
+    let (user, device) = reading_device(
+        caller,
+        "session keys are fetched by the device they are wrapped for",
+    )?;
+    let session_id = wire::parse_session_id(&req.session_id)?;
+    let epoch = wire::parse_optional_epoch(req.epoch)?;
+    let keys = workflow::device_session_keys(state, user, device, session_id, epoch).await?;
+    Ok(pb::GetSessionKeysResponse {
+        session_keys: keys.into_iter().map(wire::record_to_wire).collect(),
+    })
+}
 
-    async fn delete_session(
-        &self,
-        request: Request<pb::DeleteSessionRequest>,
-    ) -> Result<Response<pb::DeleteSessionResponse>, Status> {
-        let caller = principal(&request)?.clone();
-        let session_id = wire::parse_session_id(&request.get_ref().session_id)?;
-        let deleted_at = workflow::delete_session(&self.state, &caller, session_id).await?;
-        Ok(Response::new(pb::DeleteSessionResponse {
-            deleted_at: deleted_at.unix_micros(),
-        }))
-    }
+async fn sync_session_keys(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::SyncSessionKeysRequest,
+) -> Result<pb::SyncSessionKeysResponse, Status> {
+    let (user, device) = reading_device(
+        caller,
+        "session keys are synced by the device they are wrapped for",
+    )?;
+    let SyncPosition(after) = wire::parse_sync_cursor(&req.cursor)?;
+    let page = wire::sync_page(req.page_size);
+    let (keys, next) = workflow::sync_session_keys(state, user, device, after, page).await?;
+    Ok(pb::SyncSessionKeysResponse {
+        session_keys: keys.into_iter().map(wire::record_to_wire).collect(),
+        next_cursor: cursor::format(&SyncPosition(next)),
+    })
+}
+
+async fn delete_session(
+    state: &AppState,
+    caller: &Principal,
+    req: pb::DeleteSessionRequest,
+) -> Result<pb::DeleteSessionResponse, Status> {
+    let session_id = wire::parse_session_id(&req.session_id)?;
+    let deleted_at = workflow::delete_session(state, caller, session_id).await?;
+    Ok(pb::DeleteSessionResponse {
+        deleted_at: deleted_at.unix_micros(),
+    })
 }
