@@ -1,5 +1,5 @@
 -- Encrypted messages and trust relationships (PostgreSQL). migrations/sqlite/ holds the same
--- logical schema. See src/store/messages.rs for how the listings use these indexes.
+-- logical schema. See src/store/messages/ for how the listings use these indexes.
 
 -- A message sealed by its author under a session epoch's DEK. The service stores the bytes as
 -- given and never holds the DEK of a CLIENT_WRAPPED session. created_at is the database

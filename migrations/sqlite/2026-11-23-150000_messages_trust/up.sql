@@ -1,5 +1,5 @@
 -- Encrypted messages and trust relationships (SQLite). The same logical schema as
--- migrations/postgres/. See src/store/messages.rs for how the listings use these indexes.
+-- migrations/postgres/. See src/store/messages/ for how the listings use these indexes.
 
 -- A message sealed by its author under a session epoch's DEK. The service stores the bytes as
 -- given; (created_at, message_id) orders every listing.
