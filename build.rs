@@ -45,6 +45,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
+        // prost's codec, with a body that does not decode as INVALID_ARGUMENT (src/codec.rs).
+        .codec_path("crate::codec::ProtoCodec")
         .skip_debug(REDACTED_DEBUG.iter().copied())
         .compile_fds(fds)?;
     Ok(())

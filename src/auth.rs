@@ -9,9 +9,11 @@
 //! the request's extensions; the health and reflection services stay open, as load balancers
 //! and `grpcurl` expect.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use zeroize::Zeroizing;
@@ -199,16 +201,80 @@ pub trait TokenLookup: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<Principal>, tonic::Status>> + Send;
 }
 
-/// The tower layer that authenticates every `keyhold.v1.*` call.
+/// The roles that may call each `keyhold.v1.*` method, by gRPC path
+/// (`/keyhold.v1.Admin/CreateToken`). The auth layer checks it before the request body is
+/// decoded, so a caller who may not call a method is PERMISSION_DENIED whatever it sent; a
+/// path not in the table is UNIMPLEMENTED, never let through unchecked.
+#[derive(Clone, Debug, Default)]
+pub struct RpcRoles(HashMap<String, &'static [Role]>);
+
+impl RpcRoles {
+    /// Adds the methods of the gRPC service `service` (its full name, `keyhold.v1.Admin`),
+    /// each named as its Rust method (`create_token`), with the roles that may call it.
+    pub fn with_service(mut self, service: &str, rpcs: &[(&str, &'static [Role])]) -> Self {
+        for (rpc, roles) in rpcs {
+            self.0
+                .insert(format!("/{service}/{}", camel_case(rpc)), roles);
+        }
+        self
+    }
+
+    /// The roles that may call the method at `path`; `None` for a path that is no method.
+    pub fn roles(&self, path: &str) -> Option<&'static [Role]> {
+        self.0.get(path).copied()
+    }
+
+    /// Every method path in the table.
+    pub fn paths(&self) -> impl Iterator<Item = &str> {
+        self.0.keys().map(String::as_str)
+    }
+}
+
+/// The protobuf name of a method from its Rust name: `get_user_keys` → `GetUserKeys`.
+fn camel_case(snake: &str) -> String {
+    snake
+        .split('_')
+        .map(|word| {
+            let mut chars = word.chars();
+            chars.next().map_or_else(String::new, |first| {
+                first.to_ascii_uppercase().to_string() + chars.as_str()
+            })
+        })
+        .collect()
+}
+
+/// Whether `principal` may call the method at `path`, as a status to answer with if not.
+fn check_method(roles: &RpcRoles, path: &str, principal: &Principal) -> Result<(), tonic::Status> {
+    let Some(allowed) = roles.roles(path) else {
+        return Err(tonic::Status::unimplemented(format!(
+            "unknown method {path}"
+        )));
+    };
+    if allowed.contains(&principal.role()) {
+        Ok(())
+    } else {
+        Err(tonic::Status::permission_denied(format!(
+            "role {} may not call {path}",
+            principal.role().name()
+        )))
+    }
+}
+
+/// The tower layer that authenticates every `keyhold.v1.*` call and checks that the caller's
+/// role may call the method.
 #[derive(Clone)]
 pub struct AuthLayer<L> {
     lookup: L,
+    roles: Arc<RpcRoles>,
 }
 
 impl<L> AuthLayer<L> {
-    /// A layer that resolves tokens with `lookup`.
-    pub fn new(lookup: L) -> Self {
-        Self { lookup }
+    /// A layer that resolves tokens with `lookup` and checks roles against `roles`.
+    pub fn new(lookup: L, roles: RpcRoles) -> Self {
+        Self {
+            lookup,
+            roles: Arc::new(roles),
+        }
     }
 }
 
@@ -218,6 +284,7 @@ impl<S, L: Clone> tower_layer::Layer<S> for AuthLayer<L> {
         AuthService {
             inner,
             lookup: self.lookup.clone(),
+            roles: self.roles.clone(),
         }
     }
 }
@@ -227,6 +294,7 @@ impl<S, L: Clone> tower_layer::Layer<S> for AuthLayer<L> {
 pub struct AuthService<S, L> {
     inner: S,
     lookup: L,
+    roles: Arc<RpcRoles>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
@@ -255,6 +323,7 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let lookup = self.lookup.clone();
+        let roles = self.roles.clone();
         Box::pin(async move {
             if !req.uri().path().starts_with("/keyhold.v1.") {
                 return inner.call(req).await;
@@ -271,6 +340,9 @@ where
             };
             match lookup.authenticate(token).await {
                 Ok(Some(principal)) => {
+                    if let Err(status) = check_method(&roles, req.uri().path(), &principal) {
+                        return Ok(status.into_http());
+                    }
                     req.extensions_mut().insert(principal);
                     inner.call(req).await
                 }
@@ -293,6 +365,47 @@ pub fn principal<T>(req: &tonic::Request<T>) -> Result<&Principal, tonic::Status
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn method_paths_are_the_protobuf_names() {
+        let roles = RpcRoles::default().with_service(
+            "keyhold.v1.KeyDirectory",
+            &[
+                ("get_user_keys", &[Role::App]),
+                ("timeline", &[Role::Device]),
+            ],
+        );
+        assert_eq!(
+            roles.roles("/keyhold.v1.KeyDirectory/GetUserKeys"),
+            Some(&[Role::App][..])
+        );
+        assert!(roles.roles("/keyhold.v1.KeyDirectory/Timeline").is_some());
+        assert!(roles
+            .roles("/keyhold.v1.KeyDirectory/get_user_keys")
+            .is_none());
+    }
+
+    #[test]
+    fn a_role_not_listed_is_denied_and_an_unknown_method_unimplemented() {
+        let roles = RpcRoles::default()
+            .with_service("keyhold.v1.Admin", &[("create_token", &[Role::Admin])]);
+        let admin = Principal::Admin {
+            token_id: TokenId::from_bytes([1; 16]),
+        };
+        let app = Principal::App {
+            token_id: TokenId::from_bytes([2; 16]),
+        };
+        assert!(check_method(&roles, "/keyhold.v1.Admin/CreateToken", &admin).is_ok());
+        let denied = check_method(&roles, "/keyhold.v1.Admin/CreateToken", &app).unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(
+            denied.message().contains("role app"),
+            "{}",
+            denied.message()
+        );
+        let unknown = check_method(&roles, "/keyhold.v1.Admin/Nope", &admin).unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::Unimplemented);
+    }
 
     #[test]
     fn issued_token_parses_back_and_matches_only_its_hash() {

@@ -28,6 +28,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod codec;
 pub mod config;
 pub mod crypto;
 pub mod key_screening;

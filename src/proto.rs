@@ -180,6 +180,16 @@ mod tests {
     }
 
     #[test]
+    fn every_method_and_only_those_has_the_roles_that_may_call_it() {
+        let mut want: Vec<String> = methods().into_iter().map(|m| format!("/{m}")).collect();
+        want.sort();
+        let roles = crate::server::rpc_roles();
+        let mut got: Vec<String> = roles.paths().map(str::to_owned).collect();
+        got.sort();
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn descriptor_set_decodes_with_every_service_and_call() {
         let mut got = methods();
         got.sort();

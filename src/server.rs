@@ -5,10 +5,11 @@ use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
-use crate::auth::{AuthLayer, PresentedToken, Principal, Role, TokenLookup};
+use crate::auth::{AuthLayer, PresentedToken, Principal, Role, RpcRoles, TokenLookup};
 use crate::config::Limits;
 use crate::keyfiles::ServiceKeys;
 use crate::proto::keyhold::v1::admin_server::AdminServer;
@@ -66,6 +67,37 @@ impl TokenLookup for StoreTokens {
     }
 }
 
+/// The roles that may call each method of every Keyhold service, for the auth layer.
+pub fn rpc_roles() -> RpcRoles {
+    fn name<S: NamedService>() -> &'static str {
+        S::NAME
+    }
+    RpcRoles::default()
+        .with_service(
+            name::<KeyDirectoryServer<KeyDirectoryService>>(),
+            KeyDirectoryService::ROLES,
+        )
+        .with_service(
+            name::<SessionsServer<SessionsService>>(),
+            SessionsService::ROLES,
+        )
+        .with_service(name::<EscrowServer<EscrowService>>(), EscrowService::ROLES)
+        .with_service(name::<AdminServer<AdminService>>(), AdminService::ROLES)
+        .with_service(
+            name::<MessagesServer<MessagesService>>(),
+            MessagesService::ROLES,
+        )
+        .with_service(name::<TrustServer<TrustService>>(), TrustService::ROLES)
+        .with_service(
+            name::<RatchetServer<RatchetService>>(),
+            RatchetService::ROLES,
+        )
+        .with_service(
+            name::<DeviceSyncServer<DeviceSyncService>>(),
+            DeviceSyncService::ROLES,
+        )
+}
+
 /// Builds the application state the services share.
 pub fn app_state(store: Store, keys: ServiceKeys, max_list_len: usize, limits: Limits) -> AppState {
     AppState {
@@ -120,7 +152,7 @@ pub async fn serve(
 
     let tokens = StoreTokens(state.store.clone());
     Server::builder()
-        .layer(AuthLayer::new(tokens))
+        .layer(AuthLayer::new(tokens, rpc_roles()))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -3,7 +3,7 @@
 use tonic::Status;
 
 use super::error::{into_status, DomainError, ErrorClass};
-use super::{invalid, parse_field, require_role, AppState};
+use super::{invalid, parse_field, AppState};
 use crate::auth::{IssuedToken, Principal, Role};
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::CryptoError;
@@ -141,8 +141,8 @@ pub async fn issue_token(
 rpc_service! {
     /// The Admin gRPC service.
     AdminService: Admin {
-        fn create_token(pb::CreateTokenRequest) -> pb::CreateTokenResponse;
-        fn revoke_token(pb::RevokeTokenRequest) -> pb::RevokeTokenResponse;
+        fn create_token(pb::CreateTokenRequest) -> pb::CreateTokenResponse, by [Admin];
+        fn revoke_token(pb::RevokeTokenRequest) -> pb::RevokeTokenResponse, by [Admin];
     }
 }
 
@@ -151,7 +151,6 @@ async fn create_token(
     caller: &Principal,
     req: pb::CreateTokenRequest,
 ) -> Result<pb::CreateTokenResponse, Status> {
-    require_role(caller, &[Role::Admin])?;
     let parsed = parse_token_request(&req)?;
     let issued = issue_token(&state.store, caller.actor(), parsed).await?;
     Ok(pb::CreateTokenResponse {
@@ -165,7 +164,6 @@ async fn revoke_token(
     caller: &Principal,
     req: pb::RevokeTokenRequest,
 ) -> Result<pb::RevokeTokenResponse, Status> {
-    require_role(caller, &[Role::Admin])?;
     let mut id = [0u8; 16];
     hex::decode_to_slice(&req.token_id, &mut id)
         .map_err(|_| invalid("token_id", "expected 32 hex digits"))?;

@@ -277,10 +277,10 @@ rpc_service! {
     /// The DeviceSync gRPC service.
     DeviceSyncService: DeviceSync {
         type WatchKeyPackagesStream = ReceiverStream<Result<pb::WatchKeyPackagesResponse, Status>>;
-        fn send_key_packages(pb::SendKeyPackagesRequest) -> pb::SendKeyPackagesResponse;
-        fn fetch_key_packages(pb::FetchKeyPackagesRequest) -> pb::FetchKeyPackagesResponse;
-        fn ack_key_packages(pb::AckKeyPackagesRequest) -> pb::AckKeyPackagesResponse;
-        fn watch_key_packages(pb::WatchKeyPackagesRequest) -> Self::WatchKeyPackagesStream;
+        fn send_key_packages(pb::SendKeyPackagesRequest) -> pb::SendKeyPackagesResponse, by [Device];
+        fn fetch_key_packages(pb::FetchKeyPackagesRequest) -> pb::FetchKeyPackagesResponse, by [Device];
+        fn ack_key_packages(pb::AckKeyPackagesRequest) -> pb::AckKeyPackagesResponse, by [Device];
+        fn watch_key_packages(pb::WatchKeyPackagesRequest) -> Self::WatchKeyPackagesStream, by [Device];
     }
 }
 

@@ -6,17 +6,19 @@
 //! PERMISSION_DENIED, a conflict is ALREADY_EXISTS or ABORTED, an unreachable database is
 //! UNAVAILABLE. Internal details are logged, never sent.
 
-/// Writes a gRPC service: the struct over the shared [`AppState`] and its tonic impl, in
-/// which every RPC takes the authenticated caller and the request message, calls the
-/// module's handler of the same name — `async fn rpc(state: &AppState, caller: &Principal,
-/// req: Request) -> Result<Response, Status>` — and wraps its answer. The tonic impl thus
-/// holds no logic, and each handler is a plain function its tests can call.
+/// Writes a gRPC service: the struct over the shared [`AppState`], its tonic impl, and the
+/// roles that may call each RPC (`ROLES`, which the auth layer checks before the request
+/// body is even decoded). Every RPC takes the authenticated caller and the request message,
+/// calls the module's handler of the same name — `async fn rpc(state: &AppState, caller:
+/// &Principal, req: Request) -> Result<Response, Status>` — and wraps its answer. The tonic
+/// impl thus holds no logic; a handler checks only what depends on the request (whose keys,
+/// which device).
 macro_rules! rpc_service {
     (
         $(#[$doc:meta])*
         $service:ident: $trait:ident {
             $(type $stream:ident = $stream_ty:ty;)*
-            $(fn $rpc:ident($req:ty) -> $resp:ty;)*
+            $(fn $rpc:ident($req:ty) -> $resp:ty, by [$($role:ident),+];)*
         }
     ) => {
         $(#[$doc])*
@@ -30,6 +32,11 @@ macro_rules! rpc_service {
             pub(crate) fn new(state: $crate::service::AppState) -> Self {
                 Self { state }
             }
+
+            /// Each RPC (by its Rust name) and the roles that may call it.
+            pub(crate) const ROLES: &'static [(&'static str, &'static [$crate::auth::Role])] = &[
+                $((stringify!($rpc), &[$($crate::auth::Role::$role),+]),)*
+            ];
         }
 
         #[tonic::async_trait]
@@ -69,7 +76,7 @@ use std::sync::Arc;
 
 use tonic::Status;
 
-use crate::auth::{Principal, Role};
+use crate::auth::Principal;
 use crate::config::Limits;
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::keys::Kek;
@@ -115,18 +122,6 @@ pub fn check_list_len(field: &str, len: usize, max: usize, required: bool) -> Re
         )));
     }
     Ok(())
-}
-
-/// The caller must have one of `roles`.
-pub fn require_role(principal: &Principal, roles: &[Role]) -> Result<(), Status> {
-    if roles.contains(&principal.role()) {
-        Ok(())
-    } else {
-        Err(Status::permission_denied(format!(
-            "role {} may not call this",
-            principal.role().name()
-        )))
-    }
 }
 
 /// The caller is the device `(user, device)` itself: calls that touch what only the device

@@ -113,9 +113,9 @@ fn written(outcome: CasOutcome) -> Result<u64, RatchetError> {
 rpc_service! {
     /// The Ratchet gRPC service.
     RatchetService: Ratchet {
-        fn get_ratchet_state(pb::GetRatchetStateRequest) -> pb::GetRatchetStateResponse;
-        fn put_ratchet_state(pb::PutRatchetStateRequest) -> pb::PutRatchetStateResponse;
-        fn delete_ratchet_state(pb::DeleteRatchetStateRequest) -> pb::DeleteRatchetStateResponse;
+        fn get_ratchet_state(pb::GetRatchetStateRequest) -> pb::GetRatchetStateResponse, by [Device];
+        fn put_ratchet_state(pb::PutRatchetStateRequest) -> pb::PutRatchetStateResponse, by [Device];
+        fn delete_ratchet_state(pb::DeleteRatchetStateRequest) -> pb::DeleteRatchetStateResponse, by [Device];
     }
 }
 

@@ -8,8 +8,8 @@ use tonic::Status;
 
 use super::cursor::{self, Cursor, CursorKind};
 use super::error::{into_status, DomainError, ErrorClass};
-use super::{invalid, parse_field, require_acts_for, require_role, AppState};
-use crate::auth::{Principal, Role};
+use super::{invalid, parse_field, require_acts_for, AppState};
+use crate::auth::Principal;
 use crate::crypto::ids::UserId;
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::trust_server::Trust;
@@ -120,9 +120,9 @@ pub(crate) async fn trusted_recipients(
 rpc_service! {
     /// The Trust gRPC service.
     TrustService: Trust {
-        fn add_trusted_user(pb::AddTrustedUserRequest) -> pb::AddTrustedUserResponse;
-        fn remove_trusted_user(pb::RemoveTrustedUserRequest) -> pb::RemoveTrustedUserResponse;
-        fn list_trusted_users(pb::ListTrustedUsersRequest) -> pb::ListTrustedUsersResponse;
+        fn add_trusted_user(pb::AddTrustedUserRequest) -> pb::AddTrustedUserResponse, by [App, Device];
+        fn remove_trusted_user(pb::RemoveTrustedUserRequest) -> pb::RemoveTrustedUserResponse, by [App, Device];
+        fn list_trusted_users(pb::ListTrustedUsersRequest) -> pb::ListTrustedUsersResponse, by [App, Device];
     }
 }
 
@@ -131,7 +131,6 @@ async fn add_trusted_user(
     caller: &Principal,
     req: pb::AddTrustedUserRequest,
 ) -> Result<pb::AddTrustedUserResponse, Status> {
-    require_role(caller, &[Role::App, Role::Device])?;
     let author = parse_author(caller, &req.author_user_id)?;
     let trusted = parse_field("trusted_user_id", UserId::new(req.trusted_user_id.clone()))?;
     if trusted == author {
@@ -161,7 +160,6 @@ async fn remove_trusted_user(
     caller: &Principal,
     req: pb::RemoveTrustedUserRequest,
 ) -> Result<pb::RemoveTrustedUserResponse, Status> {
-    require_role(caller, &[Role::App, Role::Device])?;
     let author = parse_author(caller, &req.author_user_id)?;
     let trusted = parse_field("trusted_user_id", UserId::new(req.trusted_user_id.clone()))?;
     state
@@ -181,7 +179,6 @@ async fn list_trusted_users(
     caller: &Principal,
     req: pb::ListTrustedUsersRequest,
 ) -> Result<pb::ListTrustedUsersResponse, Status> {
-    require_role(caller, &[Role::App, Role::Device])?;
     let author = parse_author(caller, &req.author_user_id)?;
     let after = cursor::parse::<UserId>("cursor", &req.cursor)?;
     let limit = match req.page_size {

@@ -36,13 +36,13 @@ rpc_service! {
     /// The KeyDirectory gRPC service.
     KeyDirectoryService: KeyDirectory {
         type WatchPrekeyStockStream = stock::WatchPrekeyStockStream;
-        fn publish_device_key(pb::PublishDeviceKeyRequest) -> pb::PublishDeviceKeyResponse;
-        fn revoke_device_key(pb::RevokeDeviceKeyRequest) -> pb::RevokeDeviceKeyResponse;
-        fn get_user_keys(pb::GetUserKeysRequest) -> pb::GetUserKeysResponse;
-        fn get_escrow_key(pb::GetEscrowKeyRequest) -> pb::GetEscrowKeyResponse;
-        fn upload_prekeys(pb::UploadPrekeysRequest) -> pb::UploadPrekeysResponse;
-        fn claim_prekeys(pb::ClaimPrekeysRequest) -> pb::ClaimPrekeysResponse;
-        fn count_prekeys(pb::CountPrekeysRequest) -> pb::CountPrekeysResponse;
-        fn watch_prekey_stock(pb::WatchPrekeyStockRequest) -> Self::WatchPrekeyStockStream;
+        fn publish_device_key(pb::PublishDeviceKeyRequest) -> pb::PublishDeviceKeyResponse, by [App, Device];
+        fn revoke_device_key(pb::RevokeDeviceKeyRequest) -> pb::RevokeDeviceKeyResponse, by [App, Device];
+        fn get_user_keys(pb::GetUserKeysRequest) -> pb::GetUserKeysResponse, by [App, Device];
+        fn get_escrow_key(pb::GetEscrowKeyRequest) -> pb::GetEscrowKeyResponse, by [App, Device];
+        fn upload_prekeys(pb::UploadPrekeysRequest) -> pb::UploadPrekeysResponse, by [Device];
+        fn claim_prekeys(pb::ClaimPrekeysRequest) -> pb::ClaimPrekeysResponse, by [Device];
+        fn count_prekeys(pb::CountPrekeysRequest) -> pb::CountPrekeysResponse, by [Device];
+        fn watch_prekey_stock(pb::WatchPrekeyStockRequest) -> Self::WatchPrekeyStockStream, by [Device];
     }
 }

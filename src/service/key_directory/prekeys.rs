@@ -13,14 +13,12 @@ use tonic::Status;
 
 use super::device_keys::{current_identity_key, parse_suite, parse_users, suite_to_wire};
 use super::error::KeyDirectoryError;
-use crate::auth::{Principal, Role};
+use crate::auth::Principal;
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::sign::{IdentityPublicKey, Prekey, PrekeyKind, Signature};
 use crate::crypto::xwing::EncapsulationKey;
 use crate::proto::keyhold::v1 as pb;
-use crate::service::{
-    check_list_len, invalid, parse_field, require_own_device, require_role, AppState,
-};
+use crate::service::{check_list_len, invalid, parse_field, require_own_device, AppState};
 use crate::store::prekeys::{
     ClaimRateLimit, ClaimTarget, ClaimedPrekey, NewPrekey, PrekeyStock, PrekeyUpload,
 };
@@ -263,7 +261,6 @@ pub(super) async fn claim(
     caller: &Principal,
     req: pb::ClaimPrekeysRequest,
 ) -> Result<pb::ClaimPrekeysResponse, Status> {
-    require_role(caller, &[Role::Device])?;
     let Principal::Device {
         user: own_user,
         device: own_device,

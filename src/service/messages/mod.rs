@@ -25,8 +25,8 @@ use tonic::Status;
 
 use super::cursor;
 use super::error::{into_status, DomainError, ErrorClass};
-use super::{parse_field, require_role, AppState};
-use crate::auth::{Principal, Role};
+use super::{parse_field, AppState};
+use crate::auth::Principal;
 use crate::crypto::ids::{Epoch, MessageId, SessionId, UserId};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::messages_server::Messages;
@@ -174,11 +174,11 @@ async fn delete_as(
 rpc_service! {
     /// The Messages gRPC service.
     MessagesService: Messages {
-        fn put_messages(pb::PutMessagesRequest) -> pb::PutMessagesResponse;
-        fn list_session_messages(pb::ListSessionMessagesRequest) -> pb::ListSessionMessagesResponse;
-        fn timeline(pb::TimelineRequest) -> pb::TimelineResponse;
-        fn list_author_messages(pb::ListAuthorMessagesRequest) -> pb::ListAuthorMessagesResponse;
-        fn delete_message(pb::DeleteMessageRequest) -> pb::DeleteMessageResponse;
+        fn put_messages(pb::PutMessagesRequest) -> pb::PutMessagesResponse, by [App, Device];
+        fn list_session_messages(pb::ListSessionMessagesRequest) -> pb::ListSessionMessagesResponse, by [App, Device];
+        fn timeline(pb::TimelineRequest) -> pb::TimelineResponse, by [App, Device];
+        fn list_author_messages(pb::ListAuthorMessagesRequest) -> pb::ListAuthorMessagesResponse, by [App, Device];
+        fn delete_message(pb::DeleteMessageRequest) -> pb::DeleteMessageResponse, by [App, Device];
     }
 }
 
@@ -187,7 +187,6 @@ async fn put_messages(
     caller: &Principal,
     req: pb::PutMessagesRequest,
 ) -> Result<pb::PutMessagesResponse, Status> {
-    require_role(caller, &[Role::App, Role::Device])?;
     let (author, batch) = parse_put(caller, req, &state.limits)?;
     let ids: Vec<(MessageId, SessionId, Epoch)> = batch
         .iter()
@@ -217,7 +216,6 @@ async fn list_session_messages(
     caller: &Principal,
     req: pb::ListSessionMessagesRequest,
 ) -> Result<pb::ListSessionMessagesResponse, Status> {
-    require_role(caller, &[Role::App, Role::Device])?;
     let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
     let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
     let before = cursor::parse::<Position>("cursor", &req.cursor)?;
@@ -244,7 +242,6 @@ async fn timeline(
     caller: &Principal,
     req: pb::TimelineRequest,
 ) -> Result<pb::TimelineResponse, Status> {
-    require_role(caller, &[Role::App, Role::Device])?;
     let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
     let before = cursor::parse::<Position>("cursor", &req.cursor)?;
     let limit = page_size(req.page_size);
@@ -263,7 +260,6 @@ async fn list_author_messages(
     caller: &Principal,
     req: pb::ListAuthorMessagesRequest,
 ) -> Result<pb::ListAuthorMessagesResponse, Status> {
-    require_role(caller, &[Role::App, Role::Device])?;
     let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
     let author = parse_field("author_user_id", UserId::new(req.author_user_id.clone()))?;
     let before = cursor::parse::<Position>("cursor", &req.cursor)?;
@@ -283,7 +279,6 @@ async fn delete_message(
     caller: &Principal,
     req: pb::DeleteMessageRequest,
 ) -> Result<pb::DeleteMessageResponse, Status> {
-    require_role(caller, &[Role::App, Role::Device])?;
     let message_id = parse_message_id("message_id", &req.message_id)?;
     let deleted_at = state
         .store

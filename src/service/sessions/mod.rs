@@ -57,13 +57,13 @@ fn reading_device<'a>(
 rpc_service! {
     /// The Sessions gRPC service.
     SessionsService: Sessions {
-        fn create_session(pb::CreateSessionRequest) -> pb::CreateSessionResponse;
-        fn add_recipients(pb::AddRecipientsRequest) -> pb::AddRecipientsResponse;
-        fn remove_recipients(pb::RemoveRecipientsRequest) -> pb::RemoveRecipientsResponse;
-        fn rotate_session(pb::RotateSessionRequest) -> pb::RotateSessionResponse;
-        fn get_session_keys(pb::GetSessionKeysRequest) -> pb::GetSessionKeysResponse;
-        fn sync_session_keys(pb::SyncSessionKeysRequest) -> pb::SyncSessionKeysResponse;
-        fn delete_session(pb::DeleteSessionRequest) -> pb::DeleteSessionResponse;
+        fn create_session(pb::CreateSessionRequest) -> pb::CreateSessionResponse, by [App, Device];
+        fn add_recipients(pb::AddRecipientsRequest) -> pb::AddRecipientsResponse, by [App, Device];
+        fn remove_recipients(pb::RemoveRecipientsRequest) -> pb::RemoveRecipientsResponse, by [App, Device];
+        fn rotate_session(pb::RotateSessionRequest) -> pb::RotateSessionResponse, by [App, Device];
+        fn get_session_keys(pb::GetSessionKeysRequest) -> pb::GetSessionKeysResponse, by [Device];
+        fn sync_session_keys(pb::SyncSessionKeysRequest) -> pb::SyncSessionKeysResponse, by [Device];
+        fn delete_session(pb::DeleteSessionRequest) -> pb::DeleteSessionResponse, by [App, Device];
     }
 }
 
