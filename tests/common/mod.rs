@@ -162,3 +162,4 @@ pub mod low_order;
 pub mod raw_db;
 pub mod requests;
 pub mod server;
+pub mod world;
