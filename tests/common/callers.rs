@@ -27,6 +27,9 @@ pub enum Who {
     Sibling,
     /// A device of another user.
     Other,
+    /// A device of another user that shares the resource (a member of its session); only in
+    /// the matrices that name it, with [`Callers::with_member`].
+    Member,
     /// A staff token.
     Staff,
     /// An admin token.
@@ -87,10 +90,17 @@ impl Callers {
                 Who::Other => other.token.clone(),
                 Who::Staff => server.token(pb::Role::Staff, "", "").await,
                 Who::Admin => server.token(pb::Role::Admin, "", "").await,
+                Who::Member => continue,
             };
             tokens.push((who, token));
         }
         Callers { tokens }
+    }
+
+    /// These callers and `member` as [`Who::Member`].
+    pub fn with_member(mut self, member: &TestDevice) -> Callers {
+        self.tokens.push((Who::Member, member.token.clone()));
+        self
     }
 
     /// The token `who` calls with.
