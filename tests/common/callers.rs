@@ -47,15 +47,11 @@ pub const WHO: [Who; 7] = [
     Who::Admin,
 ];
 
-/// Every kind of caller that holds a valid token, in the column order of the matrices.
-pub const WITH_TOKEN: [Who; 6] = [
-    Who::App,
-    Who::Own,
-    Who::Sibling,
-    Who::Other,
-    Who::Staff,
-    Who::Admin,
-];
+/// Every kind of caller that holds a valid token ([`WHO`] but [`Who::Nobody`]).
+pub const WITH_TOKEN: [Who; 6] = {
+    let [_, with_token @ ..] = WHO;
+    with_token
+};
 
 /// The call succeeds.
 pub const OK: Code = Code::Ok;

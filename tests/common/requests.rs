@@ -18,11 +18,17 @@ use super::raw_db::{Fingerprint, RawDb};
 use super::server::{TestDevice, TestServer};
 use super::TestDb;
 
+/// The status `result` was refused with, after checking its code is `code`.
+fn refusal<T: std::fmt::Debug>(result: Result<T, Status>, code: Code) -> Status {
+    let err = result.expect_err("the call must be refused");
+    assert_eq!(err.code(), code, "{err:?}");
+    err
+}
+
 /// Asserts that `result` was refused with `code` and a message that starts with `field` (the
 /// field comes first in every message that names one; an empty `field` names none).
 pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, field: &str) {
-    let err = result.expect_err("the call must be refused");
-    assert_eq!(err.code(), code, "{err:?}");
+    let err = refusal(result, code);
     assert!(
         err.message().starts_with(field),
         "the message must name {field}: {:?}",
@@ -37,8 +43,7 @@ pub fn assert_code_mentions<T: std::fmt::Debug>(
     code: Code,
     text: &str,
 ) {
-    let err = result.expect_err("the call must be refused");
-    assert_eq!(err.code(), code, "{err:?}");
+    let err = refusal(result, code);
     assert!(
         err.message().contains(text),
         "the message must mention {text}: {:?}",
