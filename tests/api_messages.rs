@@ -11,7 +11,10 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use common::callers::{check_every_caller, Callers, Who, DENIED, OK};
-use common::requests::{assert_code, fingerprint, open_own_key, service_wrapped_session};
+use common::requests::{
+    add_recipients, assert_code, fingerprint, open_own_key, remove_recipients,
+    service_wrapped_session,
+};
 use common::server::{TestDevice, TestServer};
 use common::world::World;
 use common::Kind;
@@ -37,18 +40,7 @@ impl World {
 
     /// Removes `user` from a session through the app server; returns the new epoch.
     async fn remove(&self, session: SessionId, user: &str) -> Epoch {
-        let epoch = self
-            .app
-            .sessions()
-            .remove_recipients(pb::RemoveRecipientsRequest {
-                session_id: session.to_string(),
-                user_ids: vec![user.into()],
-                key_set: None,
-            })
-            .await
-            .expect("remove recipient")
-            .into_inner()
-            .epoch;
+        let epoch = remove_recipients(&self.app, session, &[user]).await.epoch;
         Epoch::new(epoch).expect("epoch")
     }
 }
@@ -363,15 +355,7 @@ async fn access_follows_keys(server: &TestServer) {
     );
 
     // Keys decide, not history: bob added back gets epoch 2's key and now reads epoch 2.
-    w.app
-        .sessions()
-        .add_recipients(pb::AddRecipientsRequest {
-            session_id: s.to_string(),
-            user_ids: vec!["bob".into()],
-            key_set: None,
-        })
-        .await
-        .expect("add bob back");
+    add_recipients(&w.app, s, &["bob"]).await;
     let bob_now = all(server, &w.bob_phone, List::Session(s), 50).await;
     assert!(bob_now.iter().any(|m| m.epoch == 2));
 }

@@ -398,3 +398,37 @@ pub async fn open_own_key(
         .expect("own envelope opens"),
     )
 }
+
+/// Adds `users` to the service-wrapped `session` through `app`.
+pub async fn add_recipients(
+    app: &Client,
+    session: SessionId,
+    users: &[&str],
+) -> pb::AddRecipientsResponse {
+    app.sessions()
+        .add_recipients(pb::AddRecipientsRequest {
+            session_id: session.to_string(),
+            user_ids: users.iter().map(|u| u.to_string()).collect(),
+            key_set: None,
+        })
+        .await
+        .expect("add recipients")
+        .into_inner()
+}
+
+/// Removes `users` from the service-wrapped `session` through `app`: a new epoch.
+pub async fn remove_recipients(
+    app: &Client,
+    session: SessionId,
+    users: &[&str],
+) -> pb::RemoveRecipientsResponse {
+    app.sessions()
+        .remove_recipients(pb::RemoveRecipientsRequest {
+            session_id: session.to_string(),
+            user_ids: users.iter().map(|u| u.to_string()).collect(),
+            key_set: None,
+        })
+        .await
+        .expect("remove recipients")
+        .into_inner()
+}
