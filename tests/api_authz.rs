@@ -245,7 +245,14 @@ impl<'s> Cast<'s> {
             .iter()
             .map(|who| (*who, Caller::bearer(&channel, tokens.token(*who))))
             .collect();
-        let of = |who: Who| callers.iter().find(|(w, _)| *w == who).expect("caller").1.clone();
+        let of = |who: Who| {
+            callers
+                .iter()
+                .find(|(w, _)| *w == who)
+                .expect("caller")
+                .1
+                .clone()
+        };
         Cast {
             server,
             app: of(Who::App),
@@ -298,7 +305,14 @@ impl<'s> Cast<'s> {
         escrow: bool,
     ) -> pb::ClientWrappedKeySet {
         let targets = WrapTarget::all_stored(targets);
-        fresh_key_set(self.server, &self.alice_phone, session, epoch, &targets, escrow)
+        fresh_key_set(
+            self.server,
+            &self.alice_phone,
+            session,
+            epoch,
+            &targets,
+            escrow,
+        )
     }
 
     fn service_wrapped_request(&self) -> pb::CreateSessionRequest {

@@ -20,9 +20,7 @@ use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
 use keyhold::crypto::ids::{Epoch, SessionId, UserId};
 use keyhold::crypto::keys::Dek;
-use keyhold::crypto::sign::{
-    DeviceKeyBundle, IdentityKeyPair, Signable,
-};
+use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair, Signable};
 use keyhold::crypto::xwing::DecapsulationKey;
 use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
@@ -457,9 +455,12 @@ fn user_list_entry_cases(
         &format!("{field}[1]"),
         with(vec!["carol".into(), String::new()]),
     )];
-    cases.extend(id_cases(call, &format!("{field}[0]"), bad_user_ids(), &|id| {
-        with(vec![id])
-    }));
+    cases.extend(id_cases(
+        call,
+        &format!("{field}[0]"),
+        bad_user_ids(),
+        &|id| with(vec![id]),
+    ));
     cases.push(over_limit(
         format!("{call}: {} users", limit + 1),
         field,
@@ -470,7 +471,11 @@ fn user_list_entry_cases(
 
 /// The bad user id lists of a call that needs at least one user: none, and bad entries.
 fn user_list_cases(call: &str, limit: usize, with: &dyn Fn(Vec<String>) -> Call) -> Vec<Case> {
-    let mut cases = vec![invalid(format!("{call}: no users"), "user_ids", with(Vec::new()))];
+    let mut cases = vec![invalid(
+        format!("{call}: no users"),
+        "user_ids",
+        with(Vec::new()),
+    )];
     cases.extend(user_list_entry_cases(call, "user_ids", limit, with));
     cases
 }
@@ -716,9 +721,12 @@ async fn create_session_cases(
         invalid("unknown suite 5", "suite", sw(&|r| r.suite = 5)),
         invalid("no recipients", "recipients", sw(&|r| r.recipients = None)),
     ];
-    cases.extend(id_cases("author", "author_user_id", bad_user_ids(), &|id| {
-        sw(&|r| r.author_user_id = id.clone())
-    }));
+    cases.extend(id_cases(
+        "author",
+        "author_user_id",
+        bad_user_ids(),
+        &|id| sw(&|r| r.author_user_id = id.clone()),
+    ));
     cases.extend(user_list_entry_cases(
         "recipients",
         "user_ids.user_ids",
@@ -1053,7 +1061,9 @@ async fn escrow_refuses_bad_input(server: &TestServer) {
     let app = role_client(server, pb::Role::App).await;
     let staff = role_client(server, pb::Role::Staff).await;
     TestDevice::enroll(server, "alice", "phone").await;
-    let session = service_wrapped_session(&app, "alice", &[]).await.to_string();
+    let session = service_wrapped_session(&app, "alice", &[])
+        .await
+        .to_string();
     let read = |f: &dyn Fn(&mut pb::GetEscrowedKeysRequest)| {
         let mut r = pb::GetEscrowedKeysRequest {
             session_id: session.clone(),
@@ -1169,9 +1179,12 @@ async fn admin_refuses_bad_input(server: &TestServer) {
     cases.extend(id_cases("device token", "user_id", bad_user_ids(), &|id| {
         create(&|r| r.user_id = id.clone())
     }));
-    cases.extend(id_cases("device token", "device_id", bad_device_ids(), &|id| {
-        create(&|r| r.device_id = id.clone())
-    }));
+    cases.extend(id_cases(
+        "device token",
+        "device_id",
+        bad_device_ids(),
+        &|id| create(&|r| r.device_id = id.clone()),
+    ));
     // A well-formed id of no token is NOT_FOUND, and records no revocation.
     cases.push(Case {
         what: "revoke: unknown token id".into(),

@@ -8,8 +8,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
-use common::low_order::{self, with_x25519_part, LOW_ORDER_X25519};
 use common::callers::{check_every_caller, Callers, DENIED, NOAUTH, OK, WHO};
+use common::low_order::{self, with_x25519_part, LOW_ORDER_X25519};
 use common::requests::{
     assert_code, revoke_current_key, signed_prekey, signed_prekeys, upload_request,
 };

@@ -4,8 +4,9 @@
 mod common;
 
 use common::requests::{
-    add_recipients, client_wrapped_request, key_set, open_own_key, remove_recipients, revoke_current_key, role_client,
-    service_wrapped_request, user_ids, wire_key_set, WrapTarget,
+    add_recipients, client_wrapped_request, key_set, open_own_key, remove_recipients,
+    revoke_current_key, role_client, service_wrapped_request, user_ids, verify_audit_log,
+    wire_key_set, WrapTarget,
 };
 use common::server::{TestDevice, TestServer};
 use keyhold::crypto::envelope::{open_dek, DekEnvelope, Recipient, WrapContext};
@@ -149,13 +150,7 @@ async fn service_wrapped_lifecycle(server: &TestServer) {
     );
 
     // The audit chain holds the escrow reads and verifies.
-    let check = role_client(server, pb::Role::Staff)
-        .await
-        .escrow()
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
-        .await
-        .expect("verify")
-        .into_inner();
+    let check = verify_audit_log(server).await;
     assert!(check.ok);
     assert!(check.events_checked >= 2);
 }

@@ -9,8 +9,8 @@ use std::collections::BTreeSet;
 
 use common::callers::{check_every_caller, Callers, DENIED, OK, WITH_TOKEN};
 use common::requests::{
-    self, assert_code, client_wrapped_request, fingerprint, key_set, role_client,
-    signed_key_set, WrapTarget,
+    self, assert_code, client_wrapped_request, fingerprint, key_set, role_client, signed_key_set,
+    WrapTarget,
 };
 use common::server::{TestDevice, TestServer};
 use common::world::World;

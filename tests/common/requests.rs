@@ -38,11 +38,7 @@ pub fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, fi
 
 /// Asserts that `result` was refused with `code` and a message that contains `text` anywhere
 /// (for refusals that name a device or a state rather than a field).
-pub fn assert_code_mentions<T: std::fmt::Debug>(
-    result: Result<T, Status>,
-    code: Code,
-    text: &str,
-) {
+pub fn assert_code_mentions<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, text: &str) {
     let err = refusal(result, code);
     assert!(
         err.message().contains(text),
@@ -430,5 +426,16 @@ pub async fn remove_recipients(
         })
         .await
         .expect("remove recipients")
+        .into_inner()
+}
+
+/// The audit chain's verdict, asked for with a fresh staff token.
+pub async fn verify_audit_log(server: &TestServer) -> pb::VerifyAuditLogResponse {
+    role_client(server, pb::Role::Staff)
+        .await
+        .escrow()
+        .verify_audit_log(pb::VerifyAuditLogRequest {})
+        .await
+        .expect("verify the audit log")
         .into_inner()
 }
