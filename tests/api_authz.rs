@@ -15,15 +15,16 @@
 
 mod common;
 
+use common::callers::{Callers, Who, DENIED, OK, WITH_TOKEN};
 use common::raw_db::{Fingerprint, RawDb};
+use common::requests::{
+    bundle_request, client_wrapped_request, current_keys, fresh_key_set, service_wrapped_request,
+    user_ids, WrapTarget,
+};
 use common::server::{TestDevice, TestServer};
 use keyhold::auth::IssuedToken;
-use keyhold::crypto::envelope::{wrap_dek, Recipient, WrapContext};
-use keyhold::crypto::ids::{Epoch, SessionId, UserId};
-use keyhold::crypto::keys::Dek;
-use keyhold::crypto::sign::{ClientWrap, ClientWrappedKeySet, DeviceKeyBundle, EscrowWrap};
-use keyhold::crypto::xwing::{DecapsulationKey, EncapsulationKey};
-use keyhold::crypto::Suite;
+use keyhold::crypto::ids::SessionId;
+use keyhold::crypto::xwing::DecapsulationKey;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::proto::keyhold::v1::admin_client::AdminClient;
 use keyhold::proto::keyhold::v1::escrow_client::EscrowClient;
@@ -36,33 +37,11 @@ use tonic::service::Interceptor;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-/// Who makes a call, relative to the resource it touches.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Who {
-    /// An app server token.
-    App,
-    /// The device that owns the resource: the key's device, the client-wrapped session's
-    /// author device, a member device for session keys (alice's phone).
-    Own,
-    /// Another device of the same user (alice's laptop): a member of alice's sessions.
-    Sibling,
-    /// A device of another user (bob's phone), in none of the sessions.
-    Other,
-    /// A staff token.
-    Staff,
-    /// An admin token.
-    Admin,
-}
-
-/// The columns of [`MATRIX`], in order.
-const COLUMNS: [Who; 6] = [
-    Who::App,
-    Who::Own,
-    Who::Sibling,
-    Who::Other,
-    Who::Staff,
-    Who::Admin,
-];
+// Who makes a call, relative to the resource it touches (`common::callers`): own is the
+// device that owns it (the key's device, the client-wrapped session's author device, a member
+// device for session keys: alice's phone); sibling another device of the same user (alice's
+// laptop, a member of alice's sessions); other a device of another user (bob's phone, in none
+// of the sessions). The columns of [`MATRIX`] are `WITH_TOKEN`, in order.
 
 /// One row of [`MATRIX`]: a call, and for the session calls the mode of the session.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,8 +69,6 @@ enum Rpc {
     RevokeToken,
 }
 
-const OK: Code = Code::Ok;
-const DENIED: Code = Code::PermissionDenied;
 /// GetSessionKeys by a device with no key in the session: "NOT_FOUND", as for a session that
 /// does not exist, so that a device cannot tell other people's sessions from no session.
 const NOT_FOUND: Code = Code::NotFound;
@@ -234,11 +211,10 @@ struct Cast<'s> {
     alice_laptop: TestDevice,
     bob_phone: TestDevice,
     channel: Channel,
+    /// The callers of every column, by who they are.
+    callers: Vec<(Who, Caller)>,
     app: Caller,
     own: Caller,
-    sibling: Caller,
-    other: Caller,
-    staff: Caller,
     admin: Caller,
     db: tokio::sync::Mutex<RawDb>,
 }
@@ -246,25 +222,6 @@ struct Cast<'s> {
 /// A fresh X-Wing key pair.
 fn fresh_xwing() -> DecapsulationKey {
     DecapsulationKey::generate().expect("keygen")
-}
-
-/// `device`'s PublishDeviceKey request for the X-Wing key `xwing`, signed with its identity key.
-fn bundle_request(device: &TestDevice, xwing: &DecapsulationKey) -> pb::PublishDeviceKeyRequest {
-    let bundle = DeviceKeyBundle {
-        suite: Suite::XWingAes256GcmV1,
-        user: device.user.clone(),
-        device: device.device.clone(),
-        identity_key: device.identity.public_key(),
-        encapsulation_key: xwing.encapsulation_key().clone(),
-    };
-    pb::PublishDeviceKeyRequest {
-        user_id: device.user.to_string(),
-        device_id: device.device.to_string(),
-        suite: pb::Suite::XwingAes256gcmV1 as i32,
-        encapsulation_key: xwing.encapsulation_key().to_bytes(),
-        identity_key: device.identity.public_key().as_bytes().to_vec(),
-        signature: device.identity.sign(&bundle).as_bytes().to_vec(),
-    }
 }
 
 /// The token id a plaintext token carries (`kh_<id>_<secret>`).
@@ -283,16 +240,25 @@ impl<'s> Cast<'s> {
         let bob_phone = TestDevice::enroll(server, "bob", "phone").await;
         TestDevice::enroll(server, "carol", "phone").await;
         let channel = server.client(&server.admin_token).await.channel();
-        let app = server.token(pb::Role::App, "", "").await;
-        let staff = server.token(pb::Role::Staff, "", "").await;
+        let tokens = Callers::new(server, &alice_phone, &alice_laptop, &bob_phone).await;
+        let callers: Vec<(Who, Caller)> = WITH_TOKEN
+            .iter()
+            .map(|who| (*who, Caller::bearer(&channel, tokens.token(*who))))
+            .collect();
+        let of = |who: Who| {
+            callers
+                .iter()
+                .find(|(w, _)| *w == who)
+                .expect("caller")
+                .1
+                .clone()
+        };
         Cast {
             server,
-            app: Caller::bearer(&channel, &app),
-            own: Caller::bearer(&channel, &alice_phone.token),
-            sibling: Caller::bearer(&channel, &alice_laptop.token),
-            other: Caller::bearer(&channel, &bob_phone.token),
-            staff: Caller::bearer(&channel, &staff),
-            admin: Caller::bearer(&channel, &server.admin_token),
+            app: of(Who::App),
+            own: of(Who::Own),
+            admin: of(Who::Admin),
+            callers,
             alice_phone,
             alice_laptop,
             bob_phone,
@@ -302,14 +268,12 @@ impl<'s> Cast<'s> {
     }
 
     fn caller(&self, who: Who) -> &Caller {
-        match who {
-            Who::App => &self.app,
-            Who::Own => &self.own,
-            Who::Sibling => &self.sibling,
-            Who::Other => &self.other,
-            Who::Staff => &self.staff,
-            Who::Admin => &self.admin,
-        }
+        &self
+            .callers
+            .iter()
+            .find(|(w, _)| *w == who)
+            .expect("a caller of every column")
+            .1
     }
 
     /// The device behind a device column.
@@ -318,7 +282,7 @@ impl<'s> Cast<'s> {
             Who::Own => Some(&self.alice_phone),
             Who::Sibling => Some(&self.alice_laptop),
             Who::Other => Some(&self.bob_phone),
-            Who::App | Who::Staff | Who::Admin => None,
+            Who::Nobody | Who::App | Who::Staff | Who::Admin | Who::Member => None,
         }
     }
 
@@ -328,14 +292,7 @@ impl<'s> Cast<'s> {
 
     /// The current device keys of `users`, read from the store.
     async fn current_keys(&self, users: &[&str]) -> Vec<UserKey> {
-        let users: Vec<UserId> = users
-            .iter()
-            .map(|u| UserId::new(*u).expect("user id"))
-            .collect();
-        (self.server.store.conn().await.expect("conn"))
-            .current_user_keys(&users)
-            .await
-            .expect("current keys")
+        current_keys(self.server, users).await
     }
 
     /// A fresh DEK wrapped by alice's phone to `targets` for `epoch` of `session`, with an
@@ -347,98 +304,25 @@ impl<'s> Cast<'s> {
         targets: &[UserKey],
         escrow: bool,
     ) -> pb::ClientWrappedKeySet {
-        let epoch = Epoch::new(epoch).expect("epoch");
-        let dek = Dek::generate().expect("dek");
-        let wraps: Vec<ClientWrap> = targets
-            .iter()
-            .map(|k| {
-                let key = EncapsulationKey::from_slice(&k.encapsulation_key).expect("stored key");
-                let ctx = WrapContext {
-                    session_id: session,
-                    epoch,
-                    recipient: Recipient::Device {
-                        user: k.user.clone(),
-                        device: k.device.clone(),
-                    },
-                };
-                ClientWrap {
-                    user: k.user.clone(),
-                    device: k.device.clone(),
-                    key_id: k.key_id,
-                    envelope: wrap_dek(&dek, &key, &ctx).expect("wrap"),
-                }
-            })
-            .collect();
-        let escrow = escrow.then(|| {
-            let key = self.server.escrow_key.encapsulation_key();
-            let ctx = WrapContext {
-                session_id: session,
-                epoch,
-                recipient: Recipient::Escrow,
-            };
-            EscrowWrap {
-                key_id: key.key_id(),
-                envelope: wrap_dek(&dek, key, &ctx).expect("escrow wrap"),
-            }
-        });
-        let set = ClientWrappedKeySet {
-            suite: Suite::XWingAes256GcmV1,
-            session_id: session,
+        let targets = WrapTarget::all_stored(targets);
+        fresh_key_set(
+            self.server,
+            &self.alice_phone,
+            session,
             epoch,
-            author_user: self.alice_phone.user.clone(),
-            author_device: self.alice_phone.device.clone(),
-            wraps,
+            &targets,
             escrow,
-        };
-        let signature = self.alice_phone.identity.sign(&set);
-        pb::ClientWrappedKeySet {
-            epoch: epoch.get(),
-            wraps: set
-                .wraps
-                .iter()
-                .map(|w| pb::ClientWrap {
-                    user_id: w.user.to_string(),
-                    device_id: w.device.to_string(),
-                    key_id: w.key_id.as_bytes().to_vec(),
-                    envelope: w.envelope.as_bytes().to_vec(),
-                })
-                .collect(),
-            escrow: set.escrow.as_ref().map(|e| pb::EscrowWrap {
-                escrow_key_id: e.key_id.as_bytes().to_vec(),
-                envelope: e.envelope.as_bytes().to_vec(),
-            }),
-            signature: signature.as_bytes().to_vec(),
-        }
+        )
     }
 
     fn service_wrapped_request(&self) -> pb::CreateSessionRequest {
-        pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList {
-                    user_ids: vec!["carol".into()],
-                },
-            )),
-            ..Default::default()
-        }
+        service_wrapped_request("alice", &["carol"])
     }
 
     async fn client_wrapped_request(&self, session: SessionId) -> pb::CreateSessionRequest {
         let members = self.current_keys(&["alice", "carol"]).await;
-        pb::CreateSessionRequest {
-            mode: pb::SessionMode::ClientWrapped as i32,
-            author_user_id: "alice".into(),
-            author_device_id: "phone".into(),
-            session_id: session.to_string(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList {
-                    user_ids: vec!["carol".into()],
-                },
-            )),
-            key_set: Some(self.key_set(session, 1, &members, true)),
-            ..Default::default()
-        }
+        let key_set = self.key_set(session, 1, &members, true);
+        client_wrapped_request(&self.alice_phone, session, user_ids(&["carol"]), key_set)
     }
 
     /// A new service-wrapped session of alice with carol, created by the app server.
@@ -664,14 +548,14 @@ async fn every_call_by_every_caller(server: &TestServer) {
     let mut differences = Vec::new();
     let mut checked = 0;
     for (rpc, row) in MATRIX {
-        for (who, expected) in COLUMNS.iter().zip(row) {
+        for (who, expected) in WITH_TOKEN.iter().zip(row) {
             checked += 1;
             differences.extend(cast.check_cell(*rpc, *who, *expected).await);
         }
     }
     assert_eq!(
         checked,
-        MATRIX.len() * COLUMNS.len(),
+        MATRIX.len() * WITH_TOKEN.len(),
         "every cell was checked"
     );
     assert!(

@@ -12,15 +12,16 @@
 mod common;
 
 use common::raw_db::RawDb;
+use common::requests::{
+    self, client_wrapped_request, current_keys, role_client, service_wrapped_request,
+    service_wrapped_session, user_ids, wire_key_set, WrapTarget,
+};
 use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
-use keyhold::crypto::envelope::{wrap_dek, Recipient, WrapContext};
 use keyhold::crypto::ids::{Epoch, SessionId, UserId};
 use keyhold::crypto::keys::Dek;
-use keyhold::crypto::sign::{
-    ClientWrap, ClientWrappedKeySet, DeviceKeyBundle, EscrowWrap, IdentityKeyPair, Signable,
-};
-use keyhold::crypto::xwing::{DecapsulationKey, EncapsulationKey};
+use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair, Signable};
+use keyhold::crypto::xwing::DecapsulationKey;
 use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::store::user_keys::UserKey;
@@ -36,6 +37,37 @@ fn too_long(limit: usize) -> String {
 /// `n` distinct, valid user ids.
 fn many_users(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("user-{i}")).collect()
+}
+
+/// The bad user ids every user id field refuses, by what is wrong with them.
+fn bad_user_ids() -> [(&'static str, String); 3] {
+    [
+        ("empty user id", String::new()),
+        ("user id with a space", "al ice".into()),
+        ("user id of 129 bytes", too_long(128)),
+    ]
+}
+
+/// The bad device ids every device id field refuses, by what is wrong with them.
+fn bad_device_ids() -> [(&'static str, String); 3] {
+    [
+        ("empty device id", String::new()),
+        ("device id with a space", "ph one".into()),
+        ("device id of 65 bytes", too_long(64)),
+    ]
+}
+
+/// One INVALID_ARGUMENT case naming `field` for each of the `bad` ids, which `with` puts into
+/// an otherwise valid request of `call`.
+fn id_cases(
+    call: &str,
+    field: &str,
+    bad: [(&str, String); 3],
+    with: &dyn Fn(String) -> Call,
+) -> Vec<Case> {
+    bad.into_iter()
+        .map(|(what, id)| invalid(format!("{call}: {what}"), field, with(id)))
+        .collect()
 }
 
 /// A request ready to send to one call.
@@ -272,84 +304,17 @@ fn key_set(
     targets: &[UserKey],
     escrow: bool,
 ) -> pb::ClientWrappedKeySet {
-    let epoch = Epoch::new(epoch).expect("epoch");
     let dek = Dek::generate().expect("dek");
-    let wraps: Vec<ClientWrap> = targets
-        .iter()
-        .map(|k| {
-            let key = EncapsulationKey::from_slice(&k.encapsulation_key).expect("stored key");
-            let wrap_ctx = WrapContext {
-                session_id: ctx.session,
-                epoch,
-                recipient: Recipient::Device {
-                    user: k.user.clone(),
-                    device: k.device.clone(),
-                },
-            };
-            ClientWrap {
-                user: k.user.clone(),
-                device: k.device.clone(),
-                key_id: k.key_id,
-                envelope: wrap_dek(&dek, &key, &wrap_ctx).expect("wrap"),
-            }
-        })
-        .collect();
-    let escrow = escrow.then(|| {
-        let key = server.escrow_key.encapsulation_key();
-        let wrap_ctx = WrapContext {
-            session_id: ctx.session,
-            epoch,
-            recipient: Recipient::Escrow,
-        };
-        EscrowWrap {
-            key_id: key.key_id(),
-            envelope: wrap_dek(&dek, key, &wrap_ctx).expect("escrow wrap"),
-        }
-    });
-    let set = ClientWrappedKeySet {
-        suite: Suite::XWingAes256GcmV1,
-        session_id: ctx.session,
-        epoch,
-        author_user: ctx.author.user.clone(),
-        author_device: ctx.author.device.clone(),
-        wraps,
-        escrow,
-    };
-    let mut wire = pb::ClientWrappedKeySet {
-        epoch: epoch.get(),
-        wraps: set
-            .wraps
-            .iter()
-            .map(|w| pb::ClientWrap {
-                user_id: w.user.to_string(),
-                device_id: w.device.to_string(),
-                key_id: w.key_id.as_bytes().to_vec(),
-                envelope: w.envelope.as_bytes().to_vec(),
-            })
-            .collect(),
-        escrow: set.escrow.as_ref().map(|e| pb::EscrowWrap {
-            escrow_key_id: e.key_id.as_bytes().to_vec(),
-            envelope: e.envelope.as_bytes().to_vec(),
-        }),
-        signature: Vec::new(),
-    };
+    let epoch = Epoch::new(epoch).expect("epoch");
+    let targets = WrapTarget::all_stored(targets);
+    let escrow = escrow.then(|| server.escrow_key.encapsulation_key());
+    let set = requests::key_set(ctx.author, ctx.session, epoch, &dek, &targets, escrow);
+    let mut wire = wire_key_set(&set, Vec::new());
     // The raw signer is the crypto core's encoding: the malformed sets below are signed the
     // way a client would sign them.
     assert_eq!(key_set_encoding(ctx, &wire), set.canonical_encoding());
     sign_key_set(ctx, &mut wire);
     wire
-}
-
-/// The current device keys of `users`, read from the store.
-async fn current_keys(server: &TestServer, users: &[&str]) -> Vec<UserKey> {
-    let users: Vec<UserId> = users
-        .iter()
-        .map(|u| UserId::new(*u).expect("user id"))
-        .collect();
-    (server.store.conn().await.expect("conn"))
-        .current_user_keys(&users)
-        .await
-        .expect("current keys")
 }
 
 /// The bad key set cases shared by the client-wrapped calls: each changes one field of
@@ -477,38 +442,47 @@ fn session_id_cases(call: &str, with: &dyn Fn(&str) -> Call) -> Vec<Case> {
     .collect()
 }
 
-/// The bad recipient list cases shared by AddRecipients and RemoveRecipients.
-fn user_list_cases(call: &str, with: &dyn Fn(Vec<String>) -> Call) -> Vec<Case> {
-    vec![
-        invalid(format!("{call}: no users"), "user_ids", with(Vec::new())),
-        invalid(
-            format!("{call}: an empty user id"),
-            "user_ids[1]",
-            with(vec!["carol".into(), String::new()]),
-        ),
-        invalid(
-            format!("{call}: a user id with a space"),
-            "user_ids[0]",
-            with(vec!["b ob".into()]),
-        ),
-        invalid(
-            format!("{call}: a user id of 129 bytes"),
-            "user_ids[0]",
-            with(vec![too_long(128)]),
-        ),
-        over_limit(
-            format!("{call}: 1001 users"),
-            "user_ids",
-            with(many_users(1001)),
-        ),
-    ]
+/// The bad entries of a user id list `field` of at most `limit` users, which `with` puts
+/// into an otherwise valid request of `call`.
+fn user_list_entry_cases(
+    call: &str,
+    field: &str,
+    limit: usize,
+    with: &dyn Fn(Vec<String>) -> Call,
+) -> Vec<Case> {
+    let mut cases = vec![invalid(
+        format!("{call}: an empty user id second"),
+        &format!("{field}[1]"),
+        with(vec!["carol".into(), String::new()]),
+    )];
+    cases.extend(id_cases(
+        call,
+        &format!("{field}[0]"),
+        bad_user_ids(),
+        &|id| with(vec![id]),
+    ));
+    cases.push(over_limit(
+        format!("{call}: {} users", limit + 1),
+        field,
+        with(many_users(limit + 1)),
+    ));
+    cases
+}
+
+/// The bad user id lists of a call that needs at least one user: none, and bad entries.
+fn user_list_cases(call: &str, limit: usize, with: &dyn Fn(Vec<String>) -> Call) -> Vec<Case> {
+    let mut cases = vec![invalid(
+        format!("{call}: no users"),
+        "user_ids",
+        with(Vec::new()),
+    )];
+    cases.extend(user_list_entry_cases(call, "user_ids", limit, with));
+    cases
 }
 
 async fn key_directory_refuses_bad_input(server: &TestServer) {
     let mut db = RawDb::open(&server.db).await;
-    let app = server
-        .client(&server.token(pb::Role::App, "", "").await)
-        .await;
+    let app = role_client(server, pb::Role::App).await;
     let carol = TestDevice::enroll(server, "carol", "phone").await;
 
     // PublishDeviceKey, for dave's phone, which has no key yet.
@@ -552,32 +526,17 @@ async fn key_directory_refuses_bad_input(server: &TestServer) {
     let mut small_order = [0u8; 32];
     small_order[0] = 1;
     let other_identity = IdentityKeyPair::generate().expect("identity");
-    let mut cases = vec![
-        invalid("empty user id", "user_id", publish(&|r| r.user_id.clear())),
-        invalid(
-            "user id with a space",
-            "user_id",
-            publish(&|r| r.user_id = "da ve".into()),
-        ),
-        invalid(
-            "user id of 129 bytes",
-            "user_id",
-            publish(&|r| r.user_id = too_long(128)),
-        ),
+    let mut cases = id_cases("publish", "user_id", bad_user_ids(), &|id| {
+        publish(&|r| r.user_id = id.clone())
+    });
+    cases.extend(id_cases("publish", "device_id", bad_device_ids(), &|id| {
+        publish(&|r| r.device_id = id.clone())
+    }));
+    cases.extend([
         invalid(
             "user id outside printable ASCII",
             "user_id",
             publish(&|r| r.user_id = "dävé".into()),
-        ),
-        invalid(
-            "empty device id",
-            "device_id",
-            publish(&|r| r.device_id.clear()),
-        ),
-        invalid(
-            "device id of 65 bytes",
-            "device_id",
-            publish(&|r| r.device_id = too_long(64)),
         ),
         invalid("suite unset", "suite", publish(&|r| r.suite = 0)),
         invalid("unknown suite 5", "suite", publish(&|r| r.suite = 5)),
@@ -653,7 +612,7 @@ async fn key_directory_refuses_bad_input(server: &TestServer) {
             r.user_id = "erin".into();
             Call::PublishDeviceKey(r)
         }),
-    ];
+    ]);
 
     // RevokeDeviceKey of carol's phone's key.
     let carol_key = carol.xwing.encapsulation_key().key_id().as_bytes().to_vec();
@@ -666,32 +625,13 @@ async fn key_directory_refuses_bad_input(server: &TestServer) {
         f(&mut r);
         Call::RevokeDeviceKey(r)
     };
+    cases.extend(id_cases("revoke", "user_id", bad_user_ids(), &|id| {
+        revoke(&|r| r.user_id = id.clone())
+    }));
+    cases.extend(id_cases("revoke", "device_id", bad_device_ids(), &|id| {
+        revoke(&|r| r.device_id = id.clone())
+    }));
     cases.extend([
-        invalid(
-            "revoke: empty user id",
-            "user_id",
-            revoke(&|r| r.user_id.clear()),
-        ),
-        invalid(
-            "revoke: user id with a space",
-            "user_id",
-            revoke(&|r| r.user_id = "ca rol".into()),
-        ),
-        invalid(
-            "revoke: user id of 129 bytes",
-            "user_id",
-            revoke(&|r| r.user_id = too_long(128)),
-        ),
-        invalid(
-            "revoke: empty device id",
-            "device_id",
-            revoke(&|r| r.device_id.clear()),
-        ),
-        invalid(
-            "revoke: device id of 65 bytes",
-            "device_id",
-            revoke(&|r| r.device_id = too_long(64)),
-        ),
         invalid(
             "revoke: key id of 15 bytes",
             "key_id",
@@ -713,25 +653,7 @@ async fn key_directory_refuses_bad_input(server: &TestServer) {
 
     // GetUserKeys.
     let lookup = |user_ids: Vec<String>| Call::GetUserKeys(pb::GetUserKeysRequest { user_ids });
-    cases.extend([
-        invalid("lookup: no users", "user_ids", lookup(Vec::new())),
-        invalid(
-            "lookup: an empty user id",
-            "user_ids[1]",
-            lookup(vec!["carol".into(), String::new()]),
-        ),
-        invalid(
-            "lookup: a user id with a space",
-            "user_ids[0]",
-            lookup(vec!["ca rol".into()]),
-        ),
-        invalid(
-            "lookup: a user id of 129 bytes",
-            "user_ids[0]",
-            lookup(vec![too_long(128)]),
-        ),
-        over_limit("lookup: 101 users", "user_ids", lookup(many_users(101))),
-    ]);
+    cases.extend(user_list_cases("lookup", 100, &lookup));
     refuse_all(server, &mut db, &app, cases).await;
 
     // Nothing of dave's was recorded, and carol's key is still current.
@@ -778,16 +700,7 @@ async fn create_session_cases(
     alice_phone: &TestDevice,
 ) {
     // SERVICE_WRAPPED, by the app server.
-    let service_wrapped = pb::CreateSessionRequest {
-        mode: pb::SessionMode::ServiceWrapped as i32,
-        author_user_id: "alice".into(),
-        recipients: Some(pb::create_session_request::Recipients::UserIds(
-            pb::UserIdList {
-                user_ids: vec!["carol".into()],
-            },
-        )),
-        ..Default::default()
-    };
+    let service_wrapped = service_wrapped_request("alice", &["carol"]);
     let sw = |f: &dyn Fn(&mut pb::CreateSessionRequest)| {
         let mut r = service_wrapped.clone();
         f(&mut r);
@@ -802,46 +715,25 @@ async fn create_session_cases(
         epoch: 1,
         ..Default::default()
     };
-    let cases = vec![
+    let mut cases = vec![
         invalid("mode unset", "mode", sw(&|r| r.mode = 0)),
         invalid("unknown mode 7", "mode", sw(&|r| r.mode = 7)),
         invalid("unknown suite 5", "suite", sw(&|r| r.suite = 5)),
-        invalid(
-            "empty author",
-            "author_user_id",
-            sw(&|r| r.author_user_id.clear()),
-        ),
-        invalid(
-            "author with a space",
-            "author_user_id",
-            sw(&|r| r.author_user_id = "al ice".into()),
-        ),
-        invalid(
-            "author of 129 bytes",
-            "author_user_id",
-            sw(&|r| r.author_user_id = too_long(128)),
-        ),
         invalid("no recipients", "recipients", sw(&|r| r.recipients = None)),
-        invalid(
-            "an empty recipient",
-            "user_ids.user_ids[1]",
-            sw(&|r| r.recipients = recipients(vec!["carol".into(), String::new()])),
-        ),
-        invalid(
-            "a recipient with a space",
-            "user_ids.user_ids[0]",
-            sw(&|r| r.recipients = recipients(vec!["ca rol".into()])),
-        ),
-        invalid(
-            "a recipient of 129 bytes",
-            "user_ids.user_ids[0]",
-            sw(&|r| r.recipients = recipients(vec![too_long(128)])),
-        ),
-        over_limit(
-            "1001 recipients",
-            "user_ids",
-            sw(&|r| r.recipients = recipients(many_users(1001))),
-        ),
+    ];
+    cases.extend(id_cases(
+        "author",
+        "author_user_id",
+        bad_user_ids(),
+        &|id| sw(&|r| r.author_user_id = id.clone()),
+    ));
+    cases.extend(user_list_entry_cases(
+        "recipients",
+        "user_ids.user_ids",
+        1000,
+        &|users| sw(&|r| r.recipients = recipients(users.clone())),
+    ));
+    cases.extend([
         invalid(
             "service-wrapped with a session id",
             "session_id",
@@ -857,7 +749,7 @@ async fn create_session_cases(
             "key_set",
             sw(&|r| r.key_set = Some(some_key_set.clone())),
         ),
-    ];
+    ]);
     refuse_all(server, db, app, cases).await;
     send(app, sw(&|_| {}))
         .await
@@ -872,15 +764,8 @@ async fn create_session_cases(
     };
     let members = current_keys(server, &["alice", "carol"]).await;
     let base_set = key_set(server, &ctx, 1, &members, true);
-    let client_wrapped = pb::CreateSessionRequest {
-        mode: pb::SessionMode::ClientWrapped as i32,
-        author_user_id: "alice".into(),
-        author_device_id: "phone".into(),
-        session_id: session.to_string(),
-        recipients: recipients(vec!["carol".into()]),
-        key_set: Some(base_set.clone()),
-        ..Default::default()
-    };
+    let client_wrapped =
+        client_wrapped_request(alice_phone, session, user_ids(&["carol"]), base_set.clone());
     let cw = |f: &dyn Fn(&mut pb::CreateSessionRequest)| {
         let mut r = client_wrapped.clone();
         f(&mut r);
@@ -901,21 +786,6 @@ async fn create_session_cases(
             cw(&|r| r.suite = 5),
         ),
         invalid(
-            "client-wrapped: empty author device",
-            "author_device_id",
-            cw(&|r| r.author_device_id.clear()),
-        ),
-        invalid(
-            "client-wrapped: author device with a space",
-            "author_device_id",
-            cw(&|r| r.author_device_id = "ph one".into()),
-        ),
-        invalid(
-            "client-wrapped: author device of 65 bytes",
-            "author_device_id",
-            cw(&|r| r.author_device_id = too_long(64)),
-        ),
-        invalid(
             "client-wrapped: asks for the plaintext DEK",
             "return_plaintext_dek",
             cw(&|r| r.return_plaintext_dek = true),
@@ -926,6 +796,12 @@ async fn create_session_cases(
             cw(&|r| r.recipients = recipients(many_users(1001))),
         ),
     ]);
+    cases.extend(id_cases(
+        "client-wrapped",
+        "author_device_id",
+        bad_device_ids(),
+        &|id| cw(&|r| r.author_device_id = id.clone()),
+    ));
     cases.extend(key_set_cases(
         &ctx,
         "client-wrapped",
@@ -950,9 +826,7 @@ async fn create_session_cases(
 
 async fn sessions_refuse_bad_input(server: &TestServer) {
     let mut db = RawDb::open(&server.db).await;
-    let app = server
-        .client(&server.token(pb::Role::App, "", "").await)
-        .await;
+    let app = role_client(server, pb::Role::App).await;
     let alice_phone = TestDevice::enroll(server, "alice", "phone").await;
     TestDevice::enroll(server, "alice", "laptop").await;
     TestDevice::enroll(server, "bob", "phone").await;
@@ -962,24 +836,7 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
     create_session_cases(server, &mut db, &app, &alice_phone).await;
 
     // One session of each mode, of alice with carol, for the calls that change a session.
-    let sw_session = SessionId::parse(
-        &app.sessions()
-            .create_session(pb::CreateSessionRequest {
-                mode: pb::SessionMode::ServiceWrapped as i32,
-                author_user_id: "alice".into(),
-                recipients: Some(pb::create_session_request::Recipients::UserIds(
-                    pb::UserIdList {
-                        user_ids: vec!["carol".into()],
-                    },
-                )),
-                ..Default::default()
-            })
-            .await
-            .expect("service-wrapped session")
-            .into_inner()
-            .session_id,
-    )
-    .expect("session id");
+    let sw_session = service_wrapped_session(&app, "alice", &["carol"]).await;
     let cw_session = SessionId::generate();
     let ctx = KeySetContext {
         session: cw_session,
@@ -988,19 +845,12 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
     let members = current_keys(server, &["alice", "carol"]).await;
     phone
         .sessions()
-        .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ClientWrapped as i32,
-            author_user_id: "alice".into(),
-            author_device_id: "phone".into(),
-            session_id: cw_session.to_string(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList {
-                    user_ids: vec!["carol".into()],
-                },
-            )),
-            key_set: Some(key_set(server, &ctx, 1, &members, true)),
-            ..Default::default()
-        })
+        .create_session(client_wrapped_request(
+            &alice_phone,
+            cw_session,
+            user_ids(&["carol"]),
+            key_set(server, &ctx, 1, &members, true),
+        ))
         .await
         .expect("client-wrapped session");
     let some_key_set = pb::ClientWrappedKeySet {
@@ -1023,7 +873,7 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
             key_set: None,
         })
     });
-    cases.extend(user_list_cases("add", &|users| add_sw(users, None)));
+    cases.extend(user_list_cases("add", 1000, &|users| add_sw(users, None)));
     cases.push(invalid(
         "add: key set for a service-wrapped session",
         "key_set",
@@ -1070,7 +920,9 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
             key_set: None,
         })
     });
-    cases.extend(user_list_cases("remove", &|users| remove_sw(users, None)));
+    cases.extend(user_list_cases("remove", 1000, &|users| {
+        remove_sw(users, None)
+    }));
     cases.extend([
         invalid(
             "remove: the author",
@@ -1206,28 +1058,12 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
 
 async fn escrow_refuses_bad_input(server: &TestServer) {
     let mut db = RawDb::open(&server.db).await;
-    let app = server
-        .client(&server.token(pb::Role::App, "", "").await)
-        .await;
-    let staff = server
-        .client(&server.token(pb::Role::Staff, "", "").await)
-        .await;
+    let app = role_client(server, pb::Role::App).await;
+    let staff = role_client(server, pb::Role::Staff).await;
     TestDevice::enroll(server, "alice", "phone").await;
-    let session = app
-        .sessions()
-        .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList::default(),
-            )),
-            ..Default::default()
-        })
+    let session = service_wrapped_session(&app, "alice", &[])
         .await
-        .expect("session")
-        .into_inner()
-        .session_id
-        .clone();
+        .to_string();
     let read = |f: &dyn Fn(&mut pb::GetEscrowedKeysRequest)| {
         let mut r = pb::GetEscrowedKeysRequest {
             session_id: session.clone(),
@@ -1303,36 +1139,6 @@ async fn admin_refuses_bad_input(server: &TestServer) {
         invalid("role unset", "role", create(&|r| r.role = 0)),
         invalid("unknown role 9", "role", create(&|r| r.role = 9)),
         invalid(
-            "device token without a user",
-            "user_id",
-            create(&|r| r.user_id.clear()),
-        ),
-        invalid(
-            "device token for a user id with a space",
-            "user_id",
-            create(&|r| r.user_id = "al ice".into()),
-        ),
-        invalid(
-            "device token for a user id of 129 bytes",
-            "user_id",
-            create(&|r| r.user_id = too_long(128)),
-        ),
-        invalid(
-            "device token without a device",
-            "device_id",
-            create(&|r| r.device_id.clear()),
-        ),
-        invalid(
-            "device token for a device id with a space",
-            "device_id",
-            create(&|r| r.device_id = "ph one".into()),
-        ),
-        invalid(
-            "device token for a device id of 65 bytes",
-            "device_id",
-            create(&|r| r.device_id = too_long(64)),
-        ),
-        invalid(
             "app token bound to a user",
             "user_id",
             create(&|r| {
@@ -1370,6 +1176,15 @@ async fn admin_refuses_bad_input(server: &TestServer) {
             revoke(&issued.token),
         ),
     ];
+    cases.extend(id_cases("device token", "user_id", bad_user_ids(), &|id| {
+        create(&|r| r.user_id = id.clone())
+    }));
+    cases.extend(id_cases(
+        "device token",
+        "device_id",
+        bad_device_ids(),
+        &|id| create(&|r| r.device_id = id.clone()),
+    ));
     // A well-formed id of no token is NOT_FOUND, and records no revocation.
     cases.push(Case {
         what: "revoke: unknown token id".into(),
@@ -1439,17 +1254,8 @@ async fn client_wrapped_epoch_without_escrow_wrap(server: &TestServer) {
         author: &alice_phone,
     };
     let members = current_keys(server, &["alice"]).await;
-    let request = pb::CreateSessionRequest {
-        mode: pb::SessionMode::ClientWrapped as i32,
-        author_user_id: "alice".into(),
-        author_device_id: "phone".into(),
-        session_id: session.to_string(),
-        recipients: Some(pb::create_session_request::Recipients::UserIds(
-            pb::UserIdList::default(),
-        )),
-        key_set: Some(key_set(server, &ctx, 1, &members, false)),
-        ..Default::default()
-    };
+    let key_set = key_set(server, &ctx, 1, &members, false);
+    let request = client_wrapped_request(&alice_phone, session, user_ids(&[]), key_set);
     let case = Case {
         what: "client-wrapped epoch without its escrow wrap".into(),
         call: Call::CreateSession(request),
@@ -1471,17 +1277,8 @@ async fn client_wrapped_session_id_that_is_not_a_uuid_v7(server: &TestServer) {
         author: &alice_phone,
     };
     let members = current_keys(server, &["alice"]).await;
-    let request = pb::CreateSessionRequest {
-        mode: pb::SessionMode::ClientWrapped as i32,
-        author_user_id: "alice".into(),
-        author_device_id: "phone".into(),
-        session_id: session.to_string(),
-        recipients: Some(pb::create_session_request::Recipients::UserIds(
-            pb::UserIdList::default(),
-        )),
-        key_set: Some(key_set(server, &ctx, 1, &members, true)),
-        ..Default::default()
-    };
+    let key_set = key_set(server, &ctx, 1, &members, true);
+    let request = client_wrapped_request(&alice_phone, session, user_ids(&[]), key_set);
     let case = invalid(
         "client-wrapped session id that is a UUIDv4",
         "session_id",
@@ -1493,23 +1290,8 @@ async fn client_wrapped_session_id_that_is_not_a_uuid_v7(server: &TestServer) {
 /// A service-wrapped session of alice alone, at epoch 1, made by the app server.
 async fn lone_session(server: &TestServer) -> SessionId {
     TestDevice::enroll(server, "alice", "phone").await;
-    let app = server
-        .client(&server.token(pb::Role::App, "", "").await)
-        .await;
-    let created = app
-        .sessions()
-        .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList::default(),
-            )),
-            ..Default::default()
-        })
-        .await
-        .expect("session")
-        .into_inner();
-    SessionId::parse(&created.session_id).expect("session id")
+    let app = role_client(server, pb::Role::App).await;
+    service_wrapped_session(&app, "alice", &[]).await
 }
 
 async fn session_keys_of_an_epoch_past_i32(server: &TestServer) {
@@ -1533,9 +1315,7 @@ async fn session_keys_of_an_epoch_past_i32(server: &TestServer) {
 async fn escrow_read_of_an_epoch_beyond_the_current_one(server: &TestServer) {
     let mut db = RawDb::open(&server.db).await;
     let session = lone_session(server).await;
-    let staff = server
-        .client(&server.token(pb::Role::Staff, "", "").await)
-        .await;
+    let staff = role_client(server, pb::Role::Staff).await;
     let read = |epochs: Vec<u32>| {
         Call::GetEscrowedKeys(pb::GetEscrowedKeysRequest {
             session_id: session.to_string(),
@@ -1563,9 +1343,7 @@ async fn escrow_read_of_an_epoch_beyond_the_current_one(server: &TestServer) {
 async fn escrow_reason_with_a_nul(server: &TestServer) {
     let mut db = RawDb::open(&server.db).await;
     let session = lone_session(server).await;
-    let staff = server
-        .client(&server.token(pb::Role::Staff, "", "").await)
-        .await;
+    let staff = role_client(server, pb::Role::Staff).await;
     let before = db.fingerprint().await;
     let outcome = staff
         .escrow()

@@ -6,6 +6,8 @@ mod common;
 
 use std::time::Duration;
 
+use common::callers::{check_every_caller, Callers, Who, DENIED, NOAUTH, OK, WHO};
+use common::requests::{assert_code, assert_code_mentions, revoke_current_key};
 use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
 use keyhold::config::Limits;
@@ -180,14 +182,8 @@ async fn refused_sends_write_nothing(server: &TestServer) {
     let bob = TestDevice::enroll(server, "bob", "phone").await;
     let phone_c = phone.client(server).await;
     let laptop_c = laptop.client(server).await;
-    let refused = |r: Result<Vec<u64>, tonic::Status>, code: Code, field: &str| {
-        let err = r.expect_err("refused");
-        assert_eq!(err.code(), code, "{err:?}");
-        assert!(err.message().contains(field), "{field}: {}", err.message());
-    };
-
     // Another user's device, after a valid package: refused, and the valid one is not sent.
-    refused(
+    assert_code(
         send(
             &phone_c,
             vec![package(&laptop, b"ok"), package(&bob, b"to bob")],
@@ -199,12 +195,12 @@ async fn refused_sends_write_nothing(server: &TestServer) {
     // Naming bob as the user of alice's laptop does not help either.
     let mut disguised = package(&laptop, b"x");
     disguised.recipient_user_id = "bob".into();
-    refused(
+    assert_code(
         send(&phone_c, vec![disguised]).await,
         Code::PermissionDenied,
         "packages[0].recipient_user_id",
     );
-    refused(
+    assert_code(
         send(
             &phone_c,
             vec![package(&laptop, b"ok"), package(&phone, b"me")],
@@ -213,24 +209,24 @@ async fn refused_sends_write_nothing(server: &TestServer) {
         Code::InvalidArgument,
         "packages[1].recipient_device_id",
     );
-    refused(
+    assert_code(
         send(&phone_c, vec![package(&laptop, &[1; 1025])]).await,
         Code::ResourceExhausted,
         "packages[0].payload",
     );
-    refused(
+    assert_code(
         send(&phone_c, vec![package(&laptop, b"")]).await,
         Code::InvalidArgument,
         "packages[0].payload",
     );
-    refused(
+    assert_code(
         send(&phone_c, Vec::new()).await,
         Code::InvalidArgument,
         "packages",
     );
     let mut unknown = package(&laptop, b"x");
     unknown.recipient_device_id = "watch".into();
-    refused(
+    assert_code(
         send(&phone_c, vec![package(&laptop, b"ok"), unknown]).await,
         Code::FailedPrecondition,
         "packages[1].recipient_device_id",
@@ -239,34 +235,19 @@ async fn refused_sends_write_nothing(server: &TestServer) {
     let stale = package(&laptop, b"sealed to the old key");
     let relaunched = TestDevice::new("alice", "laptop", laptop.token.clone());
     relaunched.publish(server).await;
-    refused(
+    assert_code(
         send(&phone_c, vec![stale]).await,
         Code::FailedPrecondition,
         "packages[0].recipient_key_id",
     );
     // A revoked device gets nothing, and sends nothing.
-    tablet
-        .client(server)
-        .await
-        .key_directory()
-        .revoke_device_key(pb::RevokeDeviceKeyRequest {
-            user_id: "alice".into(),
-            device_id: "tablet".into(),
-            key_id: tablet
-                .xwing
-                .encapsulation_key()
-                .key_id()
-                .as_bytes()
-                .to_vec(),
-        })
-        .await
-        .expect("revoke");
-    refused(
+    revoke_current_key(server, &tablet).await;
+    assert_code(
         send(&phone_c, vec![package(&tablet, b"x")]).await,
         Code::FailedPrecondition,
         "packages[0].recipient_device_id",
     );
-    refused(
+    assert_code_mentions(
         send(
             &tablet.client(server).await,
             vec![package(&relaunched, b"x")],
@@ -284,7 +265,7 @@ async fn refused_sends_write_nothing(server: &TestServer) {
     )
     .await
     .expect("four");
-    refused(
+    assert_code_mentions(
         send(
             &phone_c,
             vec![package(&relaunched, b"five"), package(&relaunched, b"six")],
@@ -388,30 +369,6 @@ async fn watch_delivers_packages_sent_through_another_server(server: &TestServer
     assert!(ended, "the watch did not end with UNAVAILABLE");
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Who {
-    Nobody,
-    App,
-    /// alice's laptop: the inbox the calls touch.
-    Own,
-    /// alice's phone.
-    Sibling,
-    /// bob's phone.
-    Other,
-    Staff,
-    Admin,
-}
-
-const WHO: [Who; 7] = [
-    Who::Nobody,
-    Who::App,
-    Who::Own,
-    Who::Sibling,
-    Who::Other,
-    Who::Staff,
-    Who::Admin,
-];
-
 #[derive(Clone, Copy, Debug)]
 enum Rpc {
     /// A package for alice's laptop.
@@ -424,9 +381,6 @@ enum Rpc {
     Watch,
 }
 
-const OK: Code = Code::Ok;
-const DENIED: Code = Code::PermissionDenied;
-const NOAUTH: Code = Code::Unauthenticated;
 /// The laptop sending to itself.
 const SELF: Code = Code::InvalidArgument;
 
@@ -448,20 +402,14 @@ async fn every_sync_call_checks_who_calls(server: &TestServer) {
     let bob = TestDevice::enroll(server, "bob", "phone").await;
     let laptop_c = laptop.client(server).await;
     let phone_c = phone.client(server).await;
-    let mut tokens = Vec::new();
-    for who in WHO {
-        tokens.push(match who {
-            Who::Nobody => "kh_not_a_token".to_string(),
-            Who::App => server.token(pb::Role::App, "", "").await,
-            Who::Own => laptop.token.clone(),
-            Who::Sibling => phone.token.clone(),
-            Who::Other => bob.token.clone(),
-            Who::Staff => server.token(pb::Role::Staff, "", "").await,
-            Who::Admin => server.token(pb::Role::Admin, "", "").await,
-        });
-    }
-    for (rpc, codes) in MATRIX {
-        for ((who, want), token) in WHO.iter().zip(codes).zip(&tokens) {
+    // Own is the laptop, whose inbox the calls touch; the phone is its sibling.
+    let callers = Callers::new(server, &laptop, &phone, &bob).await;
+    check_every_caller(
+        server,
+        &callers,
+        WHO,
+        MATRIX,
+        async |rpc, who, caller| {
             // Each cell starts with one package in the laptop's inbox.
             let waiting = fetch(&laptop_c, "", 500).await;
             let ids: Vec<u64> = waiting.packages.iter().map(|p| p.package_id).collect();
@@ -471,7 +419,6 @@ async fn every_sync_call_checks_who_calls(server: &TestServer) {
             let id = send(&phone_c, vec![package(&laptop, b"for the laptop")])
                 .await
                 .expect("setup send")[0];
-            let caller = server.client(token).await;
             let mut sync = caller.device_sync();
             let mut seen: Vec<u64> = Vec::new();
             let got = match rpc {
@@ -506,7 +453,7 @@ async fn every_sync_call_checks_who_calls(server: &TestServer) {
                         let mut stream = stream.into_inner();
                         // The laptop's own watch delivers its package at once; any other
                         // caller's stays silent.
-                        let wait = if *who == Who::Own { 15 } else { 1 };
+                        let wait = if who == Who::Own { 15 } else { 1 };
                         if let Ok(Some(Ok(m))) =
                             tokio::time::timeout(Duration::from_secs(wait), stream.next()).await
                         {
@@ -517,8 +464,9 @@ async fn every_sync_call_checks_who_calls(server: &TestServer) {
                     Err(e) => Err(e),
                 },
             };
-            let code = got.err().map_or(Code::Ok, |s| s.code());
-            assert_eq!(code, *want, "{rpc:?} by {who:?}");
+            (got, (id, seen))
+        },
+        async |rpc, who, code, (id, seen)| {
             let laptop_has: Vec<Vec<u8>> = inbox(&laptop_c).await;
             match (rpc, who, code) {
                 (Rpc::Send, _, Code::Ok) => assert_eq!(
@@ -539,8 +487,9 @@ async fn every_sync_call_checks_who_calls(server: &TestServer) {
                     "{rpc:?} by {who:?} saw the laptop's package"
                 ),
             }
-        }
-    }
+        },
+    )
+    .await;
 }
 
 on_both_servers! {
@@ -549,25 +498,6 @@ on_both_servers! {
     authorization_matrix_covers_every_sync_call => every_sync_call_checks_who_calls;
 }
 
-mod tight_limits {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn refused_sends_write_nothing_on_sqlite() {
-        let server = crate::common::server::TestServer::start_with_limits(
-            crate::common::sqlite_db(),
-            super::tight(),
-        )
-        .await;
-        super::refused_sends_write_nothing(&server).await;
-        server.stop().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn refused_sends_write_nothing_on_postgres() {
-        let Some(db) = crate::common::postgres_db().await else {
-            return;
-        };
-        let server = crate::common::server::TestServer::start_with_limits(db, super::tight()).await;
-        super::refused_sends_write_nothing(&server).await;
-        server.stop().await;
-    }
+on_both_servers_with! {
+    refused_sends_write_nothing => refused_sends_write_nothing(tight);
 }

@@ -10,12 +10,16 @@ mod common;
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
-use common::raw_db::{Fingerprint, RawDb};
+use common::callers::{check_every_caller, Callers, Who, DENIED, OK};
+use common::requests::{
+    add_recipients, assert_code, fingerprint, open_own_key, remove_recipients,
+    service_wrapped_session,
+};
 use common::server::{TestDevice, TestServer};
-use common::{Kind, TestDb};
+use common::world::World;
+use common::Kind;
 use keyhold::client::Client;
 use keyhold::config::Limits;
-use keyhold::crypto::envelope::{open_dek, DekEnvelope, Recipient, WrapContext};
 use keyhold::crypto::ids::{Epoch, MessageId, SessionId};
 use keyhold::crypto::keys::Dek;
 use keyhold::crypto::message::{open_message, seal_message, MessageContext};
@@ -24,108 +28,21 @@ use keyhold::store::messages::{Author, NewMessage, PutOutcome, Writer};
 use keyhold::store::StoreError;
 use tonic::{Code, Status};
 
-/// Who is in the tests: alice (phone, laptop) authors; bob (phone, laptop) and carol (phone)
-/// are recipients; erin (phone) is in no session. An app server token drives sessions.
-struct World {
-    app: Client,
-    alice_phone: TestDevice,
-    alice_laptop: TestDevice,
-    bob_phone: TestDevice,
-    bob_laptop: TestDevice,
-    carol_phone: TestDevice,
-    erin_phone: TestDevice,
-}
+// Who is in the tests (`common::world`): alice (phone, laptop) authors; bob (phone, laptop)
+// and carol (phone) are recipients; erin (phone) is in no session. An app server token drives
+// sessions.
 
 impl World {
-    async fn new(server: &TestServer) -> World {
-        World {
-            app: server
-                .client(&server.token(pb::Role::App, "", "").await)
-                .await,
-            alice_phone: TestDevice::enroll(server, "alice", "phone").await,
-            alice_laptop: TestDevice::enroll(server, "alice", "laptop").await,
-            bob_phone: TestDevice::enroll(server, "bob", "phone").await,
-            bob_laptop: TestDevice::enroll(server, "bob", "laptop").await,
-            carol_phone: TestDevice::enroll(server, "carol", "phone").await,
-            erin_phone: TestDevice::enroll(server, "erin", "phone").await,
-        }
-    }
-
     /// A service-wrapped session by `author` with `recipients`, created by the app server.
     async fn session(&self, author: &str, recipients: &[&str]) -> SessionId {
-        let created = self
-            .app
-            .sessions()
-            .create_session(pb::CreateSessionRequest {
-                mode: pb::SessionMode::ServiceWrapped as i32,
-                author_user_id: author.into(),
-                recipients: Some(pb::create_session_request::Recipients::UserIds(
-                    pb::UserIdList {
-                        user_ids: recipients.iter().map(|u| u.to_string()).collect(),
-                    },
-                )),
-                ..Default::default()
-            })
-            .await
-            .expect("create session")
-            .into_inner();
-        SessionId::parse(&created.session_id).expect("session id")
+        service_wrapped_session(&self.app, author, recipients).await
     }
 
     /// Removes `user` from a session through the app server; returns the new epoch.
     async fn remove(&self, session: SessionId, user: &str) -> Epoch {
-        let epoch = self
-            .app
-            .sessions()
-            .remove_recipients(pb::RemoveRecipientsRequest {
-                session_id: session.to_string(),
-                user_ids: vec![user.into()],
-                key_set: None,
-            })
-            .await
-            .expect("remove recipient")
-            .into_inner()
-            .epoch;
+        let epoch = remove_recipients(&self.app, session, &[user]).await.epoch;
         Epoch::new(epoch).expect("epoch")
     }
-}
-
-/// The epoch DEK a device opens from its own session key (GetSessionKeys), if it has one.
-async fn device_dek(
-    server: &TestServer,
-    d: &TestDevice,
-    session: SessionId,
-    epoch: Epoch,
-) -> Option<Dek> {
-    let keys = d
-        .client(server)
-        .await
-        .sessions()
-        .get_session_keys(pb::GetSessionKeysRequest {
-            session_id: session.to_string(),
-            epoch: Some(epoch.get()),
-        })
-        .await
-        .ok()?
-        .into_inner()
-        .session_keys;
-    let k = keys.into_iter().next()?;
-    let ctx = WrapContext {
-        session_id: session,
-        epoch,
-        recipient: Recipient::Device {
-            user: d.user.clone(),
-            device: d.device.clone(),
-        },
-    };
-    Some(
-        open_dek(
-            &DekEnvelope::from_bytes(&k.envelope).expect("envelope"),
-            &d.xwing,
-            &ctx,
-        )
-        .expect("own envelope opens"),
-    )
 }
 
 /// A message sealed for real under `dek`, with `text` as its plaintext.
@@ -301,27 +218,11 @@ fn assert_newest_first(messages: &[pb::EncryptedMessage]) {
     }
 }
 
-fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, field: &str) {
-    let err = result.expect_err("the call must be refused");
-    assert_eq!(err.code(), code, "{err:?}");
-    assert!(
-        err.message().starts_with(field),
-        "the message must name {field}: {:?}",
-        err.message()
-    );
-}
-
-/// Every table's row counts, read behind the server's back (`common::raw_db`): equal before
-/// and after a call means the call wrote nothing.
-async fn fingerprint(db: &TestDb) -> Fingerprint {
-    RawDb::open(db).await.fingerprint().await
-}
-
 async fn access_follows_keys(server: &TestServer) {
     let w = World::new(server).await;
     let s = w.session("alice", &["bob", "carol"]).await;
     let e1 = Epoch::FIRST;
-    let dek1 = device_dek(server, &w.alice_phone, s, e1)
+    let dek1 = open_own_key(server, &w.alice_phone, s, e1)
         .await
         .expect("alice holds epoch 1");
     let alice = w.alice_phone.client(server).await;
@@ -334,7 +235,7 @@ async fn access_follows_keys(server: &TestServer) {
     assert!(stored.iter().all(|r| r.created));
 
     // Bob reads epoch 1 with the DEK his own session key opens to.
-    let bob_dek1 = device_dek(server, &w.bob_phone, s, e1)
+    let bob_dek1 = open_own_key(server, &w.bob_phone, s, e1)
         .await
         .expect("bob holds epoch 1");
     let seen = all(server, &w.bob_phone, List::Timeline, 50).await;
@@ -352,7 +253,7 @@ async fn access_follows_keys(server: &TestServer) {
     // Bob is removed at epoch 2; alice writes epoch 2.
     let e2 = w.remove(s, "bob").await;
     assert_eq!(e2.get(), 2);
-    let dek2 = device_dek(server, &w.alice_phone, s, e2)
+    let dek2 = open_own_key(server, &w.alice_phone, s, e2)
         .await
         .expect("alice holds epoch 2");
     let epoch2: Vec<pb::NewMessage> = (0..2)
@@ -377,12 +278,12 @@ async fn access_follows_keys(server: &TestServer) {
             );
             assert!(got.iter().all(|m| m.epoch == 1));
         }
-        assert!(device_dek(server, bob, s, e2).await.is_none());
+        assert!(open_own_key(server, bob, s, e2).await.is_none());
     }
     // Carol reads both epochs, and opens epoch 2 with her own epoch-2 key.
     let carol_all = all(server, &w.carol_phone, List::Session(s), 50).await;
     assert_eq!(id_set(&ids(&carol_all)), every_id);
-    let carol_dek2 = device_dek(server, &w.carol_phone, s, e2)
+    let carol_dek2 = open_own_key(server, &w.carol_phone, s, e2)
         .await
         .expect("carol holds epoch 2");
     let newest = &carol_all[0];
@@ -454,15 +355,7 @@ async fn access_follows_keys(server: &TestServer) {
     );
 
     // Keys decide, not history: bob added back gets epoch 2's key and now reads epoch 2.
-    w.app
-        .sessions()
-        .add_recipients(pb::AddRecipientsRequest {
-            session_id: s.to_string(),
-            user_ids: vec!["bob".into()],
-            key_set: None,
-        })
-        .await
-        .expect("add bob back");
+    add_recipients(&w.app, s, &["bob"]).await;
     let bob_now = all(server, &w.bob_phone, List::Session(s), 50).await;
     assert!(bob_now.iter().any(|m| m.epoch == 2));
 }
@@ -470,7 +363,7 @@ async fn access_follows_keys(server: &TestServer) {
 async fn retries_are_idempotent_and_other_bytes_conflict(server: &TestServer) {
     let w = World::new(server).await;
     let s = w.session("alice", &["carol"]).await;
-    let dek = device_dek(server, &w.alice_phone, s, Epoch::FIRST)
+    let dek = open_own_key(server, &w.alice_phone, s, Epoch::FIRST)
         .await
         .expect("dek");
     let alice = w.alice_phone.client(server).await;
@@ -950,22 +843,9 @@ async fn deleted_messages_and_sessions_vanish(server: &TestServer) {
     );
 }
 
-/// Who makes a call, relative to alice's phone, whose messages and views the calls touch.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Who {
-    App,
-    /// Alice's phone itself.
-    Own,
-    /// Alice's laptop: the same user, a member of the session.
-    Sibling,
-    /// Carol's phone: another user, a member of the session.
-    Member,
-    /// Erin's phone: another user, in no session.
-    Other,
-    Staff,
-    Admin,
-}
-
+/// Who makes a call, relative to alice's phone, whose messages and views the calls touch:
+/// sibling is alice's laptop (the same user, a member of the session), member carol's phone
+/// (another user, a member), other erin's phone (another user, in no session).
 const COLUMNS: [Who; 7] = [
     Who::App,
     Who::Own,
@@ -985,8 +865,7 @@ enum Rpc {
     DeleteMessage,
 }
 
-const OK: Code = Code::Ok;
-const PD: Code = Code::PermissionDenied;
+const PD: Code = DENIED;
 const NF: Code = Code::NotFound;
 
 /// The `Roles:` lines of messages.proto, for requests about alice's phone: a device acts only
@@ -1000,29 +879,25 @@ const MATRIX: [(Rpc, [Code; 7]); 5] = [
     (Rpc::DeleteMessage, [OK, OK, OK, PD, NF, PD, PD]),
 ];
 
+/// The first page of `list`, read as alice's phone with `client`'s token.
+async fn list_as_alice(client: &Client, list: List<'_>) -> Result<(), Status> {
+    let alice_phone = ("alice".to_string(), "phone".to_string());
+    page(client, &alice_phone, list, "", 10).await.map(|_| ())
+}
+
 async fn every_messages_call_by_every_caller(server: &TestServer) {
     let w = World::new(server).await;
     let s = w.session("alice", &["carol"]).await;
-    let tokens = [
-        None,
-        Some(w.alice_phone.token.clone()),
-        Some(w.alice_laptop.token.clone()),
-        Some(w.carol_phone.token.clone()),
-        Some(w.erin_phone.token.clone()),
-        Some(server.token(pb::Role::Staff, "", "").await),
-        Some(server.token(pb::Role::Admin, "", "").await),
-    ];
-    let mut clients = Vec::new();
-    for t in &tokens {
-        clients.push(match t {
-            Some(t) => server.client(t).await,
-            None => w.app.clone(),
-        });
-    }
+    let callers = Callers::new(server, &w.alice_phone, &w.alice_laptop, &w.erin_phone)
+        .await
+        .with_member(&w.carol_phone);
     let alice = w.alice_phone.client(server).await;
-    let mut differences = Vec::new();
-    for (rpc, row) in MATRIX {
-        for ((who, expected), client) in COLUMNS.iter().zip(row).zip(&clients) {
+    check_every_caller(
+        server,
+        &callers,
+        COLUMNS,
+        &MATRIX,
+        async |rpc, _, client| {
             // Each cell starts from a message of its own.
             let mine = put(&alice, "alice", "phone", vec![filler(s, Epoch::FIRST, 0)])
                 .await
@@ -1033,24 +908,10 @@ async fn every_messages_call_by_every_caller(server: &TestServer) {
             let new_id = new.message_id.clone();
             let before = fingerprint(&server.db).await;
             let outcome = match rpc {
-                Rpc::PutMessages => put(client, "alice", "phone", vec![new]).await.map(|_| ()),
-                Rpc::ListSessionMessages => {
-                    page(client, &reader(&w.alice_phone), List::Session(s), "", 10)
-                        .await
-                        .map(|_| ())
-                }
-                Rpc::Timeline => page(client, &reader(&w.alice_phone), List::Timeline, "", 10)
-                    .await
-                    .map(|_| ()),
-                Rpc::ListAuthorMessages => page(
-                    client,
-                    &reader(&w.alice_phone),
-                    List::Author("alice"),
-                    "",
-                    10,
-                )
-                .await
-                .map(|_| ()),
+                Rpc::PutMessages => put(&client, "alice", "phone", vec![new]).await.map(|_| ()),
+                Rpc::ListSessionMessages => list_as_alice(&client, List::Session(s)).await,
+                Rpc::Timeline => list_as_alice(&client, List::Timeline).await,
+                Rpc::ListAuthorMessages => list_as_alice(&client, List::Author("alice")).await,
                 Rpc::DeleteMessage => client
                     .messages()
                     .delete_message(pb::DeleteMessageRequest {
@@ -1059,34 +920,29 @@ async fn every_messages_call_by_every_caller(server: &TestServer) {
                     .await
                     .map(|_| ()),
             };
-            let code = outcome.as_ref().err().map_or(Code::Ok, Status::code);
-            if code != expected {
-                differences.push(format!(
-                    "{rpc:?} as {who:?}: expected {expected:?}, got {code:?} {:?}",
-                    outcome.err().map(|e| e.message().to_string())
-                ));
-                continue;
-            }
-            let after = fingerprint(&server.db).await;
-            if code != Code::Ok && after != before {
-                differences.push(format!("{rpc:?} as {who:?} was refused but wrote"));
+            (outcome, (mine, new_id, before))
+        },
+        async |rpc, who, code, (mine, new_id, before)| {
+            if code != Code::Ok {
+                let after = fingerprint(&server.db).await;
+                assert_eq!(after, before, "{rpc:?} as {who:?} was refused but wrote");
             }
             let listed = ids(&all(server, &w.carol_phone, List::Session(s), 200).await);
             let put_landed = listed.contains(&new_id);
             let still_there = listed.contains(&mine);
-            let (want_put, want_there) = match (rpc, code) {
+            let want = match (rpc, code) {
                 (Rpc::PutMessages, Code::Ok) => (true, true),
                 (Rpc::DeleteMessage, Code::Ok) => (false, false),
                 _ => (false, true),
             };
-            if (put_landed, still_there) != (want_put, want_there) {
-                differences.push(format!(
-                    "{rpc:?} as {who:?}: stored new {put_landed}, message kept {still_there}"
-                ));
-            }
-        }
-    }
-    assert!(differences.is_empty(), "{}", differences.join("\n"));
+            assert_eq!(
+                (put_landed, still_there),
+                want,
+                "{rpc:?} as {who:?}: (stored new, message kept)"
+            );
+        },
+    )
+    .await;
 
     // Without a usable token every Messages call is UNAUTHENTICATED.
     let nobody = server
@@ -1096,21 +952,9 @@ async fn every_messages_call_by_every_caller(server: &TestServer) {
         put(&nobody, "alice", "phone", vec![filler(s, Epoch::FIRST, 2)])
             .await
             .map(|_| ()),
-        page(&nobody, &reader(&w.alice_phone), List::Session(s), "", 10)
-            .await
-            .map(|_| ()),
-        page(&nobody, &reader(&w.alice_phone), List::Timeline, "", 10)
-            .await
-            .map(|_| ()),
-        page(
-            &nobody,
-            &reader(&w.alice_phone),
-            List::Author("alice"),
-            "",
-            10,
-        )
-        .await
-        .map(|_| ()),
+        list_as_alice(&nobody, List::Session(s)).await,
+        list_as_alice(&nobody, List::Timeline).await,
+        list_as_alice(&nobody, List::Author("alice")).await,
         nobody
             .messages()
             .delete_message(pb::DeleteMessageRequest {
@@ -1414,17 +1258,20 @@ async fn large_messages_page_by_bytes(server: &TestServer) {
     );
 }
 
-/// The limits are settings: a server started with smaller ones enforces those.
-async fn configured_limits_apply(db: TestDb) {
-    let limits = Limits {
+/// Smaller message limits than the defaults.
+fn small_messages() -> Limits {
+    Limits {
         max_message_bytes: 64,
         max_message_batch: 3,
         ..Limits::default()
-    };
-    let server = TestServer::start_with_limits(db, limits).await;
-    let w = World::new(&server).await;
+    }
+}
+
+/// The limits are settings: a server started with smaller ones enforces those.
+async fn configured_limits_apply(server: &TestServer) {
+    let w = World::new(server).await;
     let s = w.session("alice", &[]).await;
-    let alice = w.alice_phone.client(&server).await;
+    let alice = w.alice_phone.client(server).await;
     let mut big = filler(s, Epoch::FIRST, 0);
     big.ciphertext = vec![0; 60];
     big.associated_data = Some(vec![0; 5]);
@@ -1456,19 +1303,6 @@ async fn configured_limits_apply(db: TestDb) {
     )
     .await
     .expect("3 messages");
-    server.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sqlite_configured_limits_apply() {
-    configured_limits_apply(common::sqlite_db()).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_configured_limits_apply() {
-    if let Some(db) = common::postgres_db().await {
-        configured_limits_apply(db).await;
-    }
 }
 
 on_both_servers! {
@@ -1481,4 +1315,8 @@ on_both_servers! {
     authorization_matrix_of_messages => every_messages_call_by_every_caller;
     bad_input_on_every_messages_field => bad_input_on_every_field;
     large_messages_page_by_bytes_under_the_client_limit => large_messages_page_by_bytes;
+}
+
+on_both_servers_with! {
+    configured_limits_apply => configured_limits_apply(small_messages);
 }

@@ -8,7 +8,11 @@ mod common;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use common::callers::{check_every_caller, Callers, DENIED, NOAUTH, OK, WHO};
 use common::low_order::{self, with_x25519_part, LOW_ORDER_X25519};
+use common::requests::{
+    assert_code, revoke_current_key, signed_prekey, signed_prekeys, upload_request,
+};
 use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
 use keyhold::config::Limits;
@@ -19,46 +23,6 @@ use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
 use tokio_stream::StreamExt as _;
 use tonic::Code;
-
-/// A prekey signed by `d`'s identity key as `kind`, and its key id.
-fn signed_prekey(d: &TestDevice, kind: PrekeyKind) -> (pb::SignedPrekey, KeyId) {
-    let key = DecapsulationKey::generate().expect("keygen");
-    let prekey = Prekey {
-        suite: Suite::XWingAes256GcmV1,
-        user: d.user.clone(),
-        device: d.device.clone(),
-        kind,
-        key: key.encapsulation_key().clone(),
-    };
-    let signature = d.identity.sign(&prekey);
-    (
-        pb::SignedPrekey {
-            suite: pb::Suite::XwingAes256gcmV1 as i32,
-            encapsulation_key: prekey.key.to_bytes(),
-            signature: signature.as_bytes().to_vec(),
-        },
-        prekey.key.key_id(),
-    )
-}
-
-fn signed_prekeys(d: &TestDevice, n: usize) -> (Vec<pb::SignedPrekey>, Vec<KeyId>) {
-    (0..n)
-        .map(|_| signed_prekey(d, PrekeyKind::OneTime))
-        .unzip()
-}
-
-fn upload_request(
-    d: &TestDevice,
-    one_time: Vec<pb::SignedPrekey>,
-    last_resort: Option<pb::SignedPrekey>,
-) -> pb::UploadPrekeysRequest {
-    pb::UploadPrekeysRequest {
-        user_id: d.user.to_string(),
-        device_id: d.device.to_string(),
-        one_time_prekeys: one_time,
-        last_resort_prekey: last_resort,
-    }
-}
 
 /// Uploads `n` one-time prekeys and a last-resort prekey as `d`; returns their key ids.
 async fn stock_up(server: &TestServer, d: &TestDevice, n: usize) -> (Vec<KeyId>, KeyId) {
@@ -379,22 +343,7 @@ async fn claims_fall_back_to_last_resort_and_follow_identity(server: &TestServer
 
     // A revoked device is not claimed from: NOT_FOUND when named, passed over by user.
     stock_up(server, &rekeyed, 1).await;
-    rekeyed
-        .client(server)
-        .await
-        .key_directory()
-        .revoke_device_key(pb::RevokeDeviceKeyRequest {
-            user_id: "alice".into(),
-            device_id: "phone".into(),
-            key_id: rekeyed
-                .xwing
-                .encapsulation_key()
-                .key_id()
-                .as_bytes()
-                .to_vec(),
-        })
-        .await
-        .expect("revoke");
+    revoke_current_key(server, &rekeyed).await;
     let err = claim_one(&bob_client, &rekeyed).await.expect_err("revoked");
     assert_eq!(err.code(), Code::NotFound);
     assert!(err.message().contains("devices[0]"), "{}", err.message());
@@ -415,88 +364,45 @@ async fn uploads_are_checked_and_refusals_write_nothing(server: &TestServer) {
     let mallory = TestDevice::enroll(server, "mallory", "phone").await;
     let mut directory = d.client(server).await.key_directory();
     let max = Limits::default().max_unused_prekeys;
-    let expect_refused =
-        |result: Result<tonic::Response<pb::UploadPrekeysResponse>, tonic::Status>,
-         code: Code,
-         field: &str| {
-            let err = result.expect_err("refused");
-            assert_eq!(err.code(), code, "{err:?}");
-            assert!(err.message().contains(field), "{field}: {}", err.message());
-        };
 
-    // One bad signature among good ones: refused, naming it, and nothing stored.
-    let (mut batch, _) = signed_prekeys(&d, 5);
-    batch[3].signature[0] ^= 1;
-    expect_refused(
-        directory
-            .upload_prekeys(upload_request(&d, batch, None))
-            .await,
-        Code::InvalidArgument,
-        "one_time_prekeys[3].signature",
-    );
-    // Signed as last-resort, uploaded as one-time: the kind is bound.
+    // Each refused upload names its field, and stores nothing: not even the valid prekeys
+    // beside the bad one.
+    let (mut one_bad_signature, _) = signed_prekeys(&d, 5);
+    one_bad_signature[3].signature[0] ^= 1;
     let (as_last_resort, _) = signed_prekey(&d, PrekeyKind::LastResort);
-    expect_refused(
-        directory
-            .upload_prekeys(upload_request(&d, vec![as_last_resort], None))
-            .await,
-        Code::InvalidArgument,
-        "one_time_prekeys[0].signature",
-    );
-    // Signed by another device's identity key.
     let (foreign, _) = signed_prekey(&mallory, PrekeyKind::OneTime);
-    expect_refused(
-        directory
-            .upload_prekeys(upload_request(&d, vec![foreign], None))
-            .await,
-        Code::InvalidArgument,
-        "one_time_prekeys[0].signature",
-    );
-    // Not a key; a missing suite; the same key twice; nothing at all.
     let (mut short, _) = signed_prekey(&d, PrekeyKind::OneTime);
     short.encapsulation_key.truncate(100);
-    expect_refused(
-        directory
-            .upload_prekeys(upload_request(&d, vec![short], None))
-            .await,
-        Code::InvalidArgument,
-        "one_time_prekeys[0].encapsulation_key",
-    );
     let (mut unsuited, _) = signed_prekey(&d, PrekeyKind::OneTime);
     unsuited.suite = 0;
-    expect_refused(
-        directory
-            .upload_prekeys(upload_request(&d, vec![unsuited], None))
-            .await,
-        Code::InvalidArgument,
-        "one_time_prekeys[0].suite",
-    );
     let (twice, _) = signed_prekey(&d, PrekeyKind::OneTime);
-    expect_refused(
-        directory
-            .upload_prekeys(upload_request(&d, vec![twice.clone(), twice], None))
-            .await,
-        Code::InvalidArgument,
-        "one_time_prekeys[1]",
-    );
-    expect_refused(
-        directory
-            .upload_prekeys(upload_request(&d, Vec::new(), None))
-            .await,
-        Code::InvalidArgument,
-        "one_time_prekeys",
-    );
-    // A bad last-resort prekey sinks the one-time prekeys uploaded with it.
     let (good, _) = signed_prekeys(&d, 2);
     let (mut bad_lr, _) = signed_prekey(&d, PrekeyKind::LastResort);
     bad_lr.signature[63] ^= 0x80;
-    expect_refused(
-        directory
-            .upload_prekeys(upload_request(&d, good, Some(bad_lr)))
-            .await,
-        Code::InvalidArgument,
-        "last_resort_prekey.signature",
-    );
+    let refused = [
+        // One bad signature among good ones.
+        (one_bad_signature, None, "one_time_prekeys[3].signature"),
+        // Signed as last-resort, uploaded as one-time: the kind is bound.
+        (vec![as_last_resort], None, "one_time_prekeys[0].signature"),
+        // Signed by another device's identity key.
+        (vec![foreign], None, "one_time_prekeys[0].signature"),
+        // Not a key; a missing suite; the same key twice; nothing at all.
+        (vec![short], None, "one_time_prekeys[0].encapsulation_key"),
+        (vec![unsuited], None, "one_time_prekeys[0].suite"),
+        (vec![twice.clone(), twice], None, "one_time_prekeys[1]"),
+        (Vec::new(), None, "one_time_prekeys"),
+        // A bad last-resort prekey sinks the one-time prekeys uploaded with it.
+        (good, Some(bad_lr), "last_resort_prekey.signature"),
+    ];
+    for (one_time, last_resort, field) in refused {
+        assert_code(
+            directory
+                .upload_prekeys(upload_request(&d, one_time, last_resort))
+                .await,
+            Code::InvalidArgument,
+            field,
+        );
+    }
     let stock = stock_of(server, &d).await;
     assert_eq!(
         (stock.one_time_remaining, stock.has_last_resort),
@@ -505,7 +411,7 @@ async fn uploads_are_checked_and_refusals_write_nothing(server: &TestServer) {
 
     // Over the bound: in one call, or by adding to what the device holds.
     let (too_many, _) = signed_prekeys(&d, max + 1);
-    expect_refused(
+    assert_code(
         directory
             .upload_prekeys(upload_request(&d, too_many, None))
             .await,
@@ -518,7 +424,7 @@ async fn uploads_are_checked_and_refusals_write_nothing(server: &TestServer) {
         .await
         .expect("up to the bound");
     let (three, _) = signed_prekeys(&d, 3);
-    expect_refused(
+    assert_code(
         directory
             .upload_prekeys(upload_request(&d, three, None))
             .await,
@@ -550,7 +456,7 @@ async fn uploads_are_checked_and_refusals_write_nothing(server: &TestServer) {
     // Claims take the oldest first, so the first of `two` is still stored.
     assert!(!claimed.contains(&two_ids[0].as_bytes().to_vec()));
     let (fresh, _) = signed_prekey(&d, PrekeyKind::OneTime);
-    expect_refused(
+    assert_code(
         directory
             .upload_prekeys(upload_request(&d, vec![fresh, two[0].clone()], None))
             .await,
@@ -608,21 +514,7 @@ async fn low_order_prekeys_are_refused_and_nothing_is_stored(server: &TestServer
             ),
         ];
         for (request, field) in uploads {
-            let err = directory
-                .upload_prekeys(request)
-                .await
-                .expect_err("low-order prekey");
-            assert_eq!(err.code(), Code::InvalidArgument, "{name}: {err:?}");
-            assert!(
-                err.message().starts_with(&format!("{field}:")),
-                "{name}: {field}: {}",
-                err.message()
-            );
-            assert!(
-                err.message().contains("low-order"),
-                "{name}: {}",
-                err.message()
-            );
+            low_order::assert_refused(directory.upload_prekeys(request).await, name, field);
         }
     }
     let stock = stock_of(server, &d).await;
@@ -780,32 +672,6 @@ async fn low_stock_is_pushed_to_the_device(server: &TestServer) {
     replica.stop().await;
 }
 
-/// Who makes a call, relative to the device whose prekeys it touches (alice's phone).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Who {
-    /// No usable token.
-    Nobody,
-    App,
-    /// alice's phone itself.
-    Own,
-    /// alice's laptop.
-    Sibling,
-    /// bob's phone.
-    Other,
-    Staff,
-    Admin,
-}
-
-const WHO: [Who; 7] = [
-    Who::Nobody,
-    Who::App,
-    Who::Own,
-    Who::Sibling,
-    Who::Other,
-    Who::Staff,
-    Who::Admin,
-];
-
 #[derive(Clone, Copy, Debug)]
 enum Rpc {
     Upload,
@@ -814,9 +680,6 @@ enum Rpc {
     Watch,
 }
 
-const OK: Code = Code::Ok;
-const DENIED: Code = Code::PermissionDenied;
-const NOAUTH: Code = Code::Unauthenticated;
 /// A device claiming its own prekeys.
 const OWN: Code = Code::InvalidArgument;
 
@@ -834,21 +697,13 @@ async fn every_prekey_call_checks_who_calls(server: &TestServer) {
     let sibling = TestDevice::enroll(server, "alice", "laptop").await;
     let other = TestDevice::enroll(server, "bob", "phone").await;
     let (_, _) = stock_up(server, &own, 10).await;
-    let mut tokens = Vec::new();
-    for who in WHO {
-        tokens.push(match who {
-            Who::Nobody => "kh_not_a_token".to_string(),
-            Who::App => server.token(pb::Role::App, "", "").await,
-            Who::Own => own.token.clone(),
-            Who::Sibling => sibling.token.clone(),
-            Who::Other => other.token.clone(),
-            Who::Staff => server.token(pb::Role::Staff, "", "").await,
-            Who::Admin => server.token(pb::Role::Admin, "", "").await,
-        });
-    }
-    for (rpc, codes) in MATRIX {
-        for ((who, want), token) in WHO.iter().zip(codes).zip(&tokens) {
-            let client = server.client(token).await;
+    let callers = Callers::new(server, &own, &sibling, &other).await;
+    check_every_caller(
+        server,
+        &callers,
+        WHO,
+        MATRIX,
+        async |rpc, _, client| {
             let mut directory = client.key_directory();
             let before = stock_of(server, &own).await;
             let got = match rpc {
@@ -877,8 +732,9 @@ async fn every_prekey_call_checks_who_calls(server: &TestServer) {
                     .await
                     .map(|_| ()),
             };
-            let code = got.err().map_or(Code::Ok, |s| s.code());
-            assert_eq!(code, *want, "{rpc:?} by {who:?}");
+            (got, before)
+        },
+        async |rpc, who, code, before| {
             let after = stock_of(server, &own).await;
             let changed =
                 i64::from(after.one_time_remaining) - i64::from(before.one_time_remaining);
@@ -888,8 +744,9 @@ async fn every_prekey_call_checks_who_calls(server: &TestServer) {
                 _ => 0,
             };
             assert_eq!(changed, expected_change, "{rpc:?} by {who:?} wrote");
-        }
-    }
+        },
+    )
+    .await;
 }
 
 on_both_servers! {
@@ -897,41 +754,6 @@ on_both_servers! {
     claims_fall_back_to_last_resort_and_follow_the_identity_key => claims_fall_back_to_last_resort_and_follow_identity;
     authorization_matrix_covers_every_prekey_call => every_prekey_call_checks_who_calls;
     low_order_x25519_prekeys_are_invalid_argument_and_store_nothing => low_order_prekeys_are_refused_and_nothing_is_stored;
-}
-
-/// Runs a test body on both backends with other limits than the defaults.
-macro_rules! on_both_servers_with {
-    ($($name:ident => $body:ident ($limits:ident);)*) => {
-        mod with_limits_sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let server = $crate::common::server::TestServer::start_with_limits(
-                        $crate::common::sqlite_db(),
-                        super::$limits(),
-                    )
-                    .await;
-                    super::$body(&server).await;
-                    server.stop().await;
-                }
-            )*
-        }
-        mod with_limits_postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $name() {
-                    let Some(db) = $crate::common::postgres_db().await else { return };
-                    let server = $crate::common::server::TestServer::start_with_limits(
-                        db,
-                        super::$limits(),
-                    )
-                    .await;
-                    super::$body(&server).await;
-                    server.stop().await;
-                }
-            )*
-        }
-    };
 }
 
 on_both_servers_with! {

@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::callers::{check_every_caller, Callers, DENIED, NOAUTH, OK, WHO};
+use common::requests::assert_code;
 use common::server::{TestDevice, TestServer};
 use keyhold::client::Client;
 use keyhold::config::Limits;
@@ -288,31 +290,24 @@ async fn oversized_and_malformed_states_are_refused(server: &TestServer) {
     let d = TestDevice::enroll(server, "alice", "phone").await;
     let client = d.client(server).await;
     let mut ratchet = client.ratchet();
-    let refuse = |r: Result<tonic::Response<pb::PutRatchetStateResponse>, tonic::Status>,
-                  code: Code,
-                  field: &str| {
-        let err = r.expect_err("refused");
-        assert_eq!(err.code(), code, "{err:?}");
-        assert!(err.message().contains(field), "{field}: {}", err.message());
-    };
-    refuse(
+    assert_code(
         ratchet.put_ratchet_state(put(&d, "c", 0, &[7; 1025])).await,
         Code::ResourceExhausted,
         "state",
     );
-    refuse(
+    assert_code(
         ratchet.put_ratchet_state(put(&d, "c", 0, &[])).await,
         Code::InvalidArgument,
         "state",
     );
-    refuse(
+    assert_code(
         ratchet
             .put_ratchet_state(put(&d, "two words", 0, b"x"))
             .await,
         Code::InvalidArgument,
         "conversation_id",
     );
-    refuse(
+    assert_code(
         ratchet
             .put_ratchet_state(put(&d, &"c".repeat(129), 0, b"x"))
             .await,
@@ -331,7 +326,7 @@ async fn oversized_and_malformed_states_are_refused(server: &TestServer) {
         .put_ratchet_state(put(&d, "c", 0, &[7; 1024]))
         .await
         .expect("at the limit");
-    refuse(
+    assert_code(
         ratchet.put_ratchet_state(put(&d, "c", 1, &[8; 1025])).await,
         Code::ResourceExhausted,
         "state",
@@ -342,40 +337,12 @@ async fn oversized_and_malformed_states_are_refused(server: &TestServer) {
     );
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Who {
-    Nobody,
-    App,
-    /// alice's phone, whose state it is.
-    Own,
-    /// alice's laptop.
-    Sibling,
-    /// bob's phone.
-    Other,
-    Staff,
-    Admin,
-}
-
-const WHO: [Who; 7] = [
-    Who::Nobody,
-    Who::App,
-    Who::Own,
-    Who::Sibling,
-    Who::Other,
-    Who::Staff,
-    Who::Admin,
-];
-
 #[derive(Clone, Copy, Debug)]
 enum Rpc {
     Get,
     Put,
     Delete,
 }
-
-const OK: Code = Code::Ok;
-const DENIED: Code = Code::PermissionDenied;
-const NOAUTH: Code = Code::Unauthenticated;
 
 #[rustfmt::skip]
 const MATRIX: &[(Rpc, [Code; 7])] = &[
@@ -392,20 +359,13 @@ async fn every_ratchet_call_checks_who_calls(server: &TestServer) {
     let sibling = TestDevice::enroll(server, "alice", "laptop").await;
     let other = TestDevice::enroll(server, "bob", "phone").await;
     let owner = own.client(server).await;
-    let mut tokens = Vec::new();
-    for who in WHO {
-        tokens.push(match who {
-            Who::Nobody => "kh_not_a_token".to_string(),
-            Who::App => server.token(pb::Role::App, "", "").await,
-            Who::Own => own.token.clone(),
-            Who::Sibling => sibling.token.clone(),
-            Who::Other => other.token.clone(),
-            Who::Staff => server.token(pb::Role::Staff, "", "").await,
-            Who::Admin => server.token(pb::Role::Admin, "", "").await,
-        });
-    }
-    for (rpc, codes) in MATRIX {
-        for ((who, want), token) in WHO.iter().zip(codes).zip(&tokens) {
+    let callers = Callers::new(server, &own, &sibling, &other).await;
+    check_every_caller(
+        server,
+        &callers,
+        WHO,
+        MATRIX,
+        async |rpc, _, client| {
             // Each cell starts from a state at version 1.
             owner
                 .ratchet()
@@ -417,7 +377,7 @@ async fn every_ratchet_call_checks_who_calls(server: &TestServer) {
                 .put_ratchet_state(put(&own, "conv", 0, b"alice's state"))
                 .await
                 .expect("owner creates");
-            let mut ratchet = server.client(token).await.ratchet();
+            let mut ratchet = client.ratchet();
             let got = match rpc {
                 Rpc::Get => ratchet
                     .get_ratchet_state(get(&own, "conv"))
@@ -432,8 +392,9 @@ async fn every_ratchet_call_checks_who_calls(server: &TestServer) {
                     .await
                     .map(|_| ()),
             };
-            let code = got.err().map_or(Code::Ok, |s| s.code());
-            assert_eq!(code, *want, "{rpc:?} by {who:?}");
+            (got, ())
+        },
+        async |rpc, who, code, ()| {
             let after = read(&owner, &own, "conv").await;
             match (rpc, code) {
                 (Rpc::Put, Code::Ok) => {
@@ -448,8 +409,9 @@ async fn every_ratchet_call_checks_who_calls(server: &TestServer) {
                     "{rpc:?} by {who:?} wrote"
                 ),
             }
-        }
-    }
+        },
+    )
+    .await;
     // Another device's own state under the same conversation id is a row of its own.
     let bob = other.client(server).await;
     bob.ratchet()
@@ -469,26 +431,6 @@ on_both_servers! {
     authorization_matrix_covers_every_ratchet_call => every_ratchet_call_checks_who_calls;
 }
 
-mod small_limits {
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn oversized_states_are_refused_on_sqlite() {
-        let server = crate::common::server::TestServer::start_with_limits(
-            crate::common::sqlite_db(),
-            super::small_states(),
-        )
-        .await;
-        super::oversized_and_malformed_states_are_refused(&server).await;
-        server.stop().await;
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn oversized_states_are_refused_on_postgres() {
-        let Some(db) = crate::common::postgres_db().await else {
-            return;
-        };
-        let server =
-            crate::common::server::TestServer::start_with_limits(db, super::small_states()).await;
-        super::oversized_and_malformed_states_are_refused(&server).await;
-        server.stop().await;
-    }
+on_both_servers_with! {
+    oversized_states_are_refused => oversized_and_malformed_states_are_refused(small_states);
 }

@@ -3,13 +3,16 @@
 
 mod common;
 
+use common::requests::{
+    add_recipients, client_wrapped_request, key_set, open_own_key, remove_recipients,
+    revoke_current_key, role_client, service_wrapped_request, user_ids, verify_audit_log,
+    wire_key_set, WrapTarget,
+};
 use common::server::{TestDevice, TestServer};
-use keyhold::crypto::envelope::{open_dek, wrap_dek, DekEnvelope, Recipient, WrapContext};
+use keyhold::crypto::envelope::{open_dek, DekEnvelope, Recipient, WrapContext};
 use keyhold::crypto::ids::{Epoch, SessionId};
 use keyhold::crypto::keys::Dek;
-use keyhold::crypto::sign::{ClientWrap, ClientWrappedKeySet, EscrowWrap};
 use keyhold::crypto::xwing::EncapsulationKey;
-use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
 
 async fn enroll_three_users(server: &TestServer) -> Vec<TestDevice> {
@@ -22,56 +25,8 @@ async fn enroll_three_users(server: &TestServer) -> Vec<TestDevice> {
     devices
 }
 
-/// Opens the device's envelope of `epoch` fetched through GetSessionKeys.
-async fn open_own_key(
-    server: &TestServer,
-    d: &TestDevice,
-    session: SessionId,
-    epoch: Epoch,
-) -> Option<Dek> {
-    let response = d
-        .client(server)
-        .await
-        .sessions()
-        .get_session_keys(pb::GetSessionKeysRequest {
-            session_id: session.to_string(),
-            epoch: Some(epoch.get()),
-        })
-        .await;
-    // A device that holds no key of the epoch is told NOT_FOUND.
-    let keys = match response {
-        Ok(r) => r.into_inner().session_keys,
-        Err(status) if status.code() == tonic::Code::NotFound => return None,
-        Err(status) => panic!("get session keys: {status:?}"),
-    };
-    assert!(!keys.is_empty(), "an OK answer carries the keys");
-    let k = keys.into_iter().next()?;
-    assert_eq!(
-        k.key_id,
-        d.xwing.encapsulation_key().key_id().as_bytes().to_vec()
-    );
-    let ctx = WrapContext {
-        session_id: session,
-        epoch,
-        recipient: Recipient::Device {
-            user: d.user.clone(),
-            device: d.device.clone(),
-        },
-    };
-    Some(
-        open_dek(
-            &DekEnvelope::from_bytes(&k.envelope).expect("envelope"),
-            &d.xwing,
-            &ctx,
-        )
-        .expect("opens"),
-    )
-}
-
 async fn escrowed_dek(server: &TestServer, session: SessionId, epoch: Epoch) -> Dek {
-    let staff = server.token(pb::Role::Staff, "", "").await;
-    let resp = server
-        .client(&staff)
+    let resp = role_client(server, pb::Role::Staff)
         .await
         .escrow()
         .get_escrowed_keys(pb::GetEscrowedKeysRequest {
@@ -108,21 +63,12 @@ async fn escrowed_dek(server: &TestServer, session: SessionId, epoch: Epoch) -> 
 
 async fn service_wrapped_lifecycle(server: &TestServer) {
     let devices = enroll_three_users(server).await;
-    let app = server
-        .client(&server.token(pb::Role::App, "", "").await)
-        .await;
+    let app = role_client(server, pb::Role::App).await;
     let created = app
         .sessions()
         .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList {
-                    user_ids: vec!["bob".into(), "carol".into()],
-                },
-            )),
             return_plaintext_dek: true,
-            ..Default::default()
+            ..service_wrapped_request("alice", &["bob", "carol"])
         })
         .await
         .expect("create session")
@@ -154,32 +100,8 @@ async fn service_wrapped_lifecycle(server: &TestServer) {
 
     // Carol's laptop is revoked, then Bob is removed: a new epoch for Alice and Carol's phone.
     let carol_laptop = &devices[5];
-    carol_laptop
-        .client(server)
-        .await
-        .key_directory()
-        .revoke_device_key(pb::RevokeDeviceKeyRequest {
-            user_id: "carol".into(),
-            device_id: "laptop".into(),
-            key_id: carol_laptop
-                .xwing
-                .encapsulation_key()
-                .key_id()
-                .as_bytes()
-                .to_vec(),
-        })
-        .await
-        .expect("revoke");
-    let removed = app
-        .sessions()
-        .remove_recipients(pb::RemoveRecipientsRequest {
-            session_id: session.to_string(),
-            user_ids: vec!["bob".into()],
-            key_set: None,
-        })
-        .await
-        .expect("remove bob")
-        .into_inner();
+    revoke_current_key(server, carol_laptop).await;
+    let removed = remove_recipients(&app, session, &["bob"]).await;
     assert_eq!(removed.epoch, 2);
     let epoch2 = Epoch::new(2).expect("epoch");
     let got: Vec<(String, String)> = removed
@@ -219,16 +141,7 @@ async fn service_wrapped_lifecycle(server: &TestServer) {
     assert_eq!(escrowed_dek(server, session, epoch2).await, new_dek);
 
     // Bob comes back: he gets the current epoch's DEK, wrapped from the service copy.
-    let added = app
-        .sessions()
-        .add_recipients(pb::AddRecipientsRequest {
-            session_id: session.to_string(),
-            user_ids: vec!["bob".into()],
-            key_set: None,
-        })
-        .await
-        .expect("add bob")
-        .into_inner();
+    let added = add_recipients(&app, session, &["bob"]).await;
     assert_eq!(added.epoch, 2);
     assert_eq!(added.session_keys.len(), 2);
     assert_eq!(
@@ -237,15 +150,7 @@ async fn service_wrapped_lifecycle(server: &TestServer) {
     );
 
     // The audit chain holds the escrow reads and verifies.
-    let staff = server
-        .client(&server.token(pb::Role::Staff, "", "").await)
-        .await;
-    let check = staff
-        .escrow()
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
-        .await
-        .expect("verify")
-        .into_inner();
+    let check = verify_audit_log(server).await;
     assert!(check.ok);
     assert!(check.events_checked >= 2);
 }
@@ -255,23 +160,6 @@ async fn client_wrapped_session(server: &TestServer) {
     let author = &devices[0];
     let session = SessionId::generate();
     let dek = Dek::generate().expect("dek");
-    let mut wraps = Vec::new();
-    for d in &devices {
-        let ctx = WrapContext {
-            session_id: session,
-            epoch: Epoch::FIRST,
-            recipient: Recipient::Device {
-                user: d.user.clone(),
-                device: d.device.clone(),
-            },
-        };
-        wraps.push(ClientWrap {
-            user: d.user.clone(),
-            device: d.device.clone(),
-            key_id: d.xwing.encapsulation_key().key_id(),
-            envelope: wrap_dek(&dek, d.xwing.encapsulation_key(), &ctx).expect("wrap"),
-        });
-    }
     // The author learns the escrow key from the service, as a real device would.
     let escrow = author
         .client(server)
@@ -288,54 +176,23 @@ async fn client_wrapped_session(server: &TestServer) {
         escrow_key.key_id().as_bytes().to_vec()
     );
     assert_eq!(&escrow_key, server.escrow_key.encapsulation_key());
-    let escrow_ctx = WrapContext {
-        session_id: session,
-        epoch: Epoch::FIRST,
-        recipient: Recipient::Escrow,
-    };
-    let escrow = EscrowWrap {
-        key_id: escrow_key.key_id(),
-        envelope: wrap_dek(&dek, &escrow_key, &escrow_ctx).expect("escrow wrap"),
-    };
-    let set = ClientWrappedKeySet {
-        suite: Suite::XWingAes256GcmV1,
-        session_id: session,
-        epoch: Epoch::FIRST,
-        author_user: author.user.clone(),
-        author_device: author.device.clone(),
-        wraps: wraps.clone(),
-        escrow: Some(escrow.clone()),
-    };
+    let members: Vec<&TestDevice> = devices.iter().collect();
+    let set = key_set(
+        author,
+        session,
+        Epoch::FIRST,
+        &dek,
+        &WrapTarget::devices(&members),
+        Some(&escrow_key),
+    );
     let signature = author.identity.sign(&set);
-    let wire_set = |signature: Vec<u8>| pb::ClientWrappedKeySet {
-        epoch: 1,
-        wraps: wraps
-            .iter()
-            .map(|w| pb::ClientWrap {
-                user_id: w.user.to_string(),
-                device_id: w.device.to_string(),
-                key_id: w.key_id.as_bytes().to_vec(),
-                envelope: w.envelope.as_bytes().to_vec(),
-            })
-            .collect(),
-        escrow: Some(pb::EscrowWrap {
-            escrow_key_id: escrow.key_id.as_bytes().to_vec(),
-            envelope: escrow.envelope.as_bytes().to_vec(),
-        }),
-        signature,
-    };
-    let request = |signature: Vec<u8>| pb::CreateSessionRequest {
-        mode: pb::SessionMode::ClientWrapped as i32,
-        author_user_id: "alice".into(),
-        author_device_id: "phone".into(),
-        session_id: session.to_string(),
-        recipients: Some(pb::create_session_request::Recipients::UserIds(
-            pb::UserIdList {
-                user_ids: vec!["bob".into(), "carol".into()],
-            },
-        )),
-        key_set: Some(wire_set(signature)),
-        ..Default::default()
+    let request = |signature: Vec<u8>| {
+        client_wrapped_request(
+            author,
+            session,
+            user_ids(&["bob", "carol"]),
+            wire_key_set(&set, signature),
+        )
     };
     let mut sessions = author.client(server).await.sessions();
     // A signature that does not verify is refused, naming the field, and writes nothing.

@@ -7,44 +7,21 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::raw_db::{Fingerprint, RawDb};
+use common::callers::{check_every_caller, Callers, DENIED, OK, WITH_TOKEN};
+use common::requests::{
+    self, assert_code, client_wrapped_request, fingerprint, key_set, role_client, signed_key_set,
+    WrapTarget,
+};
 use common::server::{TestDevice, TestServer};
-use common::TestDb;
+use common::world::World;
 use keyhold::client::Client;
-use keyhold::crypto::envelope::{open_dek, wrap_dek, DekEnvelope, Recipient, WrapContext};
 use keyhold::crypto::ids::{Epoch, SessionId};
 use keyhold::crypto::keys::Dek;
-use keyhold::crypto::sign::{ClientWrap, ClientWrappedKeySet, EscrowWrap};
-use keyhold::crypto::xwing::EncapsulationKey;
-use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
 use tonic::{Code, Status};
 
-/// alice (phone, laptop) is the author; bob (phone, laptop) and carol (phone) are the users
-/// she may trust; dave has no device at all.
-struct World {
-    app: Client,
-    alice_phone: TestDevice,
-    alice_laptop: TestDevice,
-    bob_phone: TestDevice,
-    bob_laptop: TestDevice,
-    carol_phone: TestDevice,
-}
-
-impl World {
-    async fn new(server: &TestServer) -> World {
-        World {
-            app: server
-                .client(&server.token(pb::Role::App, "", "").await)
-                .await,
-            alice_phone: TestDevice::enroll(server, "alice", "phone").await,
-            alice_laptop: TestDevice::enroll(server, "alice", "laptop").await,
-            bob_phone: TestDevice::enroll(server, "bob", "phone").await,
-            bob_laptop: TestDevice::enroll(server, "bob", "laptop").await,
-            carol_phone: TestDevice::enroll(server, "carol", "phone").await,
-        }
-    }
-}
+// The cast (`common::world`): alice (phone, laptop) is the author; bob (phone, laptop) and
+// carol (phone) are the users she may trust; dave has no device at all.
 
 async fn add(client: &Client, author: &str, trusted: &str) -> Result<(i64, bool), Status> {
     client
@@ -130,37 +107,9 @@ fn holders(pairs: &[(&str, &str)]) -> BTreeSet<(String, String)> {
         .collect()
 }
 
-/// Opens the device's epoch-1 key of `session`, fetched as the device itself.
+/// The epoch-1 DEK `d` opens of `session`, if it holds a key of it.
 async fn open_own_key(server: &TestServer, d: &TestDevice, session: SessionId) -> Option<Dek> {
-    let keys = d
-        .client(server)
-        .await
-        .sessions()
-        .get_session_keys(pb::GetSessionKeysRequest {
-            session_id: session.to_string(),
-            epoch: Some(1),
-        })
-        .await
-        .ok()?
-        .into_inner()
-        .session_keys;
-    let k = keys.into_iter().next()?;
-    let ctx = WrapContext {
-        session_id: session,
-        epoch: Epoch::FIRST,
-        recipient: Recipient::Device {
-            user: d.user.clone(),
-            device: d.device.clone(),
-        },
-    };
-    Some(
-        open_dek(
-            &DekEnvelope::from_bytes(&k.envelope).expect("envelope"),
-            &d.xwing,
-            &ctx,
-        )
-        .expect("opens"),
-    )
+    requests::open_own_key(server, d, session, Epoch::FIRST).await
 }
 
 /// A CLIENT_WRAPPED CreateSession by alice's phone with her trusted users, wrapping a fresh
@@ -172,92 +121,21 @@ async fn client_wrapped_trusted_request(
     session: SessionId,
 ) -> (pb::CreateSessionRequest, Dek) {
     let dek = Dek::generate().expect("dek");
-    let wraps: Vec<ClientWrap> = devices
-        .iter()
-        .map(|d| {
-            let ctx = WrapContext {
-                session_id: session,
-                epoch: Epoch::FIRST,
-                recipient: Recipient::Device {
-                    user: d.user.clone(),
-                    device: d.device.clone(),
-                },
-            };
-            ClientWrap {
-                user: d.user.clone(),
-                device: d.device.clone(),
-                key_id: d.xwing.encapsulation_key().key_id(),
-                envelope: wrap_dek(&dek, d.xwing.encapsulation_key(), &ctx).expect("wrap"),
-            }
-        })
-        .collect();
-    let escrow_key: &EncapsulationKey = server.escrow_key.encapsulation_key();
-    let escrow = EscrowWrap {
-        key_id: escrow_key.key_id(),
-        envelope: wrap_dek(
-            &dek,
-            escrow_key,
-            &WrapContext {
-                session_id: session,
-                epoch: Epoch::FIRST,
-                recipient: Recipient::Escrow,
-            },
-        )
-        .expect("escrow wrap"),
-    };
-    let set = ClientWrappedKeySet {
-        suite: Suite::XWingAes256GcmV1,
-        session_id: session,
-        epoch: Epoch::FIRST,
-        author_user: author.user.clone(),
-        author_device: author.device.clone(),
-        wraps,
-        escrow: Some(escrow),
-    };
-    let signature = author.identity.sign(&set);
-    let request = pb::CreateSessionRequest {
-        mode: pb::SessionMode::ClientWrapped as i32,
-        author_user_id: author.user.to_string(),
-        author_device_id: author.device.to_string(),
-        session_id: session.to_string(),
-        recipients: Some(pb::create_session_request::Recipients::TrustedUsersOfAuthor(true)),
-        key_set: Some(pb::ClientWrappedKeySet {
-            epoch: 1,
-            wraps: set
-                .wraps
-                .iter()
-                .map(|w| pb::ClientWrap {
-                    user_id: w.user.to_string(),
-                    device_id: w.device.to_string(),
-                    key_id: w.key_id.as_bytes().to_vec(),
-                    envelope: w.envelope.as_bytes().to_vec(),
-                })
-                .collect(),
-            escrow: set.escrow.as_ref().map(|e| pb::EscrowWrap {
-                escrow_key_id: e.key_id.as_bytes().to_vec(),
-                envelope: e.envelope.as_bytes().to_vec(),
-            }),
-            signature: signature.as_bytes().to_vec(),
-        }),
-        ..Default::default()
-    };
-    (request, dek)
-}
-
-fn assert_code<T: std::fmt::Debug>(result: Result<T, Status>, code: Code, field: &str) {
-    let err = result.expect_err("the call must be refused");
-    assert_eq!(err.code(), code, "{err:?}");
-    assert!(
-        err.message().starts_with(field),
-        "the message must name {field}: {:?}",
-        err.message()
+    let set = key_set(
+        author,
+        session,
+        Epoch::FIRST,
+        &dek,
+        &WrapTarget::devices(devices),
+        Some(server.escrow_key.encapsulation_key()),
     );
-}
-
-/// Every table's row counts, read behind the server's back (`common::raw_db`): equal before
-/// and after a call means the call wrote nothing.
-async fn fingerprint(db: &TestDb) -> Fingerprint {
-    RawDb::open(db).await.fingerprint().await
+    let request = client_wrapped_request(
+        author,
+        session,
+        Some(pb::create_session_request::Recipients::TrustedUsersOfAuthor(true)),
+        signed_key_set(author, &set),
+    );
+    (request, dek)
 }
 
 async fn trust_is_added_listed_and_removed(server: &TestServer) {
@@ -416,9 +294,7 @@ async fn sessions_with_trusted_users(server: &TestServer) {
 
 async fn an_author_trusts_at_most_the_list_limit(server: &TestServer) {
     // TestServer's list limit is 1000: eight writers race to add 1010 users.
-    let app = server
-        .client(&server.token(pb::Role::App, "", "").await)
-        .await;
+    let app = role_client(server, pb::Role::App).await;
     let mut tasks = Vec::new();
     for t in 0..8 {
         let app = app.clone();
@@ -474,29 +350,6 @@ async fn an_author_trusts_at_most_the_list_limit(server: &TestServer) {
     assert_eq!(fingerprint(&server.db).await, before);
 }
 
-/// Who makes a call about alice's trust.
-#[derive(Clone, Copy, Debug)]
-enum Who {
-    App,
-    /// Alice's phone.
-    Own,
-    /// Alice's laptop: the same user.
-    Sibling,
-    /// Bob's phone: another user.
-    Other,
-    Staff,
-    Admin,
-}
-
-const COLUMNS: [Who; 6] = [
-    Who::App,
-    Who::Own,
-    Who::Sibling,
-    Who::Other,
-    Who::Staff,
-    Who::Admin,
-];
-
 #[derive(Clone, Copy, Debug)]
 enum Rpc {
     AddTrustedUser,
@@ -506,10 +359,10 @@ enum Rpc {
     CreateClientWrappedWithTrustedUsers,
 }
 
-const OK: Code = Code::Ok;
-const PD: Code = Code::PermissionDenied;
+const PD: Code = DENIED;
 
-/// The `Roles:` lines of trust.proto (app for any author, a device for its own user) and of
+/// Who makes a call about alice's trust: own is alice's phone, sibling her laptop, other
+/// bob's phone. The `Roles:` lines of trust.proto (app for any author, a device for its own user) and of
 /// CreateSession (service-wrapped: app only; client-wrapped: the author device only).
 const MATRIX: [(Rpc, [Code; 6]); 5] = [
     (Rpc::AddTrustedUser, [OK, OK, OK, PD, PD, PD]),
@@ -527,34 +380,26 @@ const MATRIX: [(Rpc, [Code; 6]); 5] = [
 
 async fn every_trust_call_by_every_caller(server: &TestServer) {
     let w = World::new(server).await;
-    let mut clients = vec![w.app.clone()];
-    for d in [&w.alice_phone, &w.alice_laptop, &w.bob_phone] {
-        clients.push(d.client(server).await);
-    }
-    clients.push(
-        server
-            .client(&server.token(pb::Role::Staff, "", "").await)
-            .await,
-    );
-    clients.push(
-        server
-            .client(&server.token(pb::Role::Admin, "", "").await)
-            .await,
-    );
+    let callers = Callers::new(server, &w.alice_phone, &w.alice_laptop, &w.bob_phone).await;
     add(&w.app, "alice", "bob").await.expect("alice trusts bob");
-    let mut differences = Vec::new();
-    for (n, (rpc, row)) in MATRIX.iter().enumerate() {
-        for (m, ((who, expected), client)) in COLUMNS.iter().zip(row).zip(&clients).enumerate() {
+    let mut cells = 0;
+    check_every_caller(
+        server,
+        &callers,
+        WITH_TOKEN,
+        &MATRIX,
+        async |rpc, _, client| {
             // Each cell has a trust relationship of its own to add or remove.
-            let fresh = format!("user-{n}-{m}");
+            cells += 1;
+            let fresh = format!("user-{cells}");
             if matches!(rpc, Rpc::RemoveTrustedUser) {
                 add(&w.app, "alice", &fresh).await.expect("set up");
             }
             let before = fingerprint(&server.db).await;
             let outcome = match rpc {
-                Rpc::AddTrustedUser => add(client, "alice", &fresh).await.map(|_| ()),
-                Rpc::RemoveTrustedUser => remove(client, "alice", &fresh).await,
-                Rpc::ListTrustedUsers => list_page(client, "alice", "", 10).await.map(|_| ()),
+                Rpc::AddTrustedUser => add(&client, "alice", &fresh).await.map(|_| ()),
+                Rpc::RemoveTrustedUser => remove(&client, "alice", &fresh).await,
+                Rpc::ListTrustedUsers => list_page(&client, "alice", "", 10).await.map(|_| ()),
                 Rpc::CreateServiceWrappedWithTrustedUsers => client
                     .sessions()
                     .create_session(trusted_request(pb::SessionMode::ServiceWrapped, true))
@@ -572,32 +417,24 @@ async fn every_trust_call_by_every_caller(server: &TestServer) {
                     client.sessions().create_session(request).await.map(|_| ())
                 }
             };
-            let code = outcome.as_ref().err().map_or(Code::Ok, Status::code);
-            if code != *expected {
-                differences.push(format!(
-                    "{rpc:?} as {who:?}: expected {expected:?}, got {code:?} {:?}",
-                    outcome.err().map(|e| e.message().to_string())
-                ));
-                continue;
+            (outcome, (fresh, before))
+        },
+        async |rpc, who, code, (fresh, before)| {
+            if code != Code::Ok {
+                let after = fingerprint(&server.db).await;
+                assert_eq!(after, before, "{rpc:?} as {who:?} was refused but wrote");
             }
-            let after = fingerprint(&server.db).await;
-            if code != Code::Ok && after != before {
-                differences.push(format!("{rpc:?} as {who:?} was refused but wrote"));
-            }
-            let trusted = list_all(&w.app, "alice", 1000).await;
-            let listed = trusted.contains(&fresh);
+            let listed = list_all(&w.app, "alice", 1000).await.contains(&fresh);
             let want = match (rpc, code) {
                 (Rpc::AddTrustedUser, Code::Ok) => true,
                 (Rpc::RemoveTrustedUser, Code::Ok) => false,
                 (Rpc::RemoveTrustedUser, _) => true,
                 _ => false,
             };
-            if listed != want {
-                differences.push(format!("{rpc:?} as {who:?}: trusted afterwards {listed}"));
-            }
-        }
-    }
-    assert!(differences.is_empty(), "{}", differences.join("\n"));
+            assert_eq!(listed, want, "{rpc:?} as {who:?}: trusted afterwards");
+        },
+    )
+    .await;
 
     // Without a usable token every Trust call is UNAUTHENTICATED.
     let nobody = server

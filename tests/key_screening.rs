@@ -5,11 +5,12 @@
 
 mod common;
 
+use common::requests::{
+    self, role_client, service_wrapped_request, upload_request, verify_audit_log,
+};
 use common::server::{TestDevice, TestServer};
 use common::Kind;
-use keyhold::crypto::sign::{Prekey, PrekeyKind};
-use keyhold::crypto::xwing::DecapsulationKey;
-use keyhold::crypto::Suite;
+use keyhold::crypto::sign::PrekeyKind;
 use keyhold::key_screening::{screen_stored_keys, ScreeningReport};
 use keyhold::proto::keyhold::v1 as pb;
 
@@ -17,33 +18,20 @@ use keyhold::proto::keyhold::v1 as pb;
 const P_MINUS_ONE: &str = "ecffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff7f";
 
 fn signed_prekey(d: &TestDevice, kind: PrekeyKind) -> pb::SignedPrekey {
-    let key = DecapsulationKey::generate().expect("keygen");
-    let prekey = Prekey {
-        suite: Suite::XWingAes256GcmV1,
-        user: d.user.clone(),
-        device: d.device.clone(),
-        kind,
-        key: key.encapsulation_key().clone(),
-    };
-    pb::SignedPrekey {
-        suite: pb::Suite::XwingAes256gcmV1 as i32,
-        encapsulation_key: prekey.key.to_bytes(),
-        signature: d.identity.sign(&prekey).as_bytes().to_vec(),
-    }
+    requests::signed_prekey(d, kind).0
 }
 
 async fn upload(server: &TestServer, d: &TestDevice, one_time: usize) {
     d.client(server)
         .await
         .key_directory()
-        .upload_prekeys(pb::UploadPrekeysRequest {
-            user_id: d.user.to_string(),
-            device_id: d.device.to_string(),
-            one_time_prekeys: (0..one_time)
+        .upload_prekeys(upload_request(
+            d,
+            (0..one_time)
                 .map(|_| signed_prekey(d, PrekeyKind::OneTime))
                 .collect(),
-            last_resort_prekey: Some(signed_prekey(d, PrekeyKind::LastResort)),
-        })
+            Some(signed_prekey(d, PrekeyKind::LastResort)),
+        ))
         .await
         .expect("upload prekeys");
 }
@@ -103,21 +91,10 @@ async fn create_with(
     server: &TestServer,
     users: &[&str],
 ) -> Result<pb::CreateSessionResponse, tonic::Status> {
-    let app = server.token(pb::Role::App, "", "").await;
-    server
-        .client(&app)
+    role_client(server, pb::Role::App)
         .await
         .sessions()
-        .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList {
-                    user_ids: users.iter().map(|u| u.to_string()).collect(),
-                },
-            )),
-            ..Default::default()
-        })
+        .create_session(service_wrapped_request("alice", users))
         .await
         .map(|r| r.into_inner())
 }
@@ -183,15 +160,7 @@ async fn unusable_stored_keys_are_taken_out_once(server: &TestServer) {
         deleted[0]
     );
 
-    let staff = server.token(pb::Role::Staff, "", "").await;
-    let verdict = server
-        .client(&staff)
-        .await
-        .escrow()
-        .verify_audit_log(pb::VerifyAuditLogRequest {})
-        .await
-        .expect("verify")
-        .into_inner();
+    let verdict = verify_audit_log(server).await;
     assert!(verdict.ok, "{verdict:?}");
 
     // mallory's device has no current key now; alice's was never touched.

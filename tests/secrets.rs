@@ -13,15 +13,17 @@ use std::collections::BTreeSet;
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 
+use common::requests::{
+    add_recipients, client_wrapped_request, device_context, key_set, remove_recipients,
+    service_wrapped_request, signed_key_set, user_ids, WrapTarget,
+};
 use common::server::{TestDevice, TestServer};
 use common::Kind;
 use diesel::QueryableByName;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
-use keyhold::crypto::envelope::{open_dek, wrap_dek, DekEnvelope, Recipient, WrapContext};
+use keyhold::crypto::envelope::{open_dek, DekEnvelope, Recipient, WrapContext};
 use keyhold::crypto::ids::{Epoch, SessionId};
 use keyhold::crypto::keys::Dek;
-use keyhold::crypto::sign::{ClientWrap, ClientWrappedKeySet, EscrowWrap};
-use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use tonic::Code;
@@ -172,17 +174,6 @@ async fn enroll(
     d
 }
 
-fn device_ctx(d: &TestDevice, session: SessionId, epoch: Epoch) -> WrapContext {
-    WrapContext {
-        session_id: session,
-        epoch,
-        recipient: Recipient::Device {
-            user: d.user.clone(),
-            device: d.device.clone(),
-        },
-    }
-}
-
 /// Opens `d`'s envelope among `keys` (as returned by a Sessions call).
 fn open_for(d: &TestDevice, keys: &[pb::SessionKey]) -> Dek {
     let k = keys
@@ -192,7 +183,7 @@ fn open_for(d: &TestDevice, keys: &[pb::SessionKey]) -> Dek {
     let session = SessionId::parse(&k.session_id).expect("session id");
     let epoch = Epoch::new(k.epoch).expect("epoch");
     let envelope = DekEnvelope::from_bytes(&k.envelope).expect("envelope");
-    open_dek(&envelope, &d.xwing, &device_ctx(d, session, epoch))
+    open_dek(&envelope, &d.xwing, &device_context(d, session, epoch))
         .expect("device opens its envelope")
 }
 
@@ -205,15 +196,8 @@ async fn service_wrapped(
     let created = app
         .sessions()
         .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: author.into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList {
-                    user_ids: recipients.iter().map(|u| u.to_string()).collect(),
-                },
-            )),
             return_plaintext_dek: true,
-            ..Default::default()
+            ..service_wrapped_request(author, recipients)
         })
         .await
         .expect("create service-wrapped session")
@@ -238,82 +222,30 @@ async fn client_wrapped(
 ) -> (SessionId, Dek) {
     let session = SessionId::generate();
     let dek = Dek::generate().expect("dek");
-    let wraps: Vec<ClientWrap> = devices
-        .iter()
-        .map(|d| ClientWrap {
-            user: d.user.clone(),
-            device: d.device.clone(),
-            key_id: d.xwing.encapsulation_key().key_id(),
-            envelope: wrap_dek(
-                &dek,
-                d.xwing.encapsulation_key(),
-                &device_ctx(d, session, Epoch::FIRST),
-            )
-            .expect("wrap"),
-        })
-        .collect();
-    let escrow_key = server.escrow_key.encapsulation_key();
-    let escrow = EscrowWrap {
-        key_id: escrow_key.key_id(),
-        envelope: wrap_dek(
-            &dek,
-            escrow_key,
-            &WrapContext {
-                session_id: session,
-                epoch: Epoch::FIRST,
-                recipient: Recipient::Escrow,
-            },
-        )
-        .expect("escrow wrap"),
-    };
-    let set = ClientWrappedKeySet {
-        suite: Suite::XWingAes256GcmV1,
-        session_id: session,
-        epoch: Epoch::FIRST,
-        author_user: author.user.clone(),
-        author_device: author.device.clone(),
-        wraps: wraps.clone(),
-        escrow: Some(escrow.clone()),
-    };
-    let signature = author.identity.sign(&set);
-    let recipients: BTreeSet<String> = devices
+    let set = key_set(
+        author,
+        session,
+        Epoch::FIRST,
+        &dek,
+        &WrapTarget::devices(devices),
+        Some(server.escrow_key.encapsulation_key()),
+    );
+    let recipients: BTreeSet<&str> = devices
         .iter()
         .filter(|d| d.user != author.user)
-        .map(|d| d.user.to_string())
+        .map(|d| d.user.as_str())
         .collect();
+    let recipients: Vec<&str> = recipients.into_iter().collect();
     author
         .client(server)
         .await
         .sessions()
-        .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ClientWrapped as i32,
-            author_user_id: author.user.to_string(),
-            author_device_id: author.device.to_string(),
-            session_id: session.to_string(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList {
-                    user_ids: recipients.into_iter().collect(),
-                },
-            )),
-            key_set: Some(pb::ClientWrappedKeySet {
-                epoch: 1,
-                wraps: wraps
-                    .iter()
-                    .map(|w| pb::ClientWrap {
-                        user_id: w.user.to_string(),
-                        device_id: w.device.to_string(),
-                        key_id: w.key_id.as_bytes().to_vec(),
-                        envelope: w.envelope.as_bytes().to_vec(),
-                    })
-                    .collect(),
-                escrow: Some(pb::EscrowWrap {
-                    escrow_key_id: escrow.key_id.as_bytes().to_vec(),
-                    envelope: escrow.envelope.as_bytes().to_vec(),
-                }),
-                signature: signature.as_bytes().to_vec(),
-            }),
-            ..Default::default()
-        })
+        .create_session(client_wrapped_request(
+            author,
+            session,
+            user_ids(&recipients),
+            signed_key_set(author, &set),
+        ))
         .await
         .expect("create client-wrapped session");
     (session, dek)
@@ -387,28 +319,10 @@ async fn exercise_sessions(server: &TestServer) -> Footprint {
     assert_ne!(dek2, dek1);
     // Carol joins at epoch 2: wrapped from the service's KEK copy, the same DEK.
     let carol = enroll(server, &mut tokens, "carol", "laptop").await;
-    let added = app
-        .sessions()
-        .add_recipients(pb::AddRecipientsRequest {
-            session_id: s1.to_string(),
-            user_ids: vec!["carol".into()],
-            key_set: None,
-        })
-        .await
-        .expect("add carol")
-        .into_inner();
+    let added = add_recipients(&app, s1, &["carol"]).await;
     assert_eq!(open_for(&carol, &added.session_keys), dek2);
     // Bob leaves: epoch 3.
-    let removed = app
-        .sessions()
-        .remove_recipients(pb::RemoveRecipientsRequest {
-            session_id: s1.to_string(),
-            user_ids: vec!["bob".into()],
-            key_set: None,
-        })
-        .await
-        .expect("remove bob")
-        .into_inner();
+    let removed = remove_recipients(&app, s1, &["bob"]).await;
     assert_eq!(removed.epoch, 3);
     let dek3 = open_for(&carol, &removed.session_keys);
 

@@ -146,3 +146,24 @@ pub fn signed_prekey(
         signature: signature.as_bytes().to_vec(),
     }
 }
+
+/// Asserts that a request carrying a low-order key (`name`) was refused as INVALID_ARGUMENT
+/// whose message names `field` first and says the key is low-order.
+pub fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, tonic::Status>,
+    name: &str,
+    field: &str,
+) {
+    let err = result.expect_err(name);
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err:?}");
+    assert!(
+        err.message().starts_with(&format!("{field}:")),
+        "{name}: {field}: {}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("low-order"),
+        "{name}: {}",
+        err.message()
+    );
+}

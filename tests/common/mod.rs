@@ -157,6 +157,9 @@ impl Drop for TestDb {
         }
     }
 }
+pub mod callers;
 pub mod low_order;
 pub mod raw_db;
+pub mod requests;
 pub mod server;
+pub mod world;

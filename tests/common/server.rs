@@ -7,9 +7,8 @@ use keyhold::auth::Role;
 use keyhold::client::Client;
 use keyhold::config::Limits;
 use keyhold::crypto::ids::{DeviceId, UserId};
-use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair};
+use keyhold::crypto::sign::IdentityKeyPair;
 use keyhold::crypto::xwing::DecapsulationKey;
-use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::{issue_token, TokenRequest};
@@ -67,19 +66,7 @@ impl TestServer {
         )
         .await
         .expect("admin token");
-        let state = keyhold::server::app_state(store.clone(), keys, 1000, limits);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            keyhold::server::serve(listener, state, async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("server runs");
-        });
+        let (endpoint, tx, handle) = serve(store.clone(), keys, limits).await;
         TestServer {
             endpoint,
             store,
@@ -141,6 +128,29 @@ impl TestServer {
     }
 }
 
+/// Serves `store` with `keys` and `limits` on an ephemeral port: the endpoint, the sender that
+/// shuts the server down, and its task.
+async fn serve(
+    store: Store,
+    keys: keyfiles::ServiceKeys,
+    limits: Limits,
+) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let state = keyhold::server::app_state(store, keys, 1000, limits);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(async move {
+        keyhold::server::serve(listener, state, async {
+            let _ = rx.await;
+        })
+        .await
+        .expect("server runs");
+    });
+    (endpoint, tx, handle)
+}
+
 /// Another Keyhold server over the same database and keys as a [`TestServer`], with a store
 /// (and connection pool) of its own: a second replica, as a separate process would be.
 pub struct Replica {
@@ -156,19 +166,7 @@ impl TestServer {
         let (keys, _warnings) =
             keyfiles::load_or_generate(&self.key_dir, None, None).expect("load keys");
         let store = Store::open(&self.db.url).await.expect("open store");
-        let state = keyhold::server::app_state(store, keys, 1000, limits);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            keyhold::server::serve(listener, state, async {
-                let _ = rx.await;
-            })
-            .await
-            .expect("replica runs");
-        });
+        let (endpoint, tx, handle) = serve(store, keys, limits).await;
         Replica {
             endpoint,
             shutdown: Some(tx),
@@ -232,22 +230,7 @@ impl TestDevice {
 
     /// The signed PublishDeviceKey request for this device's current keys.
     pub fn publish_request(&self) -> pb::PublishDeviceKeyRequest {
-        let bundle = DeviceKeyBundle {
-            suite: Suite::XWingAes256GcmV1,
-            user: self.user.clone(),
-            device: self.device.clone(),
-            identity_key: self.identity.public_key(),
-            encapsulation_key: self.xwing.encapsulation_key().clone(),
-        };
-        let signature = self.identity.sign(&bundle);
-        pb::PublishDeviceKeyRequest {
-            user_id: self.user.to_string(),
-            device_id: self.device.to_string(),
-            suite: pb::Suite::XwingAes256gcmV1 as i32,
-            encapsulation_key: self.xwing.encapsulation_key().to_bytes(),
-            identity_key: self.identity.public_key().as_bytes().to_vec(),
-            signature: signature.as_bytes().to_vec(),
-        }
+        super::requests::bundle_request(self, &self.xwing)
     }
 
     /// Publishes the current keys as the device itself.
@@ -289,6 +272,50 @@ macro_rules! on_both_servers {
                     let server = $crate::common::server::TestServer::start(db).await;
                     super::$body(&server).await;
                     server.stop().await;
+                }
+            )*
+        }
+    };
+}
+
+/// Starts a server with `limits` on `db`, runs `body` against it and stops it.
+pub async fn run_with_limits(db: TestDb, limits: Limits, body: impl AsyncFnOnce(&TestServer)) {
+    let server = TestServer::start_with_limits(db, limits).await;
+    body(&server).await;
+    server.stop().await;
+}
+
+/// [`run_with_limits`] on a fresh PostgreSQL database, when PostgreSQL tests run.
+pub async fn run_on_postgres_with_limits(limits: Limits, body: impl AsyncFnOnce(&TestServer)) {
+    if let Some(db) = super::postgres_db().await {
+        run_with_limits(db, limits, body).await;
+    }
+}
+
+/// Runs `body` against a server started with `limits()` instead of the default limits, on
+/// SQLite and, when available, on PostgreSQL.
+#[macro_export]
+macro_rules! on_both_servers_with {
+    ($($name:ident => $body:ident ($limits:ident);)*) => {
+        mod with_limits_sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    $crate::common::server::run_with_limits(
+                        $crate::common::sqlite_db(),
+                        super::$limits(),
+                        super::$body,
+                    )
+                    .await;
+                }
+            )*
+        }
+        mod with_limits_postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    $crate::common::server::run_on_postgres_with_limits(super::$limits(), super::$body)
+                        .await;
                 }
             )*
         }
