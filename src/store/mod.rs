@@ -264,6 +264,8 @@ pub(crate) enum DbConn {
 /// `Conn`, so every `Conn` query also runs inside a transaction.
 pub struct Conn {
     pub(crate) db: DbConn,
+    /// [`StoreOptions::message_write_timeout`], which message writes on this connection carry.
+    pub(crate) message_write_timeout: Duration,
 }
 
 impl fmt::Debug for Conn {
@@ -449,6 +451,7 @@ impl Store {
     pub async fn conn(&self) -> Result<Conn, StoreError> {
         Ok(Conn {
             db: self.db_conn().await?,
+            message_write_timeout: self.options.message_write_timeout,
         })
     }
 
@@ -500,10 +503,27 @@ impl Store {
         R: Send,
         E: From<StoreError> + fmt::Display + Send,
     {
+        self.transaction_begun_with(None, f).await
+    }
+
+    /// [`Store::transaction`], begun on PostgreSQL with `postgres_begin` (a `BEGIN` followed
+    /// by `SET LOCAL` settings, in one round trip) when given.
+    pub(crate) async fn transaction_begun_with<R, E, F>(
+        &self,
+        postgres_begin: Option<&str>,
+        f: F,
+    ) -> Result<R, E>
+    where
+        for<'r> F: AsyncFnOnce(&'r mut Tx) -> Result<R, E>
+            + TxFn<&'r mut Tx, Result<R, E>, Fut: Send>
+            + Send,
+        R: Send,
+        E: From<StoreError> + fmt::Display + Send,
+    {
         let mut tx = Tx {
             conn: self.conn().await?,
         };
-        tx.begin().await?;
+        tx.begin(postgres_begin).await?;
         match f(&mut tx).await {
             Ok(value) => {
                 tx.commit().await?;
@@ -521,7 +541,7 @@ impl Store {
 }
 
 impl Tx {
-    async fn begin(&mut self) -> Result<(), StoreError> {
+    async fn begin(&mut self, postgres_begin: Option<&str>) -> Result<(), StoreError> {
         let conn = &mut self.conn.db;
         db_run!(conn: sqlite {
             // Take the write lock now, not at the first write, so that a read-then-write
@@ -534,7 +554,15 @@ impl Tx {
             })
             .await?;
         } postgres {
-            <PgConn as AsyncConnection>::TransactionManager::begin_transaction(conn).await?;
+            match postgres_begin {
+                Some(sql) => {
+                    diesel_async::AnsiTransactionManager::begin_transaction_sql(conn, sql).await?
+                }
+                None => {
+                    <PgConn as AsyncConnection>::TransactionManager::begin_transaction(conn)
+                        .await?
+                }
+            }
         });
         Ok(())
     }

@@ -1,0 +1,2 @@
+DROP TRIGGER messages_commit_deadline ON messages;
+DROP FUNCTION keyhold_message_commit_deadline();
