@@ -106,7 +106,11 @@ impl World {
                 .await
                 .expect("timeline")
                 .into_inner();
-            out.extend(page.messages.into_iter().map(|m| (m.message_id, m.created_at)));
+            out.extend(
+                page.messages
+                    .into_iter()
+                    .map(|m| (m.message_id, m.created_at)),
+            );
             if page.next_cursor.is_empty() {
                 return out;
             }
@@ -148,7 +152,11 @@ async fn server_with(options: StoreOptions) -> Option<(TestServer, World)> {
 
 /// The paused writer: a raw connection (no session timeouts) that marks itself as a writer
 /// with `bound_ms`, inserts a message of the session at the database clock, and stops.
-async fn paused_writer(server: &TestServer, w: &World, bound_ms: u64) -> (AsyncPgConnection, MessageId) {
+async fn paused_writer(
+    server: &TestServer,
+    w: &World,
+    bound_ms: u64,
+) -> (AsyncPgConnection, MessageId) {
     let mut conn = AsyncPgConnection::establish(&server.db.url)
         .await
         .expect("connect");
@@ -163,7 +171,9 @@ async fn paused_writer(server: &TestServer, w: &World, bound_ms: u64) -> (AsyncP
         id = hex::encode(id.as_bytes()),
         session = hex::encode(w.session.as_bytes()),
     );
-    conn.batch_execute(&sql).await.expect("the paused writer inserts");
+    conn.batch_execute(&sql)
+        .await
+        .expect("the paused writer inserts");
     (conn, id)
 }
 
@@ -204,7 +214,10 @@ async fn a_paused_writer_holds_listings_only_until_its_bound_and_then_cannot_com
     );
     let now = w.timeline(&carol).await;
     let paused_hex = paused_id.to_string();
-    assert!(!now.iter().any(|(id, _)| *id == paused_hex), "the refused write is not stored");
+    assert!(
+        !now.iter().any(|(id, _)| *id == paused_hex),
+        "the refused write is not stored"
+    );
     only_above(&early, &now);
     // Writes and listings go on as before.
     let after = w.put(&server, 2).await;
@@ -224,8 +237,13 @@ async fn a_slow_writer_within_its_bound_commits_and_lands_above_what_was_listed(
     let (mut slow, slow_id) = paused_writer(&server, &w, 60_000).await;
     let fresh = w.put(&server, 1).await;
     let early = w.timeline(&carol).await;
-    assert!(!early.iter().any(|(id, _)| *id == fresh), "listed above an open writer");
-    slow.batch_execute("COMMIT").await.expect("commits within its bound");
+    assert!(
+        !early.iter().any(|(id, _)| *id == fresh),
+        "listed above an open writer"
+    );
+    slow.batch_execute("COMMIT")
+        .await
+        .expect("commits within its bound");
     w.until_listed(&server, &fresh).await;
     let now = w.timeline(&carol).await;
     assert!(now.iter().any(|(id, _)| *id == slow_id.to_string()));
@@ -284,7 +302,10 @@ async fn a_message_transaction_past_its_bound_is_refused_at_commit() {
     let refused = holder.await.expect("join").expect_err("refused at commit");
     assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
     let now = w.timeline(&carol).await;
-    assert!(!now.iter().any(|(id, _)| *id == held_id), "nothing of it is stored");
+    assert!(
+        !now.iter().any(|(id, _)| *id == held_id),
+        "nothing of it is stored"
+    );
     server.stop().await;
 }
 
@@ -330,7 +351,10 @@ async fn a_writer_idle_in_its_transaction_is_closed_and_listings_move_on() {
     let fresh = w.put(&server, 1).await;
     w.until_listed(&server, &fresh).await;
     release_tx.send(()).expect("release");
-    let closed = holder.await.expect("join").expect_err("its connection was closed");
+    let closed = holder
+        .await
+        .expect("join")
+        .expect_err("its connection was closed");
     assert!(matches!(closed, StoreError::Unavailable(_)), "{closed:?}");
     // The pool replaces the closed connection: writes go on without a restart.
     let after = w.put(&server, 2).await;

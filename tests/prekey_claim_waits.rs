@@ -186,8 +186,7 @@ async fn a_held_one_time_prekey_rolled_back_is_handed_out_never_the_last_resort(
 /// one-time prekey committed and gets the last-resort prekey.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_one_time_prekey_claimed_by_its_holder_leaves_the_last_resort() {
-    let Some((server, device, _, last_resort_id)) = one_left(Duration::from_secs(30)).await
-    else {
+    let Some((server, device, _, last_resort_id)) = one_left(Duration::from_secs(30)).await else {
         return;
     };
     let mut locker = lock_the_one_time_row(&server).await;
@@ -198,7 +197,11 @@ async fn a_held_one_time_prekey_claimed_by_its_holder_leaves_the_last_resort() {
         .await
         .expect("the holder claims and commits");
     let claimed = claim.await.expect("join").expect("claim");
-    assert_eq!(claimed.kind, pb::PrekeyKind::LastResort as i32, "{claimed:?}");
+    assert_eq!(
+        claimed.kind,
+        pb::PrekeyKind::LastResort as i32,
+        "{claimed:?}"
+    );
     assert_eq!(claimed.key_id, last_resort_id.as_bytes().to_vec());
     let stock = stock_of(&server, &device).await;
     assert_eq!(stock.one_time_remaining, 0);
@@ -215,7 +218,10 @@ async fn a_claim_that_waits_past_the_lock_timeout_is_unavailable_not_last_resort
     };
     let mut locker = lock_the_one_time_row(&server).await;
     let claim = start_claim(&server, &device).await;
-    let refused = claim.await.expect("join").expect_err("no prekey while held");
+    let refused = claim
+        .await
+        .expect("join")
+        .expect_err("no prekey while held");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
     assert!(
         refused.message().contains("held by an unfinished claim")

@@ -290,9 +290,13 @@ mod tests {
                 "{message}"
             );
         }
-        let setup = diesel::ConnectionError::CouldntSetupConfiguration(
-            DieselError::DatabaseError(DatabaseErrorKind::Unknown, Box::new("weird".to_owned())),
-        );
-        assert!(matches!(StoreError::from(setup), StoreError::Unavailable(_)));
+        let setup = diesel::ConnectionError::CouldntSetupConfiguration(DieselError::DatabaseError(
+            DatabaseErrorKind::Unknown,
+            Box::new("weird".to_owned()),
+        ));
+        assert!(matches!(
+            StoreError::from(setup),
+            StoreError::Unavailable(_)
+        ));
     }
 }

@@ -535,7 +535,10 @@ impl Tx {
 
     /// The id of the oldest committed one-time prekey of `target` under its current identity
     /// key, whether or not another transaction holds its row (a plain read takes no lock).
-    async fn oldest_one_time_id(&mut self, target: &ClaimTarget) -> Result<Option<i64>, StoreError> {
+    async fn oldest_one_time_id(
+        &mut self,
+        target: &ClaimTarget,
+    ) -> Result<Option<i64>, StoreError> {
         let conn = &mut self.db;
         let id: Option<i64> = db_run!(conn: {
             prekeys::table

@@ -89,7 +89,10 @@ pub(crate) fn message_writer_name(bound_ms: u64) -> String {
         MESSAGE_WRITER_APPLICATION_NAME.to_owned()
     } else {
         // The trigger and the horizon read at most nine digits.
-        format!("{MESSAGE_WRITER_APPLICATION_NAME}/{}", bound_ms.min(999_999_999))
+        format!(
+            "{MESSAGE_WRITER_APPLICATION_NAME}/{}",
+            bound_ms.min(999_999_999)
+        )
     }
 }
 

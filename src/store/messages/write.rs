@@ -14,11 +14,11 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Binary, Bool, Integer, Nullable, Text, Untyped};
 use diesel_async::RunQueryDsl;
 
+use super::horizon::message_writer_name;
 use super::{
     epoch_db, epoch_from_db, Author, Message, MessageRow, NewMessage, PutOutcome, Writer,
     ROWS_PER_STATEMENT,
 };
-use super::horizon::message_writer_name;
 use crate::crypto::ids::{DeviceId, Epoch, MessageId, SessionId};
 use crate::store::schema::{messages, sessions};
 use crate::store::sql::coalesce;
