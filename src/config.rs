@@ -251,6 +251,10 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(s.database_url, "sqlite://data/keyhold.db");
         assert_eq!(s.kek_file, None);
+        assert_eq!(s.db_statement_timeout_ms, 30_000);
+        assert_eq!(s.db_lock_timeout_ms, 5_000);
+        assert_eq!(s.db_idle_in_transaction_timeout_ms, 5_000);
+        assert_eq!(s.message_write_timeout_ms, 5_000);
     }
 
     #[test]

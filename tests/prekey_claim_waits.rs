@@ -238,3 +238,43 @@ async fn a_claim_that_waits_past_the_lock_timeout_is_unavailable_not_last_resort
     assert_eq!(claimed.key_id, one_time_id.as_bytes().to_vec());
     server.stop().await;
 }
+
+/// The session settings reach every pooled connection: with the lock timeout off, the same
+/// wait is cut by `statement_timeout` instead, still UNAVAILABLE and still no last resort.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_statement_timeout_of_every_connection_cuts_a_wait_the_lock_timeout_does_not() {
+    let Some(db) = common::postgres_db().await else {
+        return;
+    };
+    let options = StoreOptions {
+        lock_timeout: Duration::ZERO,
+        statement_timeout: Duration::from_millis(300),
+        ..StoreOptions::default()
+    };
+    let server = TestServer::start_with_options(db, Limits::default(), options).await;
+    let device = TestDevice::enroll(&server, "alice", "phone").await;
+    let (one_time, _) = signed_prekey(&device, PrekeyKind::OneTime);
+    let (last_resort, _) = signed_prekey(&device, PrekeyKind::LastResort);
+    device
+        .client(&server)
+        .await
+        .key_directory()
+        .upload_prekeys(pb::UploadPrekeysRequest {
+            user_id: device.user.to_string(),
+            device_id: device.device.to_string(),
+            one_time_prekeys: vec![one_time],
+            last_resort_prekey: Some(last_resort),
+        })
+        .await
+        .expect("upload");
+    let mut locker = lock_the_one_time_row(&server).await;
+    let refused = start_claim(&server, &device)
+        .await
+        .await
+        .expect("join")
+        .expect_err("cut by the statement timeout");
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    locker.batch_execute("ROLLBACK").await.expect("roll back");
+    assert_eq!(stock_of(&server, &device).await.one_time_remaining, 1);
+    server.stop().await;
+}
