@@ -24,7 +24,20 @@ BEGIN
 END
 $fn$;
 
+-- One check per transaction is enough: only its first inserted message row queues the check
+-- (a transaction-local mark, rolled back with a rolled-back savepoint like the row's event), so
+-- a batch of 500 messages costs one trigger call at commit, not 500.
+CREATE FUNCTION keyhold_message_deadline_unqueued() RETURNS boolean
+LANGUAGE sql VOLATILE AS $fn$
+    SELECT CASE
+        WHEN current_setting('keyhold.message_deadline_queued', true) = 'yes' THEN false
+        ELSE set_config('keyhold.message_deadline_queued', 'yes', true) = 'yes'
+    END
+$fn$;
+
 CREATE CONSTRAINT TRIGGER messages_commit_deadline
     AFTER INSERT ON messages
     DEFERRABLE INITIALLY DEFERRED
-    FOR EACH ROW EXECUTE FUNCTION keyhold_message_commit_deadline();
+    FOR EACH ROW
+    WHEN (keyhold_message_deadline_unqueued())
+    EXECUTE FUNCTION keyhold_message_commit_deadline();
