@@ -114,6 +114,14 @@ settings! {
     max_message_bytes: usize = Limits::DEFAULT.max_message_bytes, flag "max-message-bytes", env "KEYHOLD_MAX_MESSAGE_BYTES";
     /// Most messages one PutMessages call may carry.
     max_message_batch: usize = Limits::DEFAULT.max_message_batch, flag "max-message-batch", env "KEYHOLD_MAX_MESSAGE_BATCH";
+    /// PostgreSQL `statement_timeout` of every database connection, in milliseconds (0: off): a statement running longer is cancelled and its call answers UNAVAILABLE.
+    db_statement_timeout_ms: u32 = 30_000, flag "db-statement-timeout-ms", env "KEYHOLD_DB_STATEMENT_TIMEOUT_MS";
+    /// PostgreSQL `lock_timeout` of every database connection, in milliseconds (0: off): a call waiting longer for a row another unfinished call holds (a prekey claim waiting for a one-time prekey, say) answers UNAVAILABLE.
+    db_lock_timeout_ms: u32 = 5_000, flag "db-lock-timeout-ms", env "KEYHOLD_DB_LOCK_TIMEOUT_MS";
+    /// PostgreSQL `idle_in_transaction_session_timeout` of every database connection, in milliseconds (0: off): the server closes a connection idle inside a transaction for longer (a paused or cut-off replica) and rolls the transaction back.
+    db_idle_in_transaction_timeout_ms: u32 = 5_000, flag "db-idle-in-transaction-timeout-ms", env "KEYHOLD_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS";
+    /// The bound on a PutMessages write on PostgreSQL, in milliseconds (0: off): it commits within this long of its start or not at all, and listings stop waiting for a writer older than this (plus one second) that waits on its client. Every replica must run a version that knows it.
+    message_write_timeout_ms: u32 = 5_000, flag "message-write-timeout-ms", env "KEYHOLD_MESSAGE_WRITE_TIMEOUT_MS";
     /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info`, `keyhold=debug`).
     log: String = "info".to_string(), flag "log", env "KEYHOLD_LOG";
 }
@@ -244,6 +252,10 @@ mod tests {
         assert_eq!(s.listen.to_string(), "127.0.0.1:50051");
         assert_eq!(s.database_url, "sqlite://data/keyhold.db");
         assert_eq!(s.kek_file, None);
+        assert_eq!(s.db_statement_timeout_ms, 30_000);
+        assert_eq!(s.db_lock_timeout_ms, 5_000);
+        assert_eq!(s.db_idle_in_transaction_timeout_ms, 5_000);
+        assert_eq!(s.message_write_timeout_ms, 5_000);
     }
 
     #[test]

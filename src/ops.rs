@@ -2,6 +2,7 @@
 //! `main.rs` only parses the command line and calls these.
 
 use std::path::Path;
+use std::time::Duration;
 
 use tracing_subscriber::EnvFilter;
 
@@ -11,7 +12,7 @@ use crate::crypto::envelope::{open_dek, DekEnvelope, Recipient, WrapContext};
 use crate::crypto::ids::{DeviceId, Epoch, SessionId, UserId};
 use crate::keyfiles;
 use crate::service::admin::{issue_token, TokenRequest};
-use crate::store::{Backend, Store};
+use crate::store::{Backend, Store, StoreOptions};
 
 /// A command's failure, shown to the operator as one line.
 pub type OpError = Box<dyn std::error::Error + Send + Sync>;
@@ -25,10 +26,23 @@ pub fn init_logging(filter: &str) {
         .try_init();
 }
 
+/// The store's options as the settings give them: the PostgreSQL session timeouts and the
+/// bound on message writes; the rest keep [`StoreOptions::default`].
+pub fn store_options(settings: &Settings) -> StoreOptions {
+    let ms = |v: u32| Duration::from_millis(u64::from(v));
+    StoreOptions {
+        statement_timeout: ms(settings.db_statement_timeout_ms),
+        lock_timeout: ms(settings.db_lock_timeout_ms),
+        idle_in_transaction_timeout: ms(settings.db_idle_in_transaction_timeout_ms),
+        message_write_timeout: ms(settings.message_write_timeout_ms),
+        ..StoreOptions::default()
+    }
+}
+
 /// Opens the store and applies the migration policy: SQLite is migrated on start; PostgreSQL
 /// only with `migrate`, and refuses to start with pending migrations otherwise.
 pub async fn open_store_for_serving(settings: &Settings, migrate: bool) -> Result<Store, OpError> {
-    let store = Store::open(&settings.database_url).await?;
+    let store = Store::open_with(&settings.database_url, store_options(settings)).await?;
     match store.backend() {
         // `migrate` logs each migration it applies.
         Backend::Sqlite => {

@@ -42,7 +42,10 @@ pub(crate) enum ErrorClass {
 }
 
 /// A domain error: it knows its class, and its `Display` is the message a caller may read
-/// (for [`ErrorClass::Internal`] and [`ErrorClass::Unavailable`] it is only logged).
+/// (for [`ErrorClass::Internal`] and [`ErrorClass::Unavailable`] it is only logged: an
+/// UNAVAILABLE status carries [`DomainError::public_message`], which for a store error is the
+/// store's own text, never the driver's, so an area whose error is UNAVAILABLE delegates it
+/// to the [`StoreError`] it wraps).
 pub(crate) trait DomainError: fmt::Display {
     /// How this failure is reported.
     fn class(&self) -> ErrorClass;
@@ -72,7 +75,7 @@ pub(crate) fn status<E: DomainError>(e: E) -> Status {
         ErrorClass::ResourceExhausted => Status::resource_exhausted(e.public_message()),
         ErrorClass::Unavailable => {
             tracing::warn!(error = %e, "database unavailable");
-            return Status::unavailable("database unavailable");
+            return Status::unavailable(e.public_message());
         }
         ErrorClass::Internal => {
             tracing::error!(error = %e, "internal failure");
@@ -93,7 +96,8 @@ impl DomainError for StoreError {
             StoreError::AlreadyExists(_) => ErrorClass::AlreadyExists,
             StoreError::VersionConflict(_) => ErrorClass::Aborted,
             StoreError::LimitExceeded(_) => ErrorClass::ResourceExhausted,
-            StoreError::Unavailable(_) => ErrorClass::Unavailable,
+            StoreError::Unavailable(_) | StoreError::LockTimeout(_) => ErrorClass::Unavailable,
+            StoreError::OutOfResources(_) => ErrorClass::ResourceExhausted,
             StoreError::InvalidUrl(_) | StoreError::Internal(_) => ErrorClass::Internal,
         }
     }
@@ -106,6 +110,11 @@ impl DomainError for StoreError {
             StoreError::AlreadyExists(_) => "already exists".into(),
             StoreError::VersionConflict(_) => "conflict with a concurrent change; retry".into(),
             StoreError::LimitExceeded(what) => what.clone(),
+            StoreError::Unavailable(_) => "database unavailable".into(),
+            StoreError::LockTimeout(what) => what.clone(),
+            StoreError::OutOfResources(_) => "the database is out of disk space or memory; \
+                 nothing was written, and writes succeed again once it is freed: retry later"
+                .into(),
             other => other.to_string(),
         }
     }

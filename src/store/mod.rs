@@ -61,7 +61,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use diesel::SqliteConnection;
-use diesel_async::pooled_connection::deadpool::{Object, Pool};
+use diesel_async::pooled_connection::deadpool::{Hook, HookError, Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
 use diesel_async::sync_connection_wrapper::{SyncConnectionWrapper, SyncTransactionManagerWrapper};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager};
@@ -170,6 +170,26 @@ pub struct StoreOptions {
     pub migration_lock_timeout: Duration,
     /// How long SQLite waits for another process's write lock (`PRAGMA busy_timeout`).
     pub sqlite_busy_timeout: Duration,
+    /// PostgreSQL `statement_timeout` of every pooled connection: a statement that runs
+    /// longer is cancelled and its call fails with [`StoreError::Unavailable`]. Zero turns
+    /// it off. (Migrations run on a connection of their own, without it.)
+    pub statement_timeout: Duration,
+    /// PostgreSQL `lock_timeout` of every pooled connection: a statement that waits longer
+    /// for a row or table lock another transaction holds fails with
+    /// [`StoreError::LockTimeout`]. A prekey claim waiting for a one-time prekey held by an
+    /// unfinished claim waits at most this long. Zero turns it off.
+    pub lock_timeout: Duration,
+    /// PostgreSQL `idle_in_transaction_session_timeout` of every pooled connection: a
+    /// connection left idle inside a transaction longer (its process paused or partitioned
+    /// away) is closed by the server and its transaction rolled back. Zero turns it off.
+    pub idle_in_transaction_timeout: Duration,
+    /// The bound on a PutMessages write on PostgreSQL: it commits within this long of its
+    /// transaction's start or not at all (a commit-time check refuses it), and its
+    /// statements have this `statement_timeout`. Listings stop waiting for a writer older
+    /// than this (plus a margin) that is waiting for its client: see
+    /// [`messages`]' visibility horizon. Zero turns the bound off (listings then wait for
+    /// every running writer, however long).
+    pub message_write_timeout: Duration,
 }
 
 impl Default for StoreOptions {
@@ -179,8 +199,27 @@ impl Default for StoreOptions {
             acquire_timeout: Duration::from_secs(10),
             migration_lock_timeout: Duration::from_secs(60),
             sqlite_busy_timeout: Duration::from_secs(5),
+            statement_timeout: Duration::from_secs(30),
+            lock_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(5),
+            message_write_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// PostgreSQL session settings, run on every new pooled connection ([`StoreOptions`]): the
+/// statement, lock and idle-in-transaction timeouts. Values are whole milliseconds, zero
+/// meaning off, as PostgreSQL reads them.
+fn postgres_session_settings(options: &StoreOptions) -> String {
+    let ms = |d: Duration| d.as_millis().min(i32::MAX as u128);
+    format!(
+        "SET statement_timeout = {};\
+         SET lock_timeout = {};\
+         SET idle_in_transaction_session_timeout = {};",
+        ms(options.statement_timeout),
+        ms(options.lock_timeout),
+        ms(options.idle_in_transaction_timeout),
+    )
 }
 
 #[derive(Clone)]
@@ -226,6 +265,8 @@ pub(crate) enum DbConn {
 /// `Conn`, so every `Conn` query also runs inside a transaction.
 pub struct Conn {
     pub(crate) db: DbConn,
+    /// [`StoreOptions::message_write_timeout`], which message writes on this connection carry.
+    pub(crate) message_write_timeout: Duration,
 }
 
 impl fmt::Debug for Conn {
@@ -317,7 +358,9 @@ impl Store {
     /// the first request. Migrations are not run; see [`Store::migrate`].
     ///
     /// Every checkout from the pool first checks the connection with `SELECT 1`, so a
-    /// connection the server dropped is replaced instead of failing a call.
+    /// connection the server dropped is replaced instead of failing a call. Every new
+    /// PostgreSQL connection gets the session settings of [`StoreOptions`] (statement, lock
+    /// and idle-in-transaction timeouts) before its first use.
     pub async fn open_with(url: &str, options: StoreOptions) -> Result<Store, StoreError> {
         let pools = if let Some(path) = sqlite_path(url) {
             if path != ":memory:" {
@@ -354,8 +397,19 @@ impl Store {
             Pools::Sqlite(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let manager = AsyncDieselConnectionManager::<PgConn>::new(url);
+            let settings: Arc<str> = postgres_session_settings(&options).into();
             let pool = Pool::builder(manager)
                 .max_size(options.max_connections.max(1))
+                .post_create(Hook::async_fn(move |conn: &mut PgConn, _| {
+                    let settings = Arc::clone(&settings);
+                    Box::pin(async move {
+                        conn.batch_execute(&settings).await.map_err(|e| {
+                            HookError::Backend(
+                                diesel_async::pooled_connection::PoolError::QueryError(e),
+                            )
+                        })
+                    })
+                }))
                 .build()
                 .map_err(|e| StoreError::Internal(format!("building the PostgreSQL pool: {e}")))?;
             Pools::Postgres(pool)
@@ -398,6 +452,7 @@ impl Store {
     pub async fn conn(&self) -> Result<Conn, StoreError> {
         Ok(Conn {
             db: self.db_conn().await?,
+            message_write_timeout: self.options.message_write_timeout,
         })
     }
 
@@ -449,10 +504,27 @@ impl Store {
         R: Send,
         E: From<StoreError> + fmt::Display + Send,
     {
+        self.transaction_begun_with(None, f).await
+    }
+
+    /// [`Store::transaction`], begun on PostgreSQL with `postgres_begin` (a `BEGIN` followed
+    /// by `SET LOCAL` settings, in one round trip) when given.
+    pub(crate) async fn transaction_begun_with<R, E, F>(
+        &self,
+        postgres_begin: Option<&str>,
+        f: F,
+    ) -> Result<R, E>
+    where
+        for<'r> F: AsyncFnOnce(&'r mut Tx) -> Result<R, E>
+            + TxFn<&'r mut Tx, Result<R, E>, Fut: Send>
+            + Send,
+        R: Send,
+        E: From<StoreError> + fmt::Display + Send,
+    {
         let mut tx = Tx {
             conn: self.conn().await?,
         };
-        tx.begin().await?;
+        tx.begin(postgres_begin).await?;
         match f(&mut tx).await {
             Ok(value) => {
                 tx.commit().await?;
@@ -470,7 +542,7 @@ impl Store {
 }
 
 impl Tx {
-    async fn begin(&mut self) -> Result<(), StoreError> {
+    async fn begin(&mut self, postgres_begin: Option<&str>) -> Result<(), StoreError> {
         let conn = &mut self.conn.db;
         db_run!(conn: sqlite {
             // Take the write lock now, not at the first write, so that a read-then-write
@@ -483,7 +555,15 @@ impl Tx {
             })
             .await?;
         } postgres {
-            <PgConn as AsyncConnection>::TransactionManager::begin_transaction(conn).await?;
+            match postgres_begin {
+                Some(sql) => {
+                    diesel_async::AnsiTransactionManager::begin_transaction_sql(conn, sql).await?
+                }
+                None => {
+                    <PgConn as AsyncConnection>::TransactionManager::begin_transaction(conn)
+                        .await?
+                }
+            }
         });
         Ok(())
     }

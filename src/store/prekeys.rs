@@ -11,7 +11,19 @@
 //! `FOR UPDATE SKIP LOCKED`, so concurrent claims from any number of replicas each lock a
 //! different row instead of queueing on the oldest one, and a row another claim has just
 //! deleted is passed over; on SQLite every write transaction holds the database's write lock,
-//! so claims simply take turns. (An upload also inserts row by row on SQLite, where Diesel has
+//! so claims simply take turns.
+//!
+//! **Last resort only when none is left.** Skipping locked rows must not turn into a
+//! last-resort answer while a one-time prekey is still committed: the claim holding it may
+//! roll back (a replica killed mid-claim, a multi-device claim refused by the rate limit on a
+//! later device). So when the skipping pick finds nothing, a PostgreSQL claim looks for any
+//! committed one-time row without skipping, and if there is one it waits for that row's holder
+//! (bounded by the lock timeout, `StoreOptions::lock_timeout`) and takes the row if the holder
+//! rolled back, or looks again if it committed (`Tx::claim_one`). Only when no one-time row
+//! remains committed is the last-resort prekey handed out. A wait past the lock timeout is
+//! [`StoreError::LockTimeout`] (UNAVAILABLE, retryable), never a last-resort answer. Waits
+//! cannot deadlock: a multi-device claim takes its devices in one order, so it only ever
+//! waits on a device later in that order than every device it holds a row of. (An upload also inserts row by row on SQLite, where Diesel has
 //! no multi-row INSERT for this table; that changes no result.)
 //!
 //! **Current identity only.** Each prekey keeps the identity key its signature was checked
@@ -464,15 +476,47 @@ impl Tx {
         Ok(())
     }
 
-    /// Hands out one prekey of `target`: the oldest one-time prekey, deleted in the same
-    /// statement (`take_oldest_one_time`), or else the last-resort prekey. `None` when
-    /// the device has neither.
+    /// Hands out one prekey of `target`: a one-time prekey, deleted as it is handed out, or
+    /// the last-resort prekey only when no one-time prekey of the device remains committed.
+    /// `None` when the device has neither.
+    ///
+    /// On PostgreSQL the pick skips rows other claims hold (`take_oldest_one_time`); when it
+    /// finds none free, a one-time row may still be stored but held by an unfinished claim,
+    /// which may yet roll back. So the claim looks for any such row without skipping locks
+    /// (`oldest_one_time_id`) and, if there is one, deletes it by id, which waits for its
+    /// holder (at most the lock timeout): a holder that rolls back leaves the row to this
+    /// claim; one that commits took it, and the claim looks again. Each round either hands
+    /// out a one-time prekey or sees one fewer stored (another claim committed taking it),
+    /// so the loop ends. A wait past the lock timeout is [`StoreError::LockTimeout`], never
+    /// a last-resort answer.
     async fn claim_one(
         &mut self,
         target: &ClaimTarget,
     ) -> Result<Option<ClaimedPrekey>, StoreError> {
-        if let Some(row) = self.take_oldest_one_time(target).await? {
-            return Ok(Some(row.try_into()?));
+        loop {
+            if let Some(row) = self.take_oldest_one_time(target).await? {
+                return Ok(Some(row.try_into()?));
+            }
+            if matches!(self.db, super::DbConn::Sqlite(_)) {
+                // One writer at a time: nothing is held by another claim.
+                break;
+            }
+            let Some(held) = self.oldest_one_time_id(target).await? else {
+                break;
+            };
+            match self.take_one_time_waiting(held).await {
+                Ok(Some(row)) => return Ok(Some(row.try_into()?)),
+                // Its holder committed: it was handed out. Look again.
+                Ok(None) => continue,
+                Err(StoreError::LockTimeout(_)) => {
+                    return Err(StoreError::LockTimeout(format!(
+                        "a one-time prekey of device {}/{} is held by an unfinished claim; \
+                         retry the claim shortly",
+                        target.user, target.device
+                    )))
+                }
+                Err(e) => return Err(e),
+            }
         }
         let conn = &mut self.db;
         let last_resort: Option<PrekeyRow> = db_run!(conn: {
@@ -487,6 +531,44 @@ impl Tx {
                 .optional()?
         });
         last_resort.map(ClaimedPrekey::try_from).transpose()
+    }
+
+    /// The id of the oldest committed one-time prekey of `target` under its current identity
+    /// key, whether or not another transaction holds its row (a plain read takes no lock).
+    async fn oldest_one_time_id(
+        &mut self,
+        target: &ClaimTarget,
+    ) -> Result<Option<i64>, StoreError> {
+        let conn = &mut self.db;
+        let id: Option<i64> = db_run!(conn: {
+            prekeys::table
+                .filter(prekeys::user_id.eq(target.user.as_str()))
+                .filter(prekeys::device_id.eq(target.device.as_str()))
+                .filter(prekeys::kind.eq(kind_to_db(PrekeyKind::OneTime)))
+                .filter(prekeys::identity_key.eq(target.identity_key.as_slice()))
+                .order(prekeys::id)
+                .select(prekeys::id)
+                .first(conn)
+                .await
+                .optional()?
+        });
+        Ok(id)
+    }
+
+    /// Deletes and returns the one-time prekey `id`, waiting for a transaction that holds
+    /// its row to end (at most the lock timeout): the row if that transaction rolled back,
+    /// `None` if it deleted the row and committed (PostgreSQL re-reads a row whose lock it
+    /// waited for, and a deleted one no longer matches).
+    async fn take_one_time_waiting(&mut self, id: i64) -> Result<Option<PrekeyRow>, StoreError> {
+        let conn = &mut self.db;
+        let taken: Option<PrekeyRow> = db_run!(conn: {
+            diesel::delete(prekeys::table.filter(prekeys::id.eq(id)))
+                .returning(PrekeyRow::as_returning())
+                .get_result(conn)
+                .await
+                .optional()?
+        });
+        Ok(taken)
     }
 
     /// Deletes and returns the oldest one-time prekey of `target` signed by its current

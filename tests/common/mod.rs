@@ -53,6 +53,17 @@ pub fn sqlite_db() -> TestDb {
     }
 }
 
+/// A fresh SQLite database file in `dir` (created by the store), which is removed with the
+/// [`TestDb`]: for a test that puts the database on a file system of its own.
+pub fn sqlite_db_in(dir: PathBuf) -> TestDb {
+    let url = format!("sqlite://{}", dir.join("keyhold.db").display());
+    TestDb {
+        url,
+        kind: Kind::Sqlite,
+        cleanup: Cleanup::Dir(dir),
+    }
+}
+
 /// The admin URL for PostgreSQL tests, or `None` (after a printed notice) to skip them.
 ///
 /// Panics when the variable is unset and `CI` is set: CI must not pass by skipping.

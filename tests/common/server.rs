@@ -13,7 +13,7 @@ use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::{issue_token, TokenRequest};
 use keyhold::store::audit::AuditEvent;
-use keyhold::store::Store;
+use keyhold::store::{Store, StoreOptions};
 use tokio::sync::oneshot;
 
 use super::{Kind, TestDb};
@@ -45,6 +45,15 @@ impl TestServer {
 
     /// [`TestServer::start`] with other prekey, ratchet and inbox limits.
     pub async fn start_with_limits(db: TestDb, limits: Limits) -> TestServer {
+        TestServer::start_with_options(db, limits, StoreOptions::default()).await
+    }
+
+    /// [`TestServer::start_with_limits`] with other store options (timeouts, bounds).
+    pub async fn start_with_options(
+        db: TestDb,
+        limits: Limits,
+        options: StoreOptions,
+    ) -> TestServer {
         let key_dir = std::env::temp_dir().join(format!(
             "keyhold-test-keys-{}",
             uuid::Uuid::now_v7().simple()
@@ -53,7 +62,9 @@ impl TestServer {
             keyfiles::load_or_generate(&key_dir, None, None).expect("generate keys");
         let escrow_key = keyfiles::read_escrow_private_key(&key_dir.join("dev-escrow.key"))
             .expect("read escrow private key");
-        let store = Store::open(&db.url).await.expect("open store");
+        let store = Store::open_with(&db.url, options)
+            .await
+            .expect("open store");
         store.migrate().await.expect("migrate");
         let admin = issue_token(
             &store,

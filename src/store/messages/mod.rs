@@ -43,6 +43,8 @@
 //!   that will ever exist below the horizon is already visible, and nothing can later
 //!   appear below a listed one. The cost is that a message is listed only once every
 //!   message write that started before it has ended: a few milliseconds with short batches.
+//!   A writer that stalls is not waited for past its bound (`horizon.rs`: it can no longer
+//!   commit), so a paused replica delays listings by seconds, not for as long as it is paused.
 //!   This needs the replicas to share one database role (so they see each other's
 //!   `xact_start`; or hold `pg_read_all_stats`), `track_activities` on (the default), and a
 //!   database clock that does not step backwards (NTP slews it).

@@ -14,9 +14,10 @@ use diesel::query_builder::{AstPass, Query, QueryFragment, QueryId};
 use diesel::sql_types::{Array, BigInt, Binary, Bool, Integer, Nullable, Text, Untyped};
 use diesel_async::RunQueryDsl;
 
+use super::horizon::message_writer_name;
 use super::{
     epoch_db, epoch_from_db, Author, Message, MessageRow, NewMessage, PutOutcome, Writer,
-    MESSAGE_WRITER_APPLICATION_NAME, ROWS_PER_STATEMENT,
+    ROWS_PER_STATEMENT,
 };
 use crate::crypto::ids::{DeviceId, Epoch, MessageId, SessionId};
 use crate::store::schema::{messages, sessions};
@@ -31,7 +32,8 @@ use crate::store::{db_run, Backend, Conn, DbConn, Store, StoreError, Timestamp, 
 /// first), so that listings hold their horizon at or below its start (module docs); it is
 /// volatile, so it runs once, before the first row is inserted.
 ///
-/// Parameters: `$1` [`MESSAGE_WRITER_APPLICATION_NAME`], `$2` the author user, `$3` the
+/// Parameters: `$1` the writer's name ([`message_writer_name`], which carries its bound for
+/// the commit-time check and the horizon, see `horizon.rs`), `$2` the author user, `$3` the
 /// author device or NULL, `$4`…`$9` the batch's columns (ids, sessions, epochs, nonces,
 /// ciphertexts, associated data), `$10` whether the writer is a device.
 const INSERT_SQL: &str = include_str!("insert.sql");
@@ -49,6 +51,7 @@ struct Inserted {
 /// `sql_query` is parsed and planned again at every call: measured ~0.6 ms of a single
 /// message's ~1.2 ms in the database).
 struct PgInsert<'a> {
+    writer_name: &'a str,
     user: &'a str,
     device: Option<&'a str>,
     device_writer: bool,
@@ -75,9 +78,7 @@ impl QueryFragment<Pg> for PgInsert<'_> {
         for piece in pieces(INSERT_SQL) {
             match piece {
                 Piece::Sql(sql) => out.push_sql(sql),
-                Piece::Param("1") => {
-                    out.push_bind_param::<Text, _>(MESSAGE_WRITER_APPLICATION_NAME)?
-                }
+                Piece::Param("1") => out.push_bind_param::<Text, _>(self.writer_name)?,
                 Piece::Param("2") => out.push_bind_param::<Text, _>(self.user)?,
                 Piece::Param("3") => out.push_bind_param::<Nullable<Text>, _>(&self.device)?,
                 Piece::Param("4") => out.push_bind_param::<Array<Binary>, _>(&self.ids)?,
@@ -163,8 +164,13 @@ impl Store {
         if batch.len() == 1 && self.backend() == Backend::Postgres {
             return self.conn().await?.put(writer, &author, &batch).await;
         }
-        self.transaction(async move |tx| tx.put_messages(writer, &author, &batch).await)
-            .await
+        // On PostgreSQL the transaction's statements run under the write bound (horizon.rs).
+        let bound = self.options.message_write_timeout.as_millis();
+        let begin = (bound > 0).then(|| format!("BEGIN; SET LOCAL statement_timeout = {bound}"));
+        self.transaction_begun_with(begin.as_deref(), async move |tx| {
+            tx.put_messages(writer, &author, &batch).await
+        })
+        .await
     }
 }
 
@@ -320,7 +326,11 @@ impl Conn {
                 })
                 .await?)
         } postgres {
+            let writer_name = message_writer_name(
+                u64::try_from(self.message_write_timeout.as_millis()).unwrap_or(u64::MAX),
+            );
             let mut insert = PgInsert {
+                writer_name: &writer_name,
                 user: author.user.as_str(),
                 device: author.device.as_ref().map(DeviceId::as_str),
                 device_writer: writer == Writer::Device,
@@ -491,6 +501,7 @@ mod tests {
     #[test]
     fn insert_binds_one_value_per_placeholder_and_caches_as_one_statement() {
         let insert = PgInsert {
+            writer_name: "keyhold:put-messages/5000",
             user: "alice",
             device: Some("phone"),
             device_writer: true,
