@@ -6,8 +6,9 @@
 //! secret) and compares the secret's hash in constant time.
 //!
 //! [`AuthLayer`] runs before every `keyhold.v1.*` call and puts the caller's [`Principal`] into
-//! the request's extensions; the health and reflection services stay open, as load balancers
-//! and `grpcurl` expect.
+//! the request's extensions (and the caller's [`Role`] into the response's, for the call's log
+//! line); the health and reflection services stay open, as load balancers and `grpcurl`
+//! expect.
 
 use std::fmt;
 use std::future::Future;
@@ -270,8 +271,12 @@ where
             };
             match lookup.authenticate(token).await {
                 Ok(Some(principal)) => {
+                    let role = principal.role();
                     req.extensions_mut().insert(principal);
-                    inner.call(req).await
+                    // The role goes back out with the response, for the call's log line.
+                    let mut response = inner.call(req).await?;
+                    response.extensions_mut().insert(role);
+                    Ok(response)
                 }
                 Ok(None) => {
                     Ok(tonic::Status::unauthenticated("unknown or revoked token").into_http())

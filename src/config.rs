@@ -115,6 +115,10 @@ settings! {
     max_message_batch: usize = Limits::DEFAULT.max_message_batch, flag "max-message-batch", env "KEYHOLD_MAX_MESSAGE_BATCH";
     /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info`, `keyhold=debug`).
     log: String = "info".to_string(), flag "log", env "KEYHOLD_LOG";
+    /// Log format: `text` (for people; colours only on a terminal) or `json` (one object per line).
+    log_format: LogFormat = LogFormat::Text, flag "log-format", env "KEYHOLD_LOG_FORMAT";
+    /// The address of the Prometheus metrics listener (`GET /metrics`); metrics are off when unset.
+    metrics_listen: Option<SocketAddr> = None, flag "metrics-listen", env "KEYHOLD_METRICS_LISTEN";
 }
 
 /// Bounds on what devices store and how fast they claim prekeys, from the settings
@@ -203,6 +207,28 @@ macro_rules! setting_from_str {
     )*};
 }
 setting_from_str!(String, SocketAddr, PathBuf, usize, u32, bool);
+
+/// How log lines are written ([`Settings::log_format`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Setting for LogFormat {
+    fn parse_setting(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format {other:?}: expected text or json"
+            )),
+        }
+    }
+}
 
 impl<T: Setting> Setting for Option<T> {
     fn parse_setting(s: &str) -> Result<Self, String> {

@@ -19,6 +19,9 @@ pub const DEFAULT_PAGE: u32 = 100;
 /// Largest page.
 pub const MAX_PAGE: u32 = 500;
 
+/// Counter: escrow reads that returned keys to staff (each one audited first).
+pub(crate) const ESCROW_READS: &str = "keyhold_escrow_reads_total";
+
 /// The Escrow gRPC service.
 #[derive(Clone)]
 pub struct EscrowService {
@@ -134,6 +137,7 @@ impl Escrow for EscrowService {
                 Ok((recorded.seq, keys))
             })
             .await?;
+        metrics::counter!(ESCROW_READS).increment(1);
         Ok(Response::new(pb::GetEscrowedKeysResponse {
             staff_keys: keys
                 .into_iter()

@@ -31,6 +31,8 @@ use crate::proto::keyhold::v1::key_directory_server::KeyDirectory;
 
 pub use device_keys::{parse_bundle, parse_suite, suite_to_wire};
 pub use prekeys::MAX_CLAIM_USERS;
+pub(crate) use prekeys::PREKEY_CLAIMS;
+pub(crate) use stock::PREKEY_LOW_STOCK_EVENTS;
 
 /// The KeyDirectory gRPC service.
 #[derive(Clone)]
