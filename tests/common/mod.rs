@@ -157,6 +157,7 @@ impl Drop for TestDb {
         }
     }
 }
+pub mod cli;
 pub mod low_order;
 pub mod raw_db;
 pub mod server;
