@@ -272,6 +272,29 @@ mod tests {
     }
 
     #[test]
+    fn log_format_and_metrics_listen_parse_or_name_their_sources() {
+        let s = SettingsArgs::default().resolve().unwrap();
+        assert_eq!((s.log_format, s.metrics_listen), (LogFormat::Text, None));
+        let args = SettingsArgs {
+            log_format: Some("json".into()),
+            metrics_listen: Some("127.0.0.1:9464".into()),
+            ..Default::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.metrics_listen.unwrap().to_string(), "127.0.0.1:9464");
+        let bad = SettingsArgs {
+            log_format: Some("xml".into()),
+            ..Default::default()
+        };
+        let err = bad.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--log-format") && err.contains("KEYHOLD_LOG_FORMAT"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn flag_beats_file_and_bad_values_name_every_source() {
         let dir = std::env::temp_dir().join(format!("keyhold-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();

@@ -23,7 +23,7 @@ pub fn init_logging(filter: &str, format: LogFormat) {
 /// Refuses, on PostgreSQL, to serve with development keys unless `dev` says so: a database
 /// that replicas share is a deployment, and its KEK and escrow key must come from files the
 /// operator keeps. SQLite, the laptop default, keeps generating them (with its warnings).
-pub fn check_key_files(settings: &Settings, dev: bool) -> Result<(), OpError> {
+pub(crate) fn check_key_files(settings: &Settings, dev: bool) -> Result<(), OpError> {
     let on_postgres = Backend::of_url(&settings.database_url) == Some(Backend::Postgres);
     let missing: Vec<&str> = [
         (settings.kek_file.is_none(), "--kek-file (KEYHOLD_KEK_FILE)"),

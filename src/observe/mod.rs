@@ -18,13 +18,15 @@
 //! `store`, the KEK version in `server`. [`recorder`] describes them all. Metrics are cheap
 //! no-ops until the recorder is installed, which only `--metrics-listen` does.
 
-pub mod call;
-pub mod endpoint;
-pub mod health;
-pub mod logs;
+pub(crate) mod call;
+pub(crate) mod endpoint;
+pub(crate) mod health;
+pub(crate) mod logs;
 pub(crate) mod methods;
-pub mod recorder;
+pub(crate) mod recorder;
 
-pub use call::{CallLayer, REQUEST_ID_HEADER};
+pub(crate) use call::CallLayer;
+pub use call::REQUEST_ID_HEADER;
 pub use endpoint::serve_metrics;
-pub use recorder::install_recorder;
+pub use health::{CHECK_INTERVAL, CHECK_TIMEOUT};
+pub use recorder::{install_recorder, RecorderError};
