@@ -6,8 +6,9 @@
 //! secret) and compares the secret's hash in constant time.
 //!
 //! [`AuthLayer`] runs before every `keyhold.v1.*` call and puts the caller's [`Principal`] into
-//! the request's extensions; the health and reflection services stay open, as load balancers
-//! and `grpcurl` expect.
+//! the request's extensions (and the caller's [`Role`] into the response's, for the call's log
+//! line); the health and reflection services stay open, as load balancers and `grpcurl`
+//! expect.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -340,11 +341,18 @@ where
             };
             match lookup.authenticate(token).await {
                 Ok(Some(principal)) => {
-                    if let Err(status) = check_method(&roles, req.uri().path(), &principal) {
-                        return Ok(status.into_http());
-                    }
-                    req.extensions_mut().insert(principal);
-                    inner.call(req).await
+                    let role = principal.role();
+                    // A role that may not call the method is refused before the body is read.
+                    let mut response = match check_method(&roles, req.uri().path(), &principal) {
+                        Err(status) => status.into_http(),
+                        Ok(()) => {
+                            req.extensions_mut().insert(principal);
+                            inner.call(req).await?
+                        }
+                    };
+                    // The role goes back out with the response, for the call's log line.
+                    response.extensions_mut().insert(role);
+                    Ok(response)
                 }
                 Ok(None) => {
                     Ok(tonic::Status::unauthenticated("unknown or revoked token").into_http())

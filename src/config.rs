@@ -124,6 +124,10 @@ settings! {
     message_write_timeout_ms: u32 = 5_000, flag "message-write-timeout-ms", env "KEYHOLD_MESSAGE_WRITE_TIMEOUT_MS";
     /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info`, `keyhold=debug`).
     log: String = "info".to_string(), flag "log", env "KEYHOLD_LOG";
+    /// Log format: `text` (for people; colours only on a terminal) or `json` (one object per line).
+    log_format: LogFormat = LogFormat::Text, flag "log-format", env "KEYHOLD_LOG_FORMAT";
+    /// The address of the Prometheus metrics listener (`GET /metrics`); metrics are off when unset.
+    metrics_listen: Option<SocketAddr> = None, flag "metrics-listen", env "KEYHOLD_METRICS_LISTEN";
 }
 
 /// Bounds on what devices store and how fast they claim prekeys, from the settings
@@ -213,6 +217,28 @@ macro_rules! setting_from_str {
 }
 setting_from_str!(String, SocketAddr, PathBuf, usize, u32, bool);
 
+/// How log lines are written ([`Settings::log_format`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl Setting for LogFormat {
+    fn parse_setting(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            other => Err(format!(
+                "unknown log format {other:?}: expected text or json"
+            )),
+        }
+    }
+}
+
 impl<T: Setting> Setting for Option<T> {
     fn parse_setting(s: &str) -> Result<Self, String> {
         T::parse_setting(s).map(Some)
@@ -256,6 +282,29 @@ mod tests {
         assert_eq!(s.db_lock_timeout_ms, 5_000);
         assert_eq!(s.db_idle_in_transaction_timeout_ms, 5_000);
         assert_eq!(s.message_write_timeout_ms, 5_000);
+    }
+
+    #[test]
+    fn log_format_and_metrics_listen_parse_or_name_their_sources() {
+        let s = SettingsArgs::default().resolve().unwrap();
+        assert_eq!((s.log_format, s.metrics_listen), (LogFormat::Text, None));
+        let args = SettingsArgs {
+            log_format: Some("json".into()),
+            metrics_listen: Some("127.0.0.1:9464".into()),
+            ..Default::default()
+        };
+        let s = args.resolve().unwrap();
+        assert_eq!(s.log_format, LogFormat::Json);
+        assert_eq!(s.metrics_listen.unwrap().to_string(), "127.0.0.1:9464");
+        let bad = SettingsArgs {
+            log_format: Some("xml".into()),
+            ..Default::default()
+        };
+        let err = bad.resolve().unwrap_err().to_string();
+        assert!(
+            err.contains("--log-format") && err.contains("KEYHOLD_LOG_FORMAT"),
+            "{err}"
+        );
     }
 
     #[test]

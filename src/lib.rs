@@ -13,6 +13,8 @@
 //!   Everything else depends on it; it depends on nothing else of ours.
 //! - [`proto`] is the `keyhold.v1` gRPC API generated from `proto/keyhold/v1/` (wire types only).
 //! - [`store`] keeps the records through Diesel on SQLite or PostgreSQL, one module per record.
+//! - [`observe`] is health that follows the database, Prometheus metrics and the per-call log
+//!   line.
 //!
 //! The byte formats are documented in the module that writes them, precisely enough for a
 //! client in another language; `docs/formats.md` gathers them in one place.
@@ -33,6 +35,7 @@ pub mod config;
 pub mod crypto;
 pub mod key_screening;
 pub mod keyfiles;
+pub mod observe;
 pub mod ops;
 pub mod proto;
 pub mod server;

@@ -26,6 +26,10 @@ enum Command {
         /// On PostgreSQL, apply pending migrations before serving (SQLite always does).
         #[arg(long, env = "KEYHOLD_MIGRATE")]
         migrate: bool,
+        /// On PostgreSQL, allow development keys generated in the data directory when
+        /// --kek-file or --escrow-public-key-file is not given (SQLite always allows them).
+        #[arg(long, env = "KEYHOLD_DEV")]
+        dev: bool,
     },
     /// Show or apply database migrations.
     Migrate {
@@ -114,9 +118,9 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    ops::init_logging(&settings.log);
+    ops::init_logging(&settings.log, settings.log_format);
     let result = match cli.command {
-        Command::Serve { migrate } => ops::serve(&settings, migrate).await,
+        Command::Serve { migrate, dev } => ops::serve(&settings, migrate, dev).await,
         Command::Migrate {
             action: MigrateAction::Status,
         } => ops::migrate_status(&settings).await,

@@ -4,10 +4,8 @@
 use std::path::Path;
 use std::time::Duration;
 
-use tracing_subscriber::EnvFilter;
-
 use crate::auth::Role;
-use crate::config::Settings;
+use crate::config::{LogFormat, Settings};
 use crate::crypto::envelope::{open_dek, DekEnvelope, Recipient, WrapContext};
 use crate::crypto::ids::{DeviceId, Epoch, SessionId, UserId};
 use crate::keyfiles;
@@ -17,13 +15,35 @@ use crate::store::{Backend, Store, StoreOptions};
 /// A command's failure, shown to the operator as one line.
 pub type OpError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Logs to stderr with the given filter (tracing's `EnvFilter` syntax).
-pub fn init_logging(filter: &str) {
-    let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+/// Logs to stderr with the given filter (tracing's `EnvFilter` syntax), as text or JSON
+/// ([`crate::observe::logs`]).
+pub fn init_logging(filter: &str, format: LogFormat) {
+    crate::observe::logs::init_logging(filter, format);
+}
+
+/// Refuses, on PostgreSQL, to serve with development keys unless `dev` says so: a database
+/// that replicas share is a deployment, and its KEK and escrow key must come from files the
+/// operator keeps. SQLite, the laptop default, keeps generating them (with its warnings).
+pub(crate) fn check_key_files(settings: &Settings, dev: bool) -> Result<(), OpError> {
+    let on_postgres = Backend::of_url(&settings.database_url) == Some(Backend::Postgres);
+    let missing: Vec<&str> = [
+        (settings.kek_file.is_none(), "--kek-file (KEYHOLD_KEK_FILE)"),
+        (
+            settings.escrow_public_key_file.is_none(),
+            "--escrow-public-key-file (KEYHOLD_ESCROW_PUBLIC_KEY_FILE)",
+        ),
+    ]
+    .into_iter()
+    .filter_map(|(missing, name)| missing.then_some(name))
+    .collect();
+    if on_postgres && !dev && !missing.is_empty() {
+        return Err(format!(
+            "on PostgreSQL, serve needs {}; or start with --dev (KEYHOLD_DEV=true) to use development keys generated in the data directory",
+            missing.join(" and ")
+        )
+        .into());
+    }
+    Ok(())
 }
 
 /// The store's options as the settings give them: the PostgreSQL session timeouts and the
@@ -66,8 +86,20 @@ pub async fn open_store_for_serving(settings: &Settings, migrate: bool) -> Resul
     Ok(store)
 }
 
-/// `keyhold serve`.
-pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
+/// `keyhold serve`; `dev` allows development keys on PostgreSQL ([`check_key_files`]).
+pub async fn serve(settings: &Settings, migrate: bool, dev: bool) -> Result<(), OpError> {
+    check_key_files(settings, dev)?;
+    // Installed before anything records, so the gauges set at start are kept; bound before
+    // the store is opened, so an address in use fails the start at once.
+    let metrics_listener = match settings.metrics_listen {
+        Some(address) => {
+            crate::observe::install_recorder()?;
+            Some(tokio::net::TcpListener::bind(address).await.map_err(|e| {
+                format!("cannot listen for metrics on {address} (--metrics-listen): {e}")
+            })?)
+        }
+        None => None,
+    };
     let store = open_store_for_serving(settings, migrate).await?;
     let screened = crate::key_screening::screen_stored_keys(&store).await?;
     if screened.ran {
@@ -118,7 +150,27 @@ pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
     }
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
     tracing::info!(address = %listener.local_addr()?, "keyhold listening");
-    crate::server::serve(listener, state, crate::server::shutdown_signal()).await
+    let metrics_task = match metrics_listener {
+        Some(metrics_listener) => {
+            tracing::info!(address = %metrics_listener.local_addr()?, "metrics listening on /metrics");
+            let store = state.store.clone();
+            Some(tokio::spawn(async move {
+                let served =
+                    crate::observe::serve_metrics(metrics_listener, store, std::future::pending())
+                        .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
+    let served = crate::server::serve(listener, state, crate::server::shutdown_signal()).await;
+    // Scrapes stop with the server.
+    if let Some(task) = metrics_task {
+        task.abort();
+    }
+    served
 }
 
 /// `keyhold migrate status`.

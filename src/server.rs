@@ -31,6 +31,9 @@ use crate::service::trust::TrustService;
 use crate::service::AppState;
 use crate::store::Store;
 
+/// Gauge: the version of the KEK the server wraps with.
+pub(crate) const KEK_VERSION: &str = "keyhold_kek_version";
+
 /// Largest request the server accepts, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
@@ -100,6 +103,7 @@ pub fn rpc_roles() -> RpcRoles {
 
 /// Builds the application state the services share.
 pub fn app_state(store: Store, keys: ServiceKeys, max_list_len: usize, limits: Limits) -> AppState {
+    metrics::gauge!(KEK_VERSION).set(f64::from(keys.kek.version().0));
     AppState {
         store,
         kek: Arc::new(keys.kek),
@@ -134,6 +138,13 @@ pub async fn serve(
     health
         .set_serving::<DeviceSyncServer<DeviceSyncService>>()
         .await;
+    // Health follows the database from now on; the task ends with the server.
+    let health_task = tokio::spawn(crate::observe::health::follow_database(
+        state.store.clone(),
+        health.clone(),
+        service_names(),
+    ));
+    let _stop_health = AbortOnDrop(health_task);
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -152,6 +163,8 @@ pub async fn serve(
 
     let tokens = StoreTokens(state.store.clone());
     Server::builder()
+        // Outside authentication, so refused calls are counted and logged too.
+        .layer(crate::observe::CallLayer)
         .layer(AuthLayer::new(tokens, rpc_roles()))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -188,6 +201,30 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+/// The health service names of every Keyhold service, as `grpc.health.v1.Health` knows them.
+pub fn service_names() -> Vec<&'static str> {
+    use tonic::server::NamedService;
+    vec![
+        KeyDirectoryServer::<KeyDirectoryService>::NAME,
+        SessionsServer::<SessionsService>::NAME,
+        EscrowServer::<EscrowService>::NAME,
+        AdminServer::<AdminService>::NAME,
+        MessagesServer::<MessagesService>::NAME,
+        TrustServer::<TrustService>::NAME,
+        RatchetServer::<RatchetService>::NAME,
+        DeviceSyncServer::<DeviceSyncService>::NAME,
+    ]
+}
+
+/// Aborts a background task when dropped, so it ends with the function that started it.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// Completes on SIGTERM or Ctrl-C.

@@ -332,6 +332,7 @@ async fn serve_on_postgres_refuses_pending_migrations_without_flag() {
         move || {
             run(keyhold().current_dir(&dir).args([
                 "serve",
+                "--dev",
                 "--listen",
                 "127.0.0.1:0",
                 "--database-url",
@@ -355,6 +356,7 @@ async fn serve_on_postgres_refuses_pending_migrations_without_flag() {
         .args([
             "serve",
             "--migrate",
+            "--dev",
             "--listen",
             &format!("127.0.0.1:{port}"),
             "--database-url",

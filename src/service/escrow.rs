@@ -19,6 +19,9 @@ pub(crate) const DEFAULT_PAGE: u32 = 100;
 /// Largest page.
 pub(crate) const MAX_PAGE: u32 = 500;
 
+/// Counter: escrow reads that returned keys to staff (each one audited first).
+pub(crate) const ESCROW_READS: &str = "keyhold_escrow_reads_total";
+
 /// What an escrow read refuses.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum EscrowError {
@@ -125,6 +128,7 @@ async fn get_escrowed_keys(
             Ok((recorded.seq, keys))
         })
         .await?;
+    metrics::counter!(ESCROW_READS).increment(1);
     Ok(pb::GetEscrowedKeysResponse {
         staff_keys: keys
             .into_iter()

@@ -21,6 +21,9 @@ use crate::store::events::DeviceWatch;
 /// How long a watch waits for an event before it reads the database again anyway.
 pub(crate) const REREAD_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Gauge: watch streams open now, of either kind.
+pub(crate) const WATCH_STREAMS_OPEN: &str = "keyhold_watch_streams_open";
+
 /// Messages buffered per stream before the task waits for the client to read.
 const STREAM_BUFFER: usize = 16;
 
@@ -83,6 +86,7 @@ where
     let watcher = tx.clone();
     let task = body(tx);
     tokio::spawn(async move {
+        let _open = OpenStream::new();
         tokio::select! {
             () = task => {}
             () = watcher.closed() => {}
@@ -94,6 +98,23 @@ where
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Counts one open stream in [`WATCH_STREAMS_OPEN`] for as long as it lives, however its task
+/// ends.
+struct OpenStream;
+
+impl OpenStream {
+    fn new() -> Self {
+        metrics::gauge!(WATCH_STREAMS_OPEN).increment(1.0);
+        OpenStream
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        metrics::gauge!(WATCH_STREAMS_OPEN).decrement(1.0);
+    }
 }
 
 #[cfg(test)]

@@ -210,6 +210,11 @@ impl TryFrom<AuditRow> for AuditEvent {
     }
 }
 
+/// Counter: audit events written, by `action` (an action is one of the few names the code
+/// writes, never caller input). Counted at the write: a transaction that rolls back after it
+/// still counts.
+pub(crate) const AUDIT_APPENDS: &str = "keyhold_audit_appends_total";
+
 impl Tx {
     /// Appends an event to the audit log as part of this transaction: if the transaction
     /// rolls back, the event was never written; if the append fails, so does the
@@ -266,6 +271,7 @@ impl Tx {
                 .execute(conn)
                 .await?;
         });
+        metrics::counter!(AUDIT_APPENDS, "action" => event.action.clone()).increment(1);
         row.try_into()
     }
 }

@@ -41,6 +41,7 @@
 pub mod audit;
 mod error;
 pub mod events;
+mod health;
 pub mod key_packages;
 mod locks;
 pub mod messages;
@@ -155,6 +156,36 @@ pub enum Backend {
     Sqlite,
     /// PostgreSQL (`postgres://…` or `postgresql://…`).
     Postgres,
+}
+
+impl Backend {
+    /// The backend a database URL names, without opening it; `None` for a scheme Keyhold
+    /// does not support (which [`Store::open`] refuses).
+    pub fn of_url(url: &str) -> Option<Backend> {
+        if sqlite_path(url).is_some() {
+            Some(Backend::Sqlite)
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Some(Backend::Postgres)
+        } else {
+            None
+        }
+    }
+}
+
+/// Histogram: seconds a call waited for a pooled connection, failures included.
+pub(crate) const DB_POOL_ACQUIRE_DURATION: &str = "keyhold_db_pool_acquire_duration_seconds";
+
+/// The connection pool as it is at one moment ([`Store::pool_status`]), for metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PoolStatus {
+    /// Most connections the pool opens.
+    pub max_size: usize,
+    /// Connections open now, idle or in use.
+    pub size: usize,
+    /// Idle connections.
+    pub idle: usize,
+    /// Calls waiting for a connection.
+    pub waiting: usize,
 }
 
 /// Tuning for [`Store::open_with`]; [`StoreOptions::default`] suits a small deployment.
@@ -456,8 +487,29 @@ impl Store {
         })
     }
 
+    /// The pool's size, idle connections and waiting calls now.
+    pub fn pool_status(&self) -> PoolStatus {
+        let s = match &self.pools {
+            Pools::Sqlite(pool) => pool.status(),
+            Pools::Postgres(pool) => pool.status(),
+        };
+        PoolStatus {
+            max_size: s.max_size,
+            size: s.size,
+            idle: s.available,
+            waiting: s.waiting,
+        }
+    }
+
     /// Takes a connection from the pool, waiting at most the acquire timeout.
     pub(crate) async fn db_conn(&self) -> Result<DbConn, StoreError> {
+        let started = std::time::Instant::now();
+        let conn = self.db_conn_untimed().await;
+        metrics::histogram!(DB_POOL_ACQUIRE_DURATION).record(started.elapsed().as_secs_f64());
+        conn
+    }
+
+    async fn db_conn_untimed(&self) -> Result<DbConn, StoreError> {
         let wait = self.options.acquire_timeout;
         let timed_out =
             || StoreError::Unavailable(format!("no database connection within {wait:?}"));

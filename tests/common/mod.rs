@@ -169,6 +169,7 @@ impl Drop for TestDb {
     }
 }
 pub mod callers;
+pub mod cli;
 pub mod low_order;
 pub mod raw_db;
 pub mod requests;

@@ -31,6 +31,8 @@ use prekeys::{claim as claim_prekeys, count as count_prekeys, upload as upload_p
 use stock::watch as watch_prekey_stock;
 
 pub(crate) use device_keys::parse_suite;
+pub(crate) use prekeys::PREKEY_CLAIMS;
+pub(crate) use stock::PREKEY_LOW_STOCK_EVENTS;
 
 rpc_service! {
     /// The KeyDirectory gRPC service.

@@ -27,6 +27,10 @@ use crate::store::user_keys::UserKey;
 /// Most users whose every device one ClaimPrekeys call may name.
 pub(crate) const MAX_CLAIM_USERS: usize = 100;
 
+/// Counter: prekeys ClaimPrekeys handed out, by `outcome` (`one_time`, `last_resort`, or
+/// `none` for a device that had neither), counted once the claim has committed.
+pub(crate) const PREKEY_CLAIMS: &str = "keyhold_prekey_claims_total";
+
 /// The user and device fields of a request that only the device itself may make.
 pub(super) fn own_device(
     caller: &Principal,
@@ -321,6 +325,12 @@ pub(super) async fn claim(
         .map_err(KeyDirectoryError::of_claim)?;
     let mut response = pb::ClaimPrekeysResponse::default();
     for (target, claimed) in targets.into_iter().zip(claimed) {
+        let outcome = match &claimed {
+            Some(p) if p.kind == PrekeyKind::OneTime => "one_time",
+            Some(_) => "last_resort",
+            None => "none",
+        };
+        metrics::counter!(PREKEY_CLAIMS, "outcome" => outcome).increment(1);
         match claimed {
             Some(p) => response.prekeys.push(claimed_to_wire(p)),
             None => response.unavailable.push(pb::DeviceRef {

@@ -14,6 +14,9 @@ use crate::service::AppState;
 use crate::store::events::{DeviceWatch, EventKind};
 use crate::store::prekeys::PrekeyStock;
 
+/// Counter: WatchPrekeyStock messages that tell a device its one-time prekey stock is low.
+pub(crate) const PREKEY_LOW_STOCK_EVENTS: &str = "keyhold_prekey_low_stock_events_total";
+
 /// The stream WatchPrekeyStock answers with.
 pub(super) type WatchPrekeyStockStream =
     tokio_stream::wrappers::ReceiverStream<Result<pb::WatchPrekeyStockResponse, Status>>;
@@ -70,6 +73,9 @@ async fn send_while_low(
             };
             if tx.send(Ok(message)).await.is_err() {
                 return;
+            }
+            if low {
+                metrics::counter!(PREKEY_LOW_STOCK_EVENTS).increment(1);
             }
         }
         last = Some(stock);
