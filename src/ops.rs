@@ -54,6 +54,11 @@ pub async fn open_store_for_serving(settings: &Settings, migrate: bool) -> Resul
 
 /// `keyhold serve`.
 pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
+    // Before anything else: a bad certificate or an unsafe plaintext address stops the start.
+    let tls = match crate::tls::listen_mode(settings)? {
+        crate::tls::ListenMode::Tls(files) => Some(crate::tls::ServerTls::load(files)?),
+        crate::tls::ListenMode::Plaintext => None,
+    };
     let store = open_store_for_serving(settings, migrate).await?;
     let screened = crate::key_screening::screen_stored_keys(&store).await?;
     if screened.ran {
@@ -103,8 +108,28 @@ pub async fn serve(settings: &Settings, migrate: bool) -> Result<(), OpError> {
         );
     }
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
-    tracing::info!(address = %listener.local_addr()?, "keyhold listening");
-    crate::server::serve(listener, state, crate::server::shutdown_signal()).await
+    let address = listener.local_addr()?;
+    let Some(tls) = tls else {
+        if !address.ip().is_loopback() {
+            tracing::warn!(%address, "serving plaintext gRPC on a non-loopback address (--insecure-plaintext)");
+        }
+        tracing::info!(%address, "keyhold listening (plaintext)");
+        return crate::server::serve(listener, state, crate::server::shutdown_signal()).await;
+    };
+    let poll = match settings.tls_reload_interval_secs {
+        0 => None,
+        secs => Some(std::time::Duration::from_secs(u64::from(secs))),
+    };
+    let watcher = tls.watch(poll);
+    tracing::info!(
+        %address,
+        mutual_tls = tls.files().client_ca_file.is_some(),
+        "keyhold listening (TLS)"
+    );
+    let transport = crate::server::Transport::Tls(listener, tls);
+    let served = crate::server::serve(transport, state, crate::server::shutdown_signal()).await;
+    watcher.abort();
+    served
 }
 
 /// `keyhold migrate status`.
@@ -186,10 +211,11 @@ pub async fn escrow_open(
     session: &str,
     reason: &str,
     private_key: &Path,
+    tls: &crate::client::ClientTls,
 ) -> Result<(), OpError> {
     let session_id = SessionId::parse(session)?;
     let key = keyfiles::read_escrow_private_key(private_key)?;
-    let client = crate::client::Client::connect(endpoint, token).await?;
+    let client = crate::client::Client::connect_with(endpoint, token, tls).await?;
     let response = client
         .escrow()
         .get_escrowed_keys(crate::proto::keyhold::v1::GetEscrowedKeysRequest {

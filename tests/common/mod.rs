@@ -158,5 +158,6 @@ impl Drop for TestDb {
     }
 }
 pub mod low_order;
+pub mod pki;
 pub mod raw_db;
 pub mod server;
