@@ -226,9 +226,7 @@ pub(crate) async fn create_service_wrapped(
     spec: SessionSpec,
     return_plaintext_dek: bool,
 ) -> Result<CreatedSession, SessionError> {
-    let keys = (state.store.conn().await?)
-        .current_user_keys(&spec.users)
-        .await?;
+    let keys = (state.store.conn().await?).current_user_keys(&spec.users).await?;
     let targets = targets_within_limit(keys)?;
     let session_id = SessionId::generate();
     let dek = Dek::generate().map_err(SessionError::ServiceCrypto)?;
@@ -248,9 +246,7 @@ pub(crate) async fn create_client_wrapped(
     author_device: DeviceId,
     key_set: ParsedKeySet,
 ) -> Result<CreatedSession, SessionError> {
-    let keys = (state.store.conn().await?)
-        .current_user_keys(&spec.users)
-        .await?;
+    let keys = (state.store.conn().await?).current_user_keys(&spec.users).await?;
     let identity = author_identity(&keys, &spec.author, &author_device)?;
     let targets = targets_within_limit(keys)?;
     let members = members_of(&targets);
@@ -280,9 +276,7 @@ pub(crate) async fn add_recipients(
 ) -> Result<StoredKeys, SessionError> {
     let session_id = change.session_id;
     let (session, key_set) = session_to_change(state, caller, &session_id, change.key_set).await?;
-    let candidates = (state.store.conn().await?)
-        .current_user_keys(&change.users)
-        .await?;
+    let candidates = (state.store.conn().await?).current_user_keys(&change.users).await?;
     check_key_count(candidates.len())?;
     let author_keys = match session.mode {
         SessionMode::ClientWrapped => {
