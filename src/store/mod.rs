@@ -45,6 +45,7 @@ pub mod key_packages;
 mod locks;
 pub mod messages;
 mod migrations;
+mod pg_tls;
 pub mod prekeys;
 pub mod ratchet_states;
 pub mod schema;
@@ -352,7 +353,10 @@ impl Store {
                 .map_err(|e| StoreError::Internal(format!("building the SQLite pool: {e}")))?;
             Pools::Sqlite(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let manager = AsyncDieselConnectionManager::<PgConn>::new(url);
+            // TLS as the URL's sslmode and sslrootcert say (libpq's rules): `pg_tls`.
+            let mut config = ManagerConfig::<PgConn>::default();
+            config.custom_setup = Box::new(|url| Box::pin(pg_tls::establish(url)));
+            let manager = AsyncDieselConnectionManager::new_with_config(url, config);
             let pool = Pool::builder(manager)
                 .max_size(options.max_connections.max(1))
                 .build()
