@@ -21,7 +21,7 @@ use super::{Kind, TestDb};
 
 /// A running server and what a test needs to drive it.
 pub struct TestServer {
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` over TLS).
     pub endpoint: String,
     /// The store the server uses (for checks behind its back).
     pub store: Store,
@@ -46,6 +46,20 @@ impl TestServer {
 
     /// [`TestServer::start`] with other prekey, ratchet and inbox limits.
     pub async fn start_with_limits(db: TestDb, limits: Limits) -> TestServer {
+        TestServer::start_on(db, limits, None).await
+    }
+
+    /// [`TestServer::start`] serving over TLS with `tls`; the endpoint is
+    /// `https://127.0.0.1:<port>` (clients need [`keyhold::client::ClientTls`]).
+    pub async fn start_tls(db: TestDb, tls: keyhold::tls::ServerTls) -> TestServer {
+        TestServer::start_on(db, Limits::default(), Some(tls)).await
+    }
+
+    async fn start_on(
+        db: TestDb,
+        limits: Limits,
+        tls: Option<keyhold::tls::ServerTls>,
+    ) -> TestServer {
         let key_dir = std::env::temp_dir().join(format!(
             "keyhold-test-keys-{}",
             uuid::Uuid::now_v7().simple()
@@ -71,10 +85,15 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let endpoint = format!("{scheme}://{}", listener.local_addr().expect("addr"));
+        let transport = match tls {
+            Some(tls) => keyhold::server::Transport::Tls(listener, tls),
+            None => keyhold::server::Transport::Plaintext(listener),
+        };
         let (tx, rx) = oneshot::channel::<()>();
         let handle = tokio::spawn(async move {
-            keyhold::server::serve(listener, state, async {
+            keyhold::server::serve(transport, state, async {
                 let _ = rx.await;
             })
             .await
