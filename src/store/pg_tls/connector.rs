@@ -134,7 +134,7 @@ impl TlsConnect<Socket> for RustlsHandshake {
                 Err(e) => {
                     let failure = match e.get_ref().and_then(|inner| inner.downcast_ref()) {
                         Some(rustls::Error::InvalidCertificate(cert)) => {
-                            HandshakeFailure::Verification(format!("{cert:?}"))
+                            HandshakeFailure::Verification(describe_refusal(cert))
                         }
                         _ => HandshakeFailure::Other(e.to_string()),
                     };
@@ -147,6 +147,22 @@ impl TlsConnect<Socket> for RustlsHandshake {
             }
         })
     }
+}
+
+/// Why the server's certificate was refused, in rustls's words and an operator's.
+fn describe_refusal(error: &CertificateError) -> String {
+    let hint = match error {
+        CertificateError::UnknownIssuer => "it is not signed by a CA in the root certificates",
+        CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+            "it is not valid for the host name in the URL"
+        }
+        CertificateError::Expired | CertificateError::ExpiredContext { .. } => "it has expired",
+        CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+            "it is not valid yet"
+        }
+        _ => "it cannot be trusted",
+    };
+    format!("{error:?}: {hint}")
 }
 
 /// A TLS session with the server.
