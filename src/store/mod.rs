@@ -4,7 +4,8 @@
 //! of [`crate::crypto::ids`], the records of each module) and never build SQL. Behind it:
 //!
 //! - **Backends**, chosen by the URL scheme ([`Store::open`]): `sqlite://path` (bundled
-//!   SQLite, WAL, the embedded default) and `postgres://…` (diesel-async with a deadpool pool).
+//!   SQLite, WAL, the embedded default) and `postgres://…` (diesel-async with a deadpool pool;
+//!   TLS as the URL's `sslmode` and `sslrootcert` say, read as libpq reads them: `pg_tls`).
 //! - **One module per record**, its queries beside it: [`tokens`] (API tokens),
 //!   [`user_keys`] (device key bundles), [`sessions`] (sessions, their members and wrapped
 //!   keys), [`audit`] (the hash-chained audit log), [`prekeys`] (signed prekeys and their claim
