@@ -406,15 +406,25 @@ impl ServerTls {
                 t
             });
             loop {
+                // A source that is off (or whose signal stream ended) never fires.
                 let forced = tokio::select! {
-                    Some(()) = async { match hangup.as_mut() {
-                        Some(h) => h.recv().await,
-                        None => std::future::pending().await,
-                    } } => true,
-                    _ = async { match ticks.as_mut() {
-                        Some(t) => t.tick().await,
-                        None => std::future::pending().await,
-                    } } => false,
+                    () = async {
+                        let received = match hangup.as_mut() {
+                            Some(h) => h.recv().await,
+                            None => None,
+                        };
+                        if received.is_none() {
+                            std::future::pending::<()>().await;
+                        }
+                    } => true,
+                    () = async {
+                        match ticks.as_mut() {
+                            Some(t) => {
+                                t.tick().await;
+                            }
+                            None => std::future::pending().await,
+                        }
+                    } => false,
                 };
                 let job = tls.clone();
                 let outcome = tokio::task::spawn_blocking(move || {

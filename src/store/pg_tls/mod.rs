@@ -274,9 +274,14 @@ pub(crate) async fn establish(url: &str) -> Result<PgConn, ConnectionError> {
         .url
         .parse()
         .map_err(|e: tokio_postgres::Error| ConnectionError::InvalidConnectionUrl(e.to_string()))?;
-    let policy = target
-        .policy()
-        .map_err(ConnectionError::InvalidConnectionUrl)?;
+    // Reading the root certificates is file I/O (the system's roots: a directory of them).
+    let policy = {
+        let target = target.clone();
+        tokio::task::spawn_blocking(move || target.policy())
+            .await
+            .map_err(|e| ConnectionError::BadConnection(format!("reading the TLS settings: {e}")))?
+            .map_err(ConnectionError::InvalidConnectionUrl)?
+    };
     let (connector, fallback) = match policy {
         Policy::Plain => return connect_plain(config).await,
         Policy::Tls {
