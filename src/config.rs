@@ -51,7 +51,15 @@ macro_rules! settings {
             pub config: Option<PathBuf>,
             $(
                 $(#[doc = $doc])*
-                #[arg(long = $flag, env = $env, global = true)]
+                // A switch (a bool setting) may be given bare, `--flag`, or as `--flag=false`.
+                #[arg(
+                    long = $flag,
+                    env = $env,
+                    global = true,
+                    num_args = if <$ty as Setting>::SWITCH { 0..=1 } else { 1..=1 },
+                    require_equals = <$ty as Setting>::SWITCH,
+                    default_missing_value = if <$ty as Setting>::SWITCH { Some("true") } else { None },
+                )]
                 pub $field: Option<String>,
             )*
         }
@@ -122,6 +130,16 @@ settings! {
     db_idle_in_transaction_timeout_ms: u32 = 5_000, flag "db-idle-in-transaction-timeout-ms", env "KEYHOLD_DB_IDLE_IN_TRANSACTION_TIMEOUT_MS";
     /// The bound on a PutMessages write on PostgreSQL, in milliseconds (0: off): it commits within this long of its start or not at all, and listings stop waiting for a writer older than this (plus one second) that waits on its client. Every replica must run a version that knows it.
     message_write_timeout_ms: u32 = 5_000, flag "message-write-timeout-ms", env "KEYHOLD_MESSAGE_WRITE_TIMEOUT_MS";
+    /// The server's TLS certificate chain (PEM, leaf first); with `--tls-key-file`, gRPC is served over TLS only. Re-read on SIGHUP and when it changes.
+    tls_cert_file: Option<PathBuf> = None, flag "tls-cert-file", env "KEYHOLD_TLS_CERT_FILE";
+    /// The private key of `--tls-cert-file` (PEM: PKCS#8, PKCS#1 or SEC1). Re-read with the certificate.
+    tls_key_file: Option<PathBuf> = None, flag "tls-key-file", env "KEYHOLD_TLS_KEY_FILE";
+    /// Mutual TLS: the CA certificates (PEM) a client certificate must chain to; a client without one is refused in the handshake.
+    tls_client_ca_file: Option<PathBuf> = None, flag "tls-client-ca-file", env "KEYHOLD_TLS_CLIENT_CA_FILE";
+    /// How often, in seconds, the TLS files are checked for changes (0: only on SIGHUP).
+    tls_reload_interval_secs: u32 = 10, flag "tls-reload-interval-secs", env "KEYHOLD_TLS_RELOAD_INTERVAL_SECS";
+    /// Serve plaintext gRPC on a non-loopback address (behind a TLS-terminating proxy only): tokens and DEKs cross the network in clear.
+    insecure_plaintext: bool = false, flag "insecure-plaintext", env "KEYHOLD_INSECURE_PLAINTEXT";
     /// Log filter, in tracing's `EnvFilter` syntax (e.g. `info`, `keyhold=debug`).
     log: String = "info".to_string(), flag "log", env "KEYHOLD_LOG";
     /// Log format: `text` (for people; colours only on a terminal) or `json` (one object per line).
@@ -202,6 +220,9 @@ fn read_file(path: &PathBuf) -> Result<toml::Table, ConfigError> {
 
 /// A setting's type: parsed from the text of a flag, variable or TOML value.
 pub trait Setting: Sized {
+    /// Whether the flag is a switch: `--flag` alone means `true` (a value needs `--flag=v`).
+    const SWITCH: bool = false;
+
     /// Parses the text form.
     fn parse_setting(s: &str) -> Result<Self, String>;
 }
@@ -215,7 +236,15 @@ macro_rules! setting_from_str {
         }
     )*};
 }
-setting_from_str!(String, SocketAddr, PathBuf, usize, u32, bool);
+setting_from_str!(String, SocketAddr, PathBuf, usize, u32);
+
+impl Setting for bool {
+    const SWITCH: bool = true;
+
+    fn parse_setting(s: &str) -> Result<Self, String> {
+        <bool as FromStr>::from_str(s).map_err(|e| e.to_string())
+    }
+}
 
 /// How log lines are written ([`Settings::log_format`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -240,6 +269,8 @@ impl Setting for LogFormat {
 }
 
 impl<T: Setting> Setting for Option<T> {
+    const SWITCH: bool = T::SWITCH;
+
     fn parse_setting(s: &str) -> Result<Self, String> {
         T::parse_setting(s).map(Some)
     }
@@ -305,6 +336,28 @@ mod tests {
             err.contains("--log-format") && err.contains("KEYHOLD_LOG_FORMAT"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_bool_setting_is_a_switch_and_other_flags_still_take_values() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            settings: SettingsArgs,
+            command: Option<String>,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("keyhold").chain(args.iter().copied())).unwrap()
+        };
+        let bare = parse(&["--insecure-plaintext", "serve", "--listen", "0.0.0.0:1"]);
+        assert_eq!(bare.command.as_deref(), Some("serve"));
+        assert!(bare.settings.resolve().unwrap().insecure_plaintext);
+        let off = parse(&["--insecure-plaintext=false", "serve"]);
+        assert!(!off.settings.resolve().unwrap().insecure_plaintext);
+        let unset = parse(&["serve"]);
+        assert!(!unset.settings.resolve().unwrap().insecure_plaintext);
+        assert!(Cli::try_parse_from(["keyhold", "--listen"]).is_err());
     }
 
     #[test]

@@ -12,9 +12,14 @@
 //!   No I/O, no async, no database, no gRPC; device clients and staff tooling use it too.
 //!   Everything else depends on it; it depends on nothing else of ours.
 //! - [`proto`] is the `keyhold.v1` gRPC API generated from `proto/keyhold/v1/` (wire types only).
-//! - [`store`] keeps the records through Diesel on SQLite or PostgreSQL, one module per record.
 //! - [`observe`] is health that follows the database, Prometheus metrics and the per-call log
 //!   line.
+//! - [`store`] keeps the records through Diesel on SQLite or PostgreSQL, one module per record;
+//!   PostgreSQL is reached over TLS as the URL's `sslmode` and `sslrootcert` say (libpq's rules).
+//! - [`tls`] is the gRPC listener's TLS: certificates from PEM files, reloaded on SIGHUP or when
+//!   they change, optional mutual TLS, and the rule that plaintext stays on loopback.
+//! - [`server`] assembles the services behind the authentication layer and serves them on a
+//!   [`server::Transport`]; [`client`] is the Rust client (`https://` with [`client::ClientTls`]).
 //!
 //! The byte formats are documented in the module that writes them, precisely enough for a
 //! client in another language; `docs/formats.md` gathers them in one place.
@@ -41,3 +46,4 @@ pub mod proto;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;

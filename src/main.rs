@@ -90,7 +90,7 @@ enum EscrowAction {
     /// Staff tooling: fetch a session's escrowed DEKs through the Escrow service (the read is
     /// audited with the reason) and open them with the escrow private key.
     Open {
-        /// The server, e.g. http://127.0.0.1:50051.
+        /// The server, e.g. http://127.0.0.1:50051, or https://keyhold.example:50051 over TLS.
         #[arg(long, default_value = "http://127.0.0.1:50051")]
         endpoint: String,
         /// A staff token (or KEYHOLD_TOKEN).
@@ -105,7 +105,26 @@ enum EscrowAction {
         /// The escrow private key file.
         #[arg(long)]
         private_key: PathBuf,
+        #[command(flatten)]
+        tls: ClientTlsArgs,
     },
+}
+
+/// How a client command reaches an `https://` endpoint.
+#[derive(clap::Args)]
+struct ClientTlsArgs {
+    /// The CA certificates (PEM) the server's certificate must chain to (default: the system's roots).
+    #[arg(long, env = "KEYHOLD_CA_FILE")]
+    ca_file: Option<PathBuf>,
+    /// For mutual TLS: this client's certificate chain (PEM).
+    #[arg(long, env = "KEYHOLD_CLIENT_CERT_FILE", requires = "client_key_file")]
+    client_cert_file: Option<PathBuf>,
+    /// For mutual TLS: the private key of --client-cert-file (PEM).
+    #[arg(long, env = "KEYHOLD_CLIENT_KEY_FILE", requires = "client_cert_file")]
+    client_key_file: Option<PathBuf>,
+    /// The name the server's certificate must be valid for, when it is not the endpoint's host.
+    #[arg(long, env = "KEYHOLD_TLS_SERVER_NAME")]
+    tls_server_name: Option<String>,
 }
 
 #[tokio::main]
@@ -164,8 +183,27 @@ async fn main() -> ExitCode {
                     session,
                     reason,
                     private_key,
+                    tls,
                 },
-        } => ops::escrow_open(&endpoint, &token, &session, &reason, &private_key).await,
+        } => match keyhold::client::ClientTls::from_files(
+            tls.ca_file.as_deref(),
+            tls.client_cert_file.as_deref(),
+            tls.client_key_file.as_deref(),
+            tls.tls_server_name,
+        ) {
+            Ok(client_tls) => {
+                ops::escrow_open(
+                    &endpoint,
+                    &token,
+                    &session,
+                    &reason,
+                    &private_key,
+                    &client_tls,
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -89,6 +89,11 @@ pub async fn open_store_for_serving(settings: &Settings, migrate: bool) -> Resul
 /// `keyhold serve`; `dev` allows development keys on PostgreSQL ([`check_key_files`]).
 pub async fn serve(settings: &Settings, migrate: bool, dev: bool) -> Result<(), OpError> {
     check_key_files(settings, dev)?;
+    // Before anything else: a bad certificate or an unsafe plaintext address stops the start.
+    let tls = match crate::tls::listen_mode(settings)? {
+        crate::tls::ListenMode::Tls(files) => Some(crate::tls::ServerTls::load(files)?),
+        crate::tls::ListenMode::Plaintext => None,
+    };
     // Installed before anything records, so the gauges set at start are kept; bound before
     // the store is opened, so an address in use fails the start at once.
     let metrics_listener = match settings.metrics_listen {
@@ -149,7 +154,7 @@ pub async fn serve(settings: &Settings, migrate: bool, dev: bool) -> Result<(), 
         );
     }
     let listener = tokio::net::TcpListener::bind(settings.listen).await?;
-    tracing::info!(address = %listener.local_addr()?, "keyhold listening");
+    let address = listener.local_addr()?;
     let metrics_task = match metrics_listener {
         Some(metrics_listener) => {
             tracing::info!(address = %metrics_listener.local_addr()?, "metrics listening on /metrics");
@@ -165,7 +170,32 @@ pub async fn serve(settings: &Settings, migrate: bool, dev: bool) -> Result<(), 
         }
         None => None,
     };
-    let served = crate::server::serve(listener, state, crate::server::shutdown_signal()).await;
+    let served = match tls {
+        None => {
+            if !address.ip().is_loopback() {
+                tracing::warn!(%address, "serving plaintext gRPC on a non-loopback address (--insecure-plaintext)");
+            }
+            tracing::info!(%address, "keyhold listening (plaintext)");
+            crate::server::serve(listener, state, crate::server::shutdown_signal()).await
+        }
+        Some(tls) => {
+            let poll = match settings.tls_reload_interval_secs {
+                0 => None,
+                secs => Some(std::time::Duration::from_secs(u64::from(secs))),
+            };
+            let watcher = tls.watch(poll);
+            tracing::info!(
+                %address,
+                mutual_tls = tls.files().client_ca_file.is_some(),
+                "keyhold listening (TLS)"
+            );
+            let transport = crate::server::Transport::Tls(listener, tls);
+            let served =
+                crate::server::serve(transport, state, crate::server::shutdown_signal()).await;
+            watcher.abort();
+            served
+        }
+    };
     // Scrapes stop with the server.
     if let Some(task) = metrics_task {
         task.abort();
@@ -252,10 +282,11 @@ pub async fn escrow_open(
     session: &str,
     reason: &str,
     private_key: &Path,
+    tls: &crate::client::ClientTls,
 ) -> Result<(), OpError> {
     let session_id = SessionId::parse(session)?;
     let key = keyfiles::read_escrow_private_key(private_key)?;
-    let client = crate::client::Client::connect(endpoint, token).await?;
+    let client = crate::client::Client::connect_with(endpoint, token, tls).await?;
     let response = client
         .escrow()
         .get_escrowed_keys(crate::proto::keyhold::v1::GetEscrowedKeysRequest {

@@ -30,6 +30,7 @@ use crate::service::sessions::SessionsService;
 use crate::service::trust::TrustService;
 use crate::service::AppState;
 use crate::store::Store;
+use crate::tls::ServerTls;
 
 /// Gauge: the version of the KEK the server wraps with.
 pub(crate) const KEK_VERSION: &str = "keyhold_kek_version";
@@ -114,10 +115,25 @@ pub fn app_state(store: Store, keys: ServiceKeys, max_list_len: usize, limits: L
     }
 }
 
-/// Serves every Keyhold service on `listener` until `shutdown` completes; in-flight calls
-/// finish first.
+/// How [`serve`] takes connections.
+pub enum Transport {
+    /// Plaintext HTTP/2 on a TCP listener: loopback, or behind a TLS-terminating proxy
+    /// (`crate::tls::listen_mode` decides which the settings allow).
+    Plaintext(TcpListener),
+    /// TLS on a TCP listener, with the reloadable configuration of [`ServerTls`].
+    Tls(TcpListener, ServerTls),
+}
+
+impl From<TcpListener> for Transport {
+    fn from(listener: TcpListener) -> Self {
+        Transport::Plaintext(listener)
+    }
+}
+
+/// Serves every Keyhold service on `transport` (a plaintext [`TcpListener`] or
+/// [`Transport::Tls`]) until `shutdown` completes; in-flight calls finish first.
 pub async fn serve(
-    listener: TcpListener,
+    transport: impl Into<Transport>,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -162,7 +178,7 @@ pub async fn serve(
     };
 
     let tokens = StoreTokens(state.store.clone());
-    Server::builder()
+    let router = Server::builder()
         // Outside authentication, so refused calls are counted and logged too.
         .layer(crate::observe::CallLayer)
         .layer(AuthLayer::new(tokens, rpc_roles()))
@@ -191,15 +207,25 @@ pub async fn serve(
         )
         .add_service(TrustServer::new(TrustService::new(state.clone())))
         .add_service(EscrowServer::new(EscrowService::new(state.clone())))
-        .add_service(AdminServer::new(AdminService::new(state)))
-        // TCP_NODELAY: a response goes out as several small writes (headers, message,
-        // trailers); with Nagle's algorithm the later ones wait for the client's delayed ACK,
-        // about 40 ms per call on Linux.
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            shutdown,
-        )
-        .await?;
+        .add_service(AdminServer::new(AdminService::new(state)));
+    // TCP_NODELAY, on both transports: a response goes out as several small writes (headers,
+    // message, trailers); with Nagle's algorithm the later ones wait for the client's delayed
+    // ACK, about 40 ms per call on Linux.
+    match transport.into() {
+        Transport::Plaintext(listener) => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    shutdown,
+                )
+                .await?
+        }
+        Transport::Tls(listener, tls) => {
+            router
+                .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), shutdown)
+                .await?
+        }
+    }
     Ok(())
 }
 

@@ -21,7 +21,6 @@ use std::time::Instant;
 use diesel::backend::Backend as DieselBackend;
 use diesel::migration::{Migration, MigrationSource};
 use diesel_async::async_connection_wrapper::AsyncConnectionWrapper;
-use diesel_async::AsyncConnection;
 use diesel_migrations::{embed_migrations, EmbeddedMigrations, MigrationHarness};
 
 use super::{PgConn, Store, StoreError};
@@ -146,7 +145,7 @@ impl Store {
 
     async fn run_postgres_migrations(&self, op: Op) -> Result<Outcome, StoreError> {
         let wait = self.options.acquire_timeout;
-        let mut conn = tokio::time::timeout(wait, PgConn::establish(&self.url))
+        let mut conn = tokio::time::timeout(wait, super::pg_tls::establish(&self.url))
             .await
             .map_err(|_| StoreError::Unavailable(format!("no connection within {wait:?}")))??;
 

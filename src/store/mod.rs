@@ -4,7 +4,8 @@
 //! of [`crate::crypto::ids`], the records of each module) and never build SQL. Behind it:
 //!
 //! - **Backends**, chosen by the URL scheme ([`Store::open`]): `sqlite://path` (bundled
-//!   SQLite, WAL, the embedded default) and `postgres://…` (diesel-async with a deadpool pool).
+//!   SQLite, WAL, the embedded default) and `postgres://…` (diesel-async with a deadpool pool;
+//!   TLS as the URL's `sslmode` and `sslrootcert` say, read as libpq reads them: `pg_tls`).
 //! - **One module per record**, its queries beside it: [`tokens`] (API tokens),
 //!   [`user_keys`] (device key bundles), [`sessions`] (sessions, their members and wrapped
 //!   keys), [`audit`] (the hash-chained audit log), [`prekeys`] (signed prekeys and their claim
@@ -46,6 +47,7 @@ pub mod key_packages;
 mod locks;
 pub mod messages;
 mod migrations;
+mod pg_tls;
 pub mod prekeys;
 pub mod ratchet_states;
 pub(crate) mod schema;
@@ -427,7 +429,10 @@ impl Store {
                 .map_err(|e| StoreError::Internal(format!("building the SQLite pool: {e}")))?;
             Pools::Sqlite(pool)
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            let manager = AsyncDieselConnectionManager::<PgConn>::new(url);
+            // TLS as the URL's sslmode and sslrootcert say (libpq's rules): `pg_tls`.
+            let mut config = ManagerConfig::<PgConn>::default();
+            config.custom_setup = Box::new(|url| Box::pin(pg_tls::establish(url)));
+            let manager = AsyncDieselConnectionManager::new_with_config(url, config);
             let settings: Arc<str> = postgres_session_settings(&options).into();
             let pool = Pool::builder(manager)
                 .max_size(options.max_connections.max(1))

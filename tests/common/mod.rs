@@ -171,6 +171,7 @@ impl Drop for TestDb {
 pub mod callers;
 pub mod cli;
 pub mod low_order;
+pub mod pki;
 pub mod raw_db;
 pub mod requests;
 pub mod server;

@@ -20,7 +20,7 @@ use super::{Kind, TestDb};
 
 /// A running server and what a test needs to drive it.
 pub struct TestServer {
-    /// `http://127.0.0.1:<port>`.
+    /// `http://127.0.0.1:<port>` (`https://` over TLS).
     pub endpoint: String,
     /// The store the server uses (for checks behind its back).
     pub store: Store,
@@ -48,11 +48,26 @@ impl TestServer {
         TestServer::start_with_options(db, limits, StoreOptions::default()).await
     }
 
+    /// [`TestServer::start`] serving over TLS with `tls`; the endpoint is
+    /// `https://127.0.0.1:<port>` (clients need [`keyhold::client::ClientTls`]).
+    pub async fn start_tls(db: TestDb, tls: keyhold::tls::ServerTls) -> TestServer {
+        TestServer::start_on(db, Limits::default(), StoreOptions::default(), Some(tls)).await
+    }
+
     /// [`TestServer::start_with_limits`] with other store options (timeouts, bounds).
     pub async fn start_with_options(
         db: TestDb,
         limits: Limits,
         options: StoreOptions,
+    ) -> TestServer {
+        TestServer::start_on(db, limits, options, None).await
+    }
+
+    async fn start_on(
+        db: TestDb,
+        limits: Limits,
+        options: StoreOptions,
+        tls: Option<keyhold::tls::ServerTls>,
     ) -> TestServer {
         let key_dir = std::env::temp_dir().join(format!(
             "keyhold-test-keys-{}",
@@ -77,7 +92,7 @@ impl TestServer {
         )
         .await
         .expect("admin token");
-        let (endpoint, tx, handle) = serve(store.clone(), keys, limits).await;
+        let (endpoint, tx, handle) = serve(store.clone(), keys, limits, tls).await;
         TestServer {
             endpoint,
             store,
@@ -145,15 +160,21 @@ async fn serve(
     store: Store,
     keys: keyfiles::ServiceKeys,
     limits: Limits,
+    tls: Option<keyhold::tls::ServerTls>,
 ) -> (String, oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let state = keyhold::server::app_state(store, keys, 1000, limits);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
-    let endpoint = format!("http://{}", listener.local_addr().expect("addr"));
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let endpoint = format!("{scheme}://{}", listener.local_addr().expect("addr"));
+    let transport = match tls {
+        Some(tls) => keyhold::server::Transport::Tls(listener, tls),
+        None => keyhold::server::Transport::Plaintext(listener),
+    };
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(async move {
-        keyhold::server::serve(listener, state, async {
+        keyhold::server::serve(transport, state, async {
             let _ = rx.await;
         })
         .await
@@ -177,7 +198,7 @@ impl TestServer {
         let (keys, _warnings) =
             keyfiles::load_or_generate(&self.key_dir, None, None).expect("load keys");
         let store = Store::open(&self.db.url).await.expect("open store");
-        let (endpoint, tx, handle) = serve(store, keys, limits).await;
+        let (endpoint, tx, handle) = serve(store, keys, limits, None).await;
         Replica {
             endpoint,
             shutdown: Some(tx),
