@@ -11,6 +11,7 @@ use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
 
 use common::callers::{check_every_caller, Callers, Who, DENIED, OK};
+use common::held::HeldWriter;
 use common::requests::{
     add_recipients, assert_code, fingerprint, open_own_key, remove_recipients,
     service_wrapped_session,
@@ -25,7 +26,6 @@ use keyhold::crypto::keys::Dek;
 use keyhold::crypto::message::{open_message, seal_message, MessageContext};
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::store::messages::{Author, NewMessage, PutOutcome, Writer};
-use keyhold::store::StoreError;
 use tonic::{Code, Status};
 
 // Who is in the tests (`common::world`): alice (phone, laptop) authors; bob (phone, laptop)
@@ -471,21 +471,7 @@ async fn concurrent_writers_of_one_id_store_one_version(server: &TestServer) {
     };
     // The first writer holds its transaction open after inserting; the second writes the same
     // id with other bytes meanwhile (on PostgreSQL its insert waits for the first to commit).
-    let (inserted_tx, inserted_rx) = tokio::sync::oneshot::channel();
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let store = server.store.clone();
-    let (a, first) = (author.clone(), version(1));
-    let holder = tokio::spawn(async move {
-        store
-            .transaction(async move |tx| -> Result<_, StoreError> {
-                let outcome = tx.put_messages(Writer::Device, &a, &[first]).await?;
-                let _ = inserted_tx.send(());
-                let _ = release_rx.await;
-                Ok(outcome)
-            })
-            .await
-    });
-    inserted_rx.await.expect("first writer inserted");
+    let holder = HeldWriter::start(&server.store, &author, vec![version(1)]).await;
     let store = server.store.clone();
     let (a, second) = (author.clone(), version(2));
     let racer = tokio::spawn(async move {
@@ -494,8 +480,7 @@ async fn concurrent_writers_of_one_id_store_one_version(server: &TestServer) {
             .await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    release_tx.send(()).expect("release");
-    let first = holder.await.expect("join").expect("first writer commits");
+    let first = holder.commit().await.expect("first writer commits");
     assert!(
         matches!(first, PutOutcome::Stored(ref v) if v[0].1),
         "{first:?}"
@@ -639,20 +624,7 @@ async fn a_late_commit_never_lands_below_a_listed_message(server: &TestServer) {
         associated_data: None,
     };
     let slow_id = slow.message_id.to_string();
-    let (inserted_tx, inserted_rx) = tokio::sync::oneshot::channel();
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let store = server.store.clone();
-    let holder = tokio::spawn(async move {
-        store
-            .transaction(async move |tx| -> Result<_, StoreError> {
-                tx.put_messages(Writer::Device, &author, &[slow]).await?;
-                let _ = inserted_tx.send(());
-                let _ = release_rx.await;
-                Ok(())
-            })
-            .await
-    });
-    inserted_rx.await.expect("slow writer inserted");
+    let holder = HeldWriter::start(&server.store, &author, vec![slow]).await;
     // A fast writer stores after it and commits first (SQLite: it waits for the slow one).
     let fast = filler(s, Epoch::FIRST, 1);
     let fast_id = fast.message_id.clone();
@@ -682,13 +654,11 @@ async fn a_late_commit_never_lands_below_a_listed_message(server: &TestServer) {
             !ids(&early).contains(&fast_id),
             "listed above an open writer"
         );
-        release_tx.send(()).expect("release");
-        holder.await.expect("join").expect("slow writer commits");
+        holder.commit().await.expect("slow writer commits");
         check_only_above(server, &w, &early).await;
     } else {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        release_tx.send(()).expect("release");
-        holder.await.expect("join").expect("slow writer commits");
+        holder.commit().await.expect("slow writer commits");
         let (early, _) = early_read.await.expect("join").expect("read");
         check_only_above(server, &w, &early).await;
     }

@@ -4,72 +4,17 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use common::cli::{free_port, keyhold, temp_dir, text, wait_until_serving};
+use common::requests::service_wrapped_request;
 use keyhold::client::Client;
 use keyhold::proto::keyhold::v1 as pb;
 
-fn keyhold() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keyhold"));
-    // The tests set everything they need; nothing from the caller's environment leaks in.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYHOLD_") {
-            c.env_remove(k);
-        }
-    }
-    c.env("KEYHOLD_LOG", "warn");
-    c
-}
-
-fn temp_dir() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("keyhold-cli-{}", uuid::Uuid::now_v7().simple()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    dir
-}
-
 fn run(cmd: &mut Command) -> Output {
     cmd.output().expect("run keyhold")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-async fn wait_until_serving(endpoint: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint.to_string())
-            .expect("endpoint")
-            .connect()
-            .await
-        {
-            let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-            if let Ok(r) = health
-                .check(tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-            {
-                if r.into_inner().status
-                    == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                {
-                    return;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "server did not come up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 fn sqlite_url(dir: &Path) -> String {
@@ -235,13 +180,8 @@ async fn serve_then_staff_opens_escrow_then_sigterm_stops_cleanly() {
         .expect("connect")
         .sessions()
         .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList { user_ids: vec![] },
-            )),
             return_plaintext_dek: true,
-            ..Default::default()
+            ..service_wrapped_request("alice", &[])
         })
         .await
         .expect("create")

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::requests::service_wrapped_request;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -16,30 +18,8 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use zeroize::Zeroizing;
 
+use common::cli::{free_port, keyhold_in, text};
 use common::pki::{Leaf, PemDir, TestCa};
-
-fn keyhold(dir: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_keyhold"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("KEYHOLD_") {
-            c.env_remove(k);
-        }
-    }
-    c.env("KEYHOLD_LOG", "warn").current_dir(dir);
-    c
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
 
 fn client_tls(ca: &TestCa, identity: &Leaf) -> ClientTls {
     ClientTls {
@@ -101,7 +81,7 @@ fn signal(child: &Child, name: &str) {
 #[test]
 fn plaintext_on_a_public_address_is_refused_unless_insecure_plaintext() {
     let dir = PemDir::new();
-    let out = keyhold(&dir.path)
+    let out = keyhold_in(&dir.path)
         .args(["serve", "--listen", "0.0.0.0:0"])
         .output()
         .expect("run");
@@ -132,7 +112,7 @@ async fn serve_over_mutual_tls_escrow_open_and_rotate_with_sighup() {
 
     let port = free_port();
     let endpoint = format!("https://127.0.0.1:{port}");
-    let mut server = keyhold(&dir)
+    let mut server = keyhold_in(&dir)
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--tls-cert-file")
         .arg(&cert)
@@ -156,7 +136,7 @@ async fn serve_over_mutual_tls_escrow_open_and_rotate_with_sighup() {
 
     // A device and a session, made over mutual TLS.
     let token = |args: &[&str]| {
-        let out = keyhold(&dir)
+        let out = keyhold_in(&dir)
             .args(["token", "create"])
             .args(args)
             .output()
@@ -179,13 +159,8 @@ async fn serve_over_mutual_tls_escrow_open_and_rotate_with_sighup() {
         .expect("connect")
         .sessions()
         .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList { user_ids: vec![] },
-            )),
             return_plaintext_dek: true,
-            ..Default::default()
+            ..service_wrapped_request("alice", &[])
         })
         .await
         .expect("create")
@@ -194,7 +169,7 @@ async fn serve_over_mutual_tls_escrow_open_and_rotate_with_sighup() {
 
     // Staff tooling over mutual TLS: with its certificate it reads; without, it is refused.
     let escrow_open = |tls_args: &[&str]| {
-        let mut cmd = keyhold(&dir);
+        let mut cmd = keyhold_in(&dir);
         cmd.args(["escrow", "open", "--endpoint", &endpoint])
             .args(["--session", &created.session_id, "--reason", "case 42"])
             .args(["--private-key", "data/dev-escrow.key"])

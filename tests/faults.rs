@@ -17,11 +17,13 @@
 mod common;
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::cli::{free_port, keyhold, wait_until_serving_within};
+use common::requests::{service_wrapped_session, whole_timeline};
 use common::server::{TestDevice, TestServer};
 use diesel::sql_types::{Array, BigInt, Binary, Text};
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl};
@@ -46,25 +48,11 @@ impl World {
         let app = server.client(&app_token).await;
         TestDevice::enroll(server, "alice", "phone").await;
         let carol = TestDevice::enroll(server, "carol", "phone").await;
-        let created = app
-            .sessions()
-            .create_session(pb::CreateSessionRequest {
-                mode: pb::SessionMode::ServiceWrapped as i32,
-                author_user_id: "alice".into(),
-                recipients: Some(pb::create_session_request::Recipients::UserIds(
-                    pb::UserIdList {
-                        user_ids: vec!["carol".into()],
-                    },
-                )),
-                ..Default::default()
-            })
-            .await
-            .expect("create session")
-            .into_inner();
+        let session = service_wrapped_session(&app, "alice", &["carol"]).await;
         World {
             app_token,
             carol,
-            session: SessionId::parse(&created.session_id).expect("session id"),
+            session,
         }
     }
 
@@ -182,26 +170,11 @@ async fn listed_ids(endpoint: &str, carol: &TestDevice) -> HashSet<String> {
     let client = Client::connect(endpoint, &carol.token)
         .await
         .expect("connect");
-    let mut out = HashSet::new();
-    let mut cursor = String::new();
-    loop {
-        let page = client
-            .messages()
-            .timeline(pb::TimelineRequest {
-                user_id: "carol".into(),
-                device_id: "phone".into(),
-                cursor: cursor.clone(),
-                page_size: 200,
-            })
-            .await
-            .expect("timeline")
-            .into_inner();
-        out.extend(page.messages.into_iter().map(|m| m.message_id));
-        if page.next_cursor.is_empty() {
-            return out;
-        }
-        cursor = page.next_cursor;
-    }
+    whole_timeline(&client, carol, 200)
+        .await
+        .into_iter()
+        .map(|m| m.message_id)
+        .collect()
 }
 
 /// A `keyhold serve` process on the test database, with the test server's key files.
@@ -212,13 +185,7 @@ struct Replica {
 
 impl Replica {
     async fn start(server: &TestServer, port: u16) -> Replica {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keyhold"));
-        for (k, _) in std::env::vars() {
-            if k.starts_with("KEYHOLD_") {
-                cmd.env_remove(k);
-            }
-        }
-        let child = cmd
+        let child = keyhold()
             .arg("serve")
             .arg("--database-url")
             .arg(&server.db.url)
@@ -230,7 +197,6 @@ impl Replica {
             .arg(server.key_dir.join("dev-kek.key"))
             .arg("--escrow-public-key-file")
             .arg(server.key_dir.join("dev-escrow.pub"))
-            .env("KEYHOLD_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -242,30 +208,7 @@ impl Replica {
     }
 
     async fn until_serving(&self) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(channel) = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
-                .expect("endpoint")
-                .connect()
-                .await
-            {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                if let Ok(r) = health
-                    .check(tonic_health::pb::HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                {
-                    if r.into_inner().status
-                        == tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-                    {
-                        return;
-                    }
-                }
-            }
-            assert!(Instant::now() < deadline, "keyhold serve did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_until_serving_within(&self.endpoint, Duration::from_secs(60)).await
     }
 
     /// SIGKILL, and reap the process.
@@ -280,14 +223,6 @@ impl Drop for Replica {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

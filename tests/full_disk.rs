@@ -14,6 +14,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::requests::service_wrapped_session;
 use common::server::{TestDevice, TestServer};
 use keyhold::crypto::ids::{Epoch, MessageId, SessionId};
 use keyhold::proto::keyhold::v1 as pb;
@@ -140,22 +141,7 @@ async fn a_full_disk_is_resource_exhausted_and_writes_recover_when_space_returns
         .await;
     let alice = TestDevice::enroll(&server, "alice", "phone").await;
     let carol = TestDevice::enroll(&server, "carol", "phone").await;
-    let created = app
-        .sessions()
-        .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList {
-                    user_ids: vec!["carol".into()],
-                },
-            )),
-            ..Default::default()
-        })
-        .await
-        .expect("create session")
-        .into_inner();
-    let session = SessionId::parse(&created.session_id).expect("session id");
+    let session = service_wrapped_session(&app, "alice", &["carol"]).await;
     put(&server, &alice, message(session, 1024))
         .await
         .expect("a write with room to spare");

@@ -14,13 +14,15 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use common::held::HeldWriter;
+use common::requests::{service_wrapped_session, whole_timeline};
 use common::server::{TestDevice, TestServer};
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use keyhold::client::Client;
 use keyhold::config::Limits;
 use keyhold::crypto::ids::{Epoch, MessageId, SessionId};
 use keyhold::proto::keyhold::v1 as pb;
-use keyhold::store::messages::{Author, NewMessage, Writer};
+use keyhold::store::messages::{Author, NewMessage};
 use keyhold::store::{StoreError, StoreOptions};
 use tonic::Code;
 
@@ -38,22 +40,7 @@ impl World {
             .await;
         let alice = TestDevice::enroll(server, "alice", "phone").await;
         let carol = TestDevice::enroll(server, "carol", "phone").await;
-        let created = app
-            .sessions()
-            .create_session(pb::CreateSessionRequest {
-                mode: pb::SessionMode::ServiceWrapped as i32,
-                author_user_id: "alice".into(),
-                recipients: Some(pb::create_session_request::Recipients::UserIds(
-                    pb::UserIdList {
-                        user_ids: vec!["carol".into()],
-                    },
-                )),
-                ..Default::default()
-            })
-            .await
-            .expect("create session")
-            .into_inner();
-        let session = SessionId::parse(&created.session_id).expect("session id");
+        let session = service_wrapped_session(&app, "alice", &["carol"]).await;
         World {
             alice,
             carol,
@@ -92,30 +79,11 @@ impl World {
 
     /// Carol's whole timeline, newest first (ids and positions).
     async fn timeline(&self, client: &Client) -> Vec<(String, i64)> {
-        let mut out = Vec::new();
-        let mut cursor = String::new();
-        loop {
-            let page = client
-                .messages()
-                .timeline(pb::TimelineRequest {
-                    user_id: "carol".into(),
-                    device_id: "phone".into(),
-                    cursor: cursor.clone(),
-                    page_size: 50,
-                })
-                .await
-                .expect("timeline")
-                .into_inner();
-            out.extend(
-                page.messages
-                    .into_iter()
-                    .map(|m| (m.message_id, m.created_at)),
-            );
-            if page.next_cursor.is_empty() {
-                return out;
-            }
-            cursor = page.next_cursor;
-        }
+        whole_timeline(client, &self.carol, 50)
+            .await
+            .into_iter()
+            .map(|m| (m.message_id, m.created_at))
+            .collect()
     }
 
     /// Polls carol's timeline until `id` is listed (deadline 30 s); returns when it was.
@@ -279,27 +247,16 @@ async fn a_message_transaction_past_its_bound_is_refused_at_commit() {
     };
     let held_id = held.message_id.to_string();
     let started = Instant::now();
-    let (inserted_tx, inserted_rx) = tokio::sync::oneshot::channel();
-    let store = server.store.clone();
-    let holder = tokio::spawn(async move {
-        store
-            .transaction(async move |tx| -> Result<_, StoreError> {
-                tx.put_messages(Writer::Device, &author, &[held]).await?;
-                let _ = inserted_tx.send(());
-                // Paused past the bound before committing.
-                tokio::time::sleep(Duration::from_millis(2500)).await;
-                Ok(())
-            })
-            .await
-    });
-    inserted_rx.await.expect("inserted");
+    let holder = HeldWriter::start(&server.store, &author, vec![held]).await;
     let fresh = w.put(&server, 1).await;
     let listed_at = w.until_listed(&server, &fresh).await;
     assert!(
         listed_at - started >= Duration::from_millis(500),
         "the horizon passed a writer within its bound"
     );
-    let refused = holder.await.expect("join").expect_err("refused at commit");
+    // Paused past the bound before committing.
+    tokio::time::sleep_until((started + Duration::from_millis(2500)).into()).await;
+    let refused = holder.commit().await.expect_err("refused at commit");
     assert!(matches!(refused, StoreError::Unavailable(_)), "{refused:?}");
     let now = w.timeline(&carol).await;
     assert!(
@@ -334,26 +291,12 @@ async fn a_writer_idle_in_its_transaction_is_closed_and_listings_move_on() {
         ciphertext: vec![1; 40],
         associated_data: None,
     };
-    let (inserted_tx, inserted_rx) = tokio::sync::oneshot::channel();
-    let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
-    let store = server.store.clone();
-    let holder = tokio::spawn(async move {
-        store
-            .transaction(async move |tx| -> Result<_, StoreError> {
-                tx.put_messages(Writer::Device, &author, &[held]).await?;
-                let _ = inserted_tx.send(());
-                let _ = release_rx.await;
-                Ok(())
-            })
-            .await
-    });
-    inserted_rx.await.expect("inserted");
+    let holder = HeldWriter::start(&server.store, &author, vec![held]).await;
     let fresh = w.put(&server, 1).await;
     w.until_listed(&server, &fresh).await;
-    release_tx.send(()).expect("release");
     let closed = holder
+        .commit()
         .await
-        .expect("join")
         .expect_err("its connection was closed");
     assert!(matches!(closed, StoreError::Unavailable(_)), "{closed:?}");
     // The pool replaces the closed connection: writes go on without a restart.

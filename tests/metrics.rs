@@ -11,6 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::requests::service_wrapped_request;
 use common::server::{TestDevice, TestServer};
 use keyhold::crypto::sign::{Prekey, PrekeyKind};
 use keyhold::crypto::xwing::DecapsulationKey;
@@ -237,14 +238,7 @@ async fn counters_move_with_calls(server: &TestServer) {
         .client(&app)
         .await
         .sessions()
-        .create_session(pb::CreateSessionRequest {
-            mode: pb::SessionMode::ServiceWrapped as i32,
-            author_user_id: "alice".into(),
-            recipients: Some(pb::create_session_request::Recipients::UserIds(
-                pb::UserIdList { user_ids: vec![] },
-            )),
-            ..Default::default()
-        })
+        .create_session(service_wrapped_request("alice", &[]))
         .await
         .expect("create session")
         .into_inner();

@@ -9,47 +9,31 @@ mod common;
 
 use std::time::Duration;
 
+use common::requests::{signed_prekey, upload_request};
 use common::server::{TestDevice, TestServer};
 use common::TestDb;
 use diesel::sql_types::BigInt;
 use diesel_async::{AsyncConnection, AsyncPgConnection, RunQueryDsl, SimpleAsyncConnection};
 use keyhold::config::Limits;
 use keyhold::crypto::ids::KeyId;
-use keyhold::crypto::sign::{Prekey, PrekeyKind};
-use keyhold::crypto::xwing::DecapsulationKey;
-use keyhold::crypto::Suite;
+use keyhold::crypto::sign::PrekeyKind;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::store::StoreOptions;
 use tonic::Code;
 
-fn signed_prekey(d: &TestDevice, kind: PrekeyKind) -> (pb::SignedPrekey, KeyId) {
-    let key = DecapsulationKey::generate().expect("keygen");
-    let prekey = Prekey {
-        suite: Suite::XWingAes256GcmV1,
-        user: d.user.clone(),
-        device: d.device.clone(),
-        kind,
-        key: key.encapsulation_key().clone(),
-    };
-    let signature = d.identity.sign(&prekey);
-    (
-        pb::SignedPrekey {
-            suite: pb::Suite::XwingAes256gcmV1 as i32,
-            encapsulation_key: prekey.key.to_bytes(),
-            signature: signature.as_bytes().to_vec(),
-        },
-        prekey.key.key_id(),
-    )
-}
-
 /// A server on a fresh PostgreSQL database (or `None` when PostgreSQL tests are skipped), and
 /// a device holding exactly one one-time prekey and a last-resort prekey.
 async fn one_left(lock_timeout: Duration) -> Option<(TestServer, TestDevice, KeyId, KeyId)> {
-    let db: TestDb = common::postgres_db().await?;
-    let options = StoreOptions {
+    one_left_with(StoreOptions {
         lock_timeout,
         ..StoreOptions::default()
-    };
+    })
+    .await
+}
+
+/// [`one_left`] with any store options.
+async fn one_left_with(options: StoreOptions) -> Option<(TestServer, TestDevice, KeyId, KeyId)> {
+    let db: TestDb = common::postgres_db().await?;
     let server = TestServer::start_with_options(db, Limits::default(), options).await;
     let device = TestDevice::enroll(&server, "alice", "phone").await;
     let (one_time, one_time_id) = signed_prekey(&device, PrekeyKind::OneTime);
@@ -58,12 +42,7 @@ async fn one_left(lock_timeout: Duration) -> Option<(TestServer, TestDevice, Key
         .client(&server)
         .await
         .key_directory()
-        .upload_prekeys(pb::UploadPrekeysRequest {
-            user_id: device.user.to_string(),
-            device_id: device.device.to_string(),
-            one_time_prekeys: vec![one_time],
-            last_resort_prekey: Some(last_resort),
-        })
+        .upload_prekeys(upload_request(&device, vec![one_time], Some(last_resort)))
         .await
         .expect("upload");
     Some((server, device, one_time_id, last_resort_id))
@@ -243,30 +222,14 @@ async fn a_claim_that_waits_past_the_lock_timeout_is_unavailable_not_last_resort
 /// wait is cut by `statement_timeout` instead, still UNAVAILABLE and still no last resort.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_statement_timeout_of_every_connection_cuts_a_wait_the_lock_timeout_does_not() {
-    let Some(db) = common::postgres_db().await else {
-        return;
-    };
     let options = StoreOptions {
         lock_timeout: Duration::ZERO,
         statement_timeout: Duration::from_millis(300),
         ..StoreOptions::default()
     };
-    let server = TestServer::start_with_options(db, Limits::default(), options).await;
-    let device = TestDevice::enroll(&server, "alice", "phone").await;
-    let (one_time, _) = signed_prekey(&device, PrekeyKind::OneTime);
-    let (last_resort, _) = signed_prekey(&device, PrekeyKind::LastResort);
-    device
-        .client(&server)
-        .await
-        .key_directory()
-        .upload_prekeys(pb::UploadPrekeysRequest {
-            user_id: device.user.to_string(),
-            device_id: device.device.to_string(),
-            one_time_prekeys: vec![one_time],
-            last_resort_prekey: Some(last_resort),
-        })
-        .await
-        .expect("upload");
+    let Some((server, device, _, _)) = one_left_with(options).await else {
+        return;
+    };
     let mut locker = lock_the_one_time_row(&server).await;
     let refused = start_claim(&server, &device)
         .await

@@ -292,6 +292,22 @@ struct Footprint {
     stored_envelope: Vec<u8>,
 }
 
+impl Footprint {
+    /// Every plaintext DEK, named for the scan's report.
+    fn dek_secrets(&self) -> Vec<(String, Vec<u8>)> {
+        self.deks
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                (
+                    format!("plaintext DEK #{}", i + 1),
+                    d.expose_secret().to_vec(),
+                )
+            })
+            .collect()
+    }
+}
+
 /// Creates tokens of every role, two service-wrapped sessions (one rotated, extended and
 /// shrunk) and a client-wrapped one, and returns every secret involved.
 async fn exercise_sessions(server: &TestServer) -> Footprint {
@@ -499,17 +515,7 @@ async fn no_plaintext_secret_in_the_database(server: &TestServer) {
         "the escrow envelope is stored"
     );
 
-    let mut secrets: Vec<(String, Vec<u8>)> = footprint
-        .deks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            (
-                format!("plaintext DEK #{}", i + 1),
-                d.expose_secret().to_vec(),
-            )
-        })
-        .collect();
+    let mut secrets: Vec<(String, Vec<u8>)> = footprint.dek_secrets();
     secrets.extend(service_secrets(server));
     assert_no_secret(
         &format!("the database ({read:?})"),
@@ -742,17 +748,7 @@ async fn no_token_or_dek_in_logs(server: &TestServer) {
         text.contains("internal failure"),
         "Keyhold's own error log was captured"
     );
-    let secrets: Vec<(String, Vec<u8>)> = footprint
-        .deks
-        .iter()
-        .enumerate()
-        .map(|(i, d)| {
-            (
-                format!("plaintext DEK #{}", i + 1),
-                d.expose_secret().to_vec(),
-            )
-        })
-        .collect();
+    let secrets: Vec<(String, Vec<u8>)> = footprint.dek_secrets();
     assert_no_secret("the logs", &captured, &footprint.tokens, &secrets);
 }
 

@@ -1,7 +1,7 @@
 //! Running the `keyhold` binary the way an operator does, for tests that check the command
 //! line itself (its flags, its exit status, what it writes to stdout and stderr).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -15,6 +15,13 @@ pub fn keyhold() -> Command {
         }
     }
     c.env("KEYHOLD_LOG", "warn");
+    c
+}
+
+/// [`keyhold`] run in `dir`.
+pub fn keyhold_in(dir: &Path) -> Command {
+    let mut c = keyhold();
+    c.current_dir(dir);
     c
 }
 
@@ -41,8 +48,13 @@ pub fn free_port() -> u16 {
 
 /// Waits until the server at `endpoint` says SERVING, or fails after 30 s.
 pub async fn wait_until_serving(endpoint: &str) {
+    wait_until_serving_within(endpoint, Duration::from_secs(30)).await
+}
+
+/// Waits until the server at `endpoint` says SERVING, or fails after `limit`.
+pub async fn wait_until_serving_within(endpoint: &str, limit: Duration) {
     use tonic_health::pb::health_check_response::ServingStatus;
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + limit;
     loop {
         if let Ok(channel) = tonic::transport::Endpoint::from_shared(endpoint.to_string())
             .expect("endpoint")

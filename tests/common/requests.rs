@@ -439,3 +439,32 @@ pub async fn verify_audit_log(server: &TestServer) -> pb::VerifyAuditLogResponse
         .expect("verify the audit log")
         .into_inner()
 }
+
+/// Every message of `reader`'s timeline through `client`, newest first, following cursors in
+/// pages of `page_size`.
+pub async fn whole_timeline(
+    client: &Client,
+    reader: &TestDevice,
+    page_size: u32,
+) -> Vec<pb::EncryptedMessage> {
+    let mut out = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let page = client
+            .messages()
+            .timeline(pb::TimelineRequest {
+                user_id: reader.user.to_string(),
+                device_id: reader.device.to_string(),
+                cursor: cursor.clone(),
+                page_size,
+            })
+            .await
+            .expect("timeline")
+            .into_inner();
+        out.extend(page.messages);
+        if page.next_cursor.is_empty() {
+            return out;
+        }
+        cursor = page.next_cursor;
+    }
+}
