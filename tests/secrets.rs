@@ -96,7 +96,7 @@ fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(haystack, needle).is_some()
 }
 
 /// Which form of `secret`, if any, occurs in `haystack`.
