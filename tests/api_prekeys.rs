@@ -134,7 +134,7 @@ async fn claimers(server: &TestServer, n: usize) -> Vec<String> {
 }
 
 /// How often one claim of [`claim_concurrently`] is tried while it answers UNAVAILABLE.
-const UNAVAILABLE_RETRIES: usize = 5;
+const UNAVAILABLE_RETRIES: usize = 20;
 
 /// Fires `claims` concurrent claims of `target`, spread over `endpoints` and `tokens`, and
 /// checks that exactly `one_time.len()` of them got distinct one-time prekeys (each one of
@@ -162,11 +162,15 @@ async fn claim_concurrently(
         let request = target_ref.clone();
         tasks.spawn(async move {
             // UNAVAILABLE (a claim that waited past the lock or pool timeout on a loaded
-            // machine) wrote nothing and is retried, as a client does; any other error fails.
+            // machine: a thousand claims queue on one device's rows and each claimer's rate
+            // window row) wrote nothing and is retried with backoff, as a client does; any
+            // other error fails.
+            let mut backoff = Duration::from_millis(100);
             for _ in 0..UNAVAILABLE_RETRIES {
                 match directory.claim_prekeys(request.clone()).await {
                     Err(status) if status.code() == Code::Unavailable => {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
                     }
                     answer => return answer.expect("claim").into_inner(),
                 }
