@@ -138,7 +138,11 @@ async fn a_page_allocates_about_its_byte_bound(server: &TestServer) {
         .await;
         let page = page.expect("list");
         let bytes: usize = page.messages.iter().map(message_bytes).sum();
-        assert_eq!(page.messages.len(), 3, "{list}: three of 256 KiB fit in 1 MiB");
+        assert_eq!(
+            page.messages.len(),
+            3,
+            "{list}: three of 256 KiB fit in 1 MiB"
+        );
         assert!(page.full);
         eprintln!(
             "{:?} {list}: page of {bytes} bytes, peak allocation {peak} bytes ({} MiB readable)",

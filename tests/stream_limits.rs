@@ -133,7 +133,9 @@ async fn revoking_a_token_ends_its_streams_on_every_replica(server: &TestServer)
         .await
         .expect("watch here");
     let kept_there = replica.client(&second_token).await;
-    let mut packages_kept = watch_packages(&kept_there).await.expect("watch, other token");
+    let mut packages_kept = watch_packages(&kept_there)
+        .await
+        .expect("watch, other token");
 
     // Every stream is live before the revocation.
     send_package(&phone_c, &laptop, b"before").await;
@@ -152,8 +154,11 @@ async fn revoking_a_token_ends_its_streams_on_every_replica(server: &TestServer)
         .expect("revoke through the first server");
     assert_ended_by_revocation("WatchKeyPackages on the replica", &mut packages_there).await;
     assert_ended_by_revocation("WatchPrekeyStock on the replica", &mut stock_there).await;
-    assert_ended_by_revocation("WatchKeyPackages on the revoking server", &mut packages_here)
-        .await;
+    assert_ended_by_revocation(
+        "WatchKeyPackages on the revoking server",
+        &mut packages_here,
+    )
+    .await;
 
     // The device's other token still watches, and the revoked one opens nothing new.
     send_package(&phone_c, &laptop, b"after").await;

@@ -107,7 +107,10 @@ pub(super) fn page_to_wire(page: Page) -> (Vec<pb::EncryptedMessage>, String) {
         Some(m) if page.full => cursor::format(&m.position()),
         _ => String::new(),
     };
-    (page.messages.into_iter().map(message_to_wire).collect(), next)
+    (
+        page.messages.into_iter().map(message_to_wire).collect(),
+        next,
+    )
 }
 
 /// Parses and checks one message of a batch, naming `messages[i].<field>` on failure.

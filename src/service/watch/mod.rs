@@ -27,8 +27,8 @@ use crate::store::events::DeviceWatch;
 use crate::store::tokens::TokenId;
 use crate::store::Store;
 
-pub(crate) use slots::{StreamSlot, WATCH_STREAMS_OPEN};
 use slots::{revoked_status, StreamSlots};
+pub(crate) use slots::{StreamSlot, WATCH_STREAMS_OPEN};
 
 /// How long a watch waits for an event before it reads the database again anyway.
 pub(crate) const REREAD_INTERVAL: Duration = Duration::from_secs(30);
@@ -193,9 +193,8 @@ mod tests {
         assert_eq!(err.code(), tonic::Code::Unavailable);
         assert!(stream.next().await.is_none());
         // A stream opened after the stop ends at once.
-        let mut late = streams.spawn::<u32, _, _>(slot(&streams).await, |_tx| {
-            std::future::pending()
-        });
+        let mut late =
+            streams.spawn::<u32, _, _>(slot(&streams).await, |_tx| std::future::pending());
         assert_eq!(
             late.next().await.unwrap().unwrap_err().code(),
             tonic::Code::Unavailable

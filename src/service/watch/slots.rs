@@ -232,7 +232,9 @@ mod tests {
         let refused = slots.claim(&store, &token, &alice, &phone, 2).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         assert!(
-            refused.message().contains("max-watch-streams-per-device = 2")
+            refused
+                .message()
+                .contains("max-watch-streams-per-device = 2")
                 && refused.message().contains("alice/phone"),
             "{}",
             refused.message()
@@ -258,8 +260,7 @@ mod tests {
         slots.revoke(&[revoked]);
         a.revoked().await;
         b.revoked().await;
-        let still_open =
-            tokio::time::timeout(Duration::from_millis(50), c.revoked()).await;
+        let still_open = tokio::time::timeout(Duration::from_millis(50), c.revoked()).await;
         assert!(still_open.is_err(), "another token's stream was ended");
     }
 }

@@ -109,7 +109,7 @@ fn rows_within(sizes: impl IntoIterator<Item = i64>, bytes: usize) -> usize {
 
 /// A page from a PostgreSQL listing's rows.
 fn page_of_listed(rows: Vec<ListedRow>, limit: PageLimit) -> Result<Page, StoreError> {
-    let page_rows = rows.iter().next().map_or(0, |r| r.page_rows);
+    let page_rows = <[ListedRow]>::first(&rows).map_or(0, |r| r.page_rows);
     let full = page_rows > 0
         && (page_rows >= i64::from(limit.rows)
             || usize::try_from(page_rows).is_ok_and(|n| n > rows.len()));
@@ -384,9 +384,7 @@ fn sqlite_bodies_within(
             messages::message_id,
             diesel::dsl::sql::<BigInt>(SQLITE_MESSAGE_BYTES),
         ));
-    let sizes: HashMap<Vec<u8>, i64> = diesel::RunQueryDsl::load(sizes, c)?
-        .into_iter()
-        .collect();
+    let sizes: HashMap<Vec<u8>, i64> = diesel::RunQueryDsl::load(sizes, c)?.into_iter().collect();
     let kept = rows_within(
         ids.iter().map(|id| sizes.get(id).copied().unwrap_or(0)),
         limit.bytes,
@@ -410,10 +408,18 @@ mod tests {
         assert_eq!(rows_within([], 10), 0);
         assert_eq!(rows_within([4, 4, 4], 10), 2);
         assert_eq!(rows_within([4, 6, 1], 10), 2);
-        assert_eq!(rows_within([4, 7, 1], 10), 1, "a prefix: nothing after a cut");
+        assert_eq!(
+            rows_within([4, 7, 1], 10),
+            1,
+            "a prefix: nothing after a cut"
+        );
         assert_eq!(rows_within([50, 1], 10), 1, "one message, however large");
         assert_eq!(rows_within([1, 1, 1], 10), 3);
         assert_eq!(rows_within([i64::MAX, 1], 10), 1);
-        assert_eq!(rows_within([i64::MAX, i64::MAX], usize::MAX), 2, "saturates, no overflow");
+        assert_eq!(
+            rows_within([i64::MAX, i64::MAX], usize::MAX),
+            2,
+            "saturates, no overflow"
+        );
     }
 }
