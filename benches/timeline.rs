@@ -72,6 +72,8 @@ use keyhold::store::Store;
 
 const ENVELOPE_LEN: usize = 1169;
 const PAGE: u32 = 50;
+/// The byte bound of a listing page, as the Messages service sets it (3 MiB).
+const PAGE_BYTES: i64 = 3 * 1024 * 1024;
 const PAGES_PER_READER: usize = 3;
 const WRITERS: usize = 4;
 
@@ -854,7 +856,8 @@ async fn explain(url: &str, reader: &ReaderRow) -> Result<Vec<String>, Error> {
     .bind::<BigInt, _>(now_micros())
     .bind::<BigInt, _>(i64::MAX)
     .bind::<Binary, _>(vec![0xFFu8; 16])
-    .bind::<BigInt, _>(i64::from(PAGE));
+    .bind::<BigInt, _>(i64::from(PAGE))
+    .bind::<BigInt, _>(PAGE_BYTES);
     let rows: Vec<PlanLine> = diesel_async::RunQueryDsl::load(q, &mut conn).await?;
     Ok(rows.into_iter().map(|l| l.line).collect())
 }

@@ -122,6 +122,8 @@ settings! {
     max_message_bytes: usize = Limits::DEFAULT.max_message_bytes, flag "max-message-bytes", env "KEYHOLD_MAX_MESSAGE_BYTES";
     /// Most messages one PutMessages call may carry.
     max_message_batch: usize = Limits::DEFAULT.max_message_batch, flag "max-message-batch", env "KEYHOLD_MAX_MESSAGE_BATCH";
+    /// Most watch streams (WatchKeyPackages and WatchPrekeyStock together) one device may hold open on one server process; a stream past it is refused with RESOURCE_EXHAUSTED, and a closed one frees its place.
+    max_watch_streams_per_device: usize = Limits::DEFAULT.max_watch_streams_per_device, flag "max-watch-streams-per-device", env "KEYHOLD_MAX_WATCH_STREAMS_PER_DEVICE";
     /// PostgreSQL `statement_timeout` of every database connection, in milliseconds (0: off): a statement running longer is cancelled and its call answers UNAVAILABLE.
     db_statement_timeout_ms: u32 = 30_000, flag "db-statement-timeout-ms", env "KEYHOLD_DB_STATEMENT_TIMEOUT_MS";
     /// PostgreSQL `lock_timeout` of every database connection, in milliseconds (0: off): a call waiting longer for a row another unfinished call holds (a prekey claim waiting for a one-time prekey, say) answers UNAVAILABLE.
@@ -168,6 +170,8 @@ pub struct Limits {
     pub max_message_bytes: usize,
     /// Most messages in one PutMessages call.
     pub max_message_batch: usize,
+    /// Most watch streams one device may hold open on one server process.
+    pub max_watch_streams_per_device: usize,
 }
 
 impl Limits {
@@ -184,6 +188,7 @@ impl Limits {
         max_inbox_packages: 1000,
         max_message_bytes: 1024 * 1024,
         max_message_batch: 500,
+        max_watch_streams_per_device: 8,
     };
 
     /// The limits the settings name.
@@ -197,6 +202,7 @@ impl Limits {
             max_inbox_packages: settings.max_inbox_packages,
             max_message_bytes: settings.max_message_bytes,
             max_message_batch: settings.max_message_batch,
+            max_watch_streams_per_device: settings.max_watch_streams_per_device,
         }
     }
 }

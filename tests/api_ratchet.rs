@@ -123,7 +123,7 @@ async fn versions_move_by_compare_and_swap(server: &TestServer) {
         .version;
     assert_eq!(v2, 2);
     // The old version again, or one from the future: stale, nothing overwritten.
-    for expected in [1, 3, u64::MAX] {
+    for expected in [1, 3, i64::MAX as u64] {
         let err = ratchet
             .put_ratchet_state(put(&d, "conv-1", expected, b"lost write"))
             .await
@@ -337,6 +337,69 @@ async fn oversized_and_malformed_states_are_refused(server: &TestServer) {
     );
 }
 
+/// An `expected_version` the database cannot hold (2^63 or more) is INVALID_ARGUMENT naming
+/// the field, for a write and a delete alike, with or without a stored state, and changes
+/// nothing; not ABORTED as if some version were current.
+async fn versions_past_the_database_are_invalid_arguments(server: &TestServer) {
+    let d = TestDevice::enroll(server, "alice", "phone").await;
+    let client = d.client(server).await;
+    let mut ratchet = client.ratchet();
+    let out_of_range = [1u64 << 63, (1u64 << 63) + 1, u64::MAX];
+    for expected in out_of_range {
+        assert_code(
+            ratchet
+                .put_ratchet_state(put(&d, "conv", expected, b"never"))
+                .await,
+            Code::InvalidArgument,
+            "expected_version",
+        );
+        assert_code(
+            ratchet
+                .delete_ratchet_state(delete(&d, "conv", expected))
+                .await,
+            Code::InvalidArgument,
+            "expected_version",
+        );
+    }
+    assert_eq!(
+        read(&client, &d, "conv")
+            .await
+            .expect_err("nothing written")
+            .code(),
+        Code::NotFound
+    );
+    ratchet
+        .put_ratchet_state(put(&d, "conv", 0, b"kept"))
+        .await
+        .expect("create");
+    for expected in out_of_range {
+        let err = ratchet
+            .put_ratchet_state(put(&d, "conv", expected, b"lost"))
+            .await
+            .expect_err("out of range");
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(err.message().contains("out of range"), "{}", err.message());
+        assert!(err.metadata().get(CURRENT_VERSION_TRAILER).is_none());
+        assert_code(
+            ratchet
+                .delete_ratchet_state(delete(&d, "conv", expected))
+                .await,
+            Code::InvalidArgument,
+            "expected_version",
+        );
+    }
+    // The largest version the database holds is a version like any other: stale here.
+    let err = ratchet
+        .put_ratchet_state(put(&d, "conv", i64::MAX as u64, b"lost"))
+        .await
+        .expect_err("stale");
+    assert_stale(&err, 1);
+    assert_eq!(
+        read(&client, &d, "conv").await.expect("get"),
+        (b"kept".to_vec(), 1)
+    );
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Rpc {
     Get,
@@ -429,6 +492,7 @@ on_both_servers! {
     two_writers_racing_on_one_state_give_exactly_one_winner => two_writers_race_on_one_state;
     ratchet_states_are_sealed_and_bound_to_their_row => states_are_sealed_and_bound_to_their_row;
     authorization_matrix_covers_every_ratchet_call => every_ratchet_call_checks_who_calls;
+    expected_versions_of_2_pow_63_or_more_are_invalid_arguments => versions_past_the_database_are_invalid_arguments;
 }
 
 on_both_servers_with! {

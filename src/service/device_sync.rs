@@ -17,7 +17,7 @@ use tonic::Status;
 
 use super::cursor::{self, Cursor, CursorKind};
 use super::error::{into_status, DomainError, ErrorClass};
-use super::watch::{next_change, spawn_stream, StreamSender};
+use super::watch::{next_change, StreamSender};
 use super::{check_list_len, invalid, parse_field, AppState};
 use crate::auth::Principal;
 use crate::crypto::ids::{DeviceId, KeyId, UserId};
@@ -361,13 +361,21 @@ async fn watch_key_packages(
 ) -> Result<ReceiverStream<Result<pb::WatchKeyPackagesResponse, Status>>, Status> {
     let (user, device) = calling_device(caller)?;
     let after = parse_inbox_cursor(&req.cursor)?;
+    let slot = state.streams.claim(
+        &state.store,
+        caller.token_id(),
+        user,
+        device,
+        state.limits.max_watch_streams_per_device,
+    )?;
     // Listen before the first read, so nothing committed after it is missed.
     let watch = state
         .store
         .watch_device(EventKind::KeyPackages, user, device)
         .await?;
     let (state, user, device) = (state.clone(), user.clone(), device.clone());
-    Ok(spawn_stream(state.streams.clone(), move |tx| {
+    let streams = state.streams.clone();
+    Ok(streams.spawn(slot, move |tx| {
         deliver_inbox(state, user, device, after, watch, tx)
     }))
 }

@@ -97,8 +97,8 @@ pub struct AppState {
     pub(crate) max_list_len: usize,
     /// Bounds on prekeys, ratchet states, inboxes and messages.
     pub(crate) limits: Limits,
-    /// Ends the server-streaming calls when the server shuts down.
-    pub(crate) streams: watch::StreamStop,
+    /// The server-streaming calls: their slots (per-device cap, revocation) and shutdown.
+    pub(crate) streams: watch::Streams,
 }
 
 /// INVALID_ARGUMENT naming `field`.

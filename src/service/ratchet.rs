@@ -43,6 +43,21 @@ fn ratchet_key(
     })
 }
 
+/// The largest version the database can hold (`BIGINT`): 2^63 - 1.
+const MAX_VERSION: u64 = i64::MAX as u64;
+
+/// An `expected_version` as the request gives it: a version past what the database can hold
+/// was never handed out and never will be, so it is a bad argument, not a stale version.
+fn parse_expected_version(expected: u64) -> Result<u64, Status> {
+    if expected > MAX_VERSION {
+        return Err(invalid(
+            "expected_version",
+            format!("{expected} is out of range: versions go up to {MAX_VERSION} (2^63 - 1)"),
+        ));
+    }
+    Ok(expected)
+}
+
 fn sealing_context(key: &RatchetKey) -> KekContext {
     KekContext::RatchetState {
         user: key.user.clone(),
@@ -145,6 +160,7 @@ async fn put_ratchet_state(
     req: pb::PutRatchetStateRequest,
 ) -> Result<pb::PutRatchetStateResponse, Status> {
     let key = ratchet_key(caller, &req.user_id, &req.device_id, &req.conversation_id)?;
+    let expected_version = parse_expected_version(req.expected_version)?;
     let max = state.limits.max_ratchet_state_bytes;
     if req.state.is_empty() {
         return Err(invalid("state", "must not be empty"));
@@ -158,7 +174,7 @@ async fn put_ratchet_state(
     let envelope = seal_under_kek(&state.kek, &req.state, &sealing_context(&key))
         .map_err(RatchetError::from)?;
     let write = RatchetWrite {
-        expected_version: req.expected_version,
+        expected_version,
         kek_version: state.kek.version().0,
         envelope,
     };
@@ -175,7 +191,7 @@ async fn delete_ratchet_state(
     req: pb::DeleteRatchetStateRequest,
 ) -> Result<pb::DeleteRatchetStateResponse, Status> {
     let key = ratchet_key(caller, &req.user_id, &req.device_id, &req.conversation_id)?;
-    let expected = match req.expected_version {
+    let expected = match parse_expected_version(req.expected_version)? {
         0 => None,
         v => Some(v),
     };
@@ -208,5 +224,16 @@ mod tests {
         let missing = Status::from(RatchetError::NoState);
         assert_eq!(missing.code(), tonic::Code::NotFound);
         assert!(missing.metadata().get(CURRENT_VERSION_TRAILER).is_none());
+    }
+
+    #[test]
+    fn a_version_past_the_database_is_a_bad_argument_not_a_stale_one() {
+        assert_eq!(parse_expected_version(0).unwrap(), 0);
+        assert_eq!(parse_expected_version(MAX_VERSION).unwrap(), MAX_VERSION);
+        for v in [MAX_VERSION + 1, u64::MAX] {
+            let err = parse_expected_version(v).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument);
+            assert!(err.message().starts_with("expected_version: "), "{err:?}");
+        }
     }
 }

@@ -19,6 +19,10 @@ use super::{db_run, Conn, StoreError, Timestamp};
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::store::error::Stored;
 
+/// Ids per statement of [`Conn::inactive_tokens`], under both backends' limits on bound
+/// parameters.
+const TOKENS_PER_STATEMENT: usize = 500;
+
 /// A token's public identifier (16 bytes, UUIDv7), used to name it when revoking.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TokenId([u8; 16]);
@@ -279,6 +283,32 @@ impl Conn {
             return Err(StoreError::NotFound);
         }
         Ok(())
+    }
+
+    /// Of `ids`, the tokens that no longer authenticate: revoked, or not stored at all. One
+    /// statement per [`TOKENS_PER_STATEMENT`] ids, by primary key; open streams are checked
+    /// against it (the watch streams of `service::watch`), so a revocation made through any replica, or
+    /// straight in the database, reaches them.
+    pub async fn inactive_tokens(&mut self, ids: &[TokenId]) -> Result<Vec<TokenId>, StoreError> {
+        let mut active: std::collections::HashSet<Vec<u8>> = std::collections::HashSet::new();
+        for chunk in ids.chunks(TOKENS_PER_STATEMENT) {
+            let keys: Vec<&[u8]> = chunk.iter().map(|id| id.as_bytes().as_slice()).collect();
+            let conn = &mut self.db;
+            let found: Vec<Vec<u8>> = db_run!(conn: {
+                api_tokens::table
+                    .filter(api_tokens::token_id.eq_any(&keys))
+                    .filter(api_tokens::revoked_at.is_null())
+                    .select(api_tokens::token_id)
+                    .load(conn)
+                    .await?
+            });
+            active.extend(found);
+        }
+        Ok(ids
+            .iter()
+            .filter(|id| !active.contains(id.as_bytes().as_slice()))
+            .copied()
+            .collect())
     }
 
     /// The number of unrevoked admin tokens (so the last one is not revoked by mistake).

@@ -9,7 +9,7 @@ use super::prekeys::{current_stock, own_device, stock_to_wire};
 use crate::auth::Principal;
 use crate::crypto::ids::{DeviceId, UserId};
 use crate::proto::keyhold::v1 as pb;
-use crate::service::watch::{next_change, spawn_stream, StreamSender};
+use crate::service::watch::{next_change, StreamSender};
 use crate::service::AppState;
 use crate::store::events::{DeviceWatch, EventKind};
 use crate::store::prekeys::PrekeyStock;
@@ -28,6 +28,13 @@ pub(super) async fn watch(
     req: pb::WatchPrekeyStockRequest,
 ) -> Result<WatchPrekeyStockStream, Status> {
     let (user, device) = own_device(caller, &req.user_id, &req.device_id)?;
+    let slot = state.streams.claim(
+        &state.store,
+        caller.token_id(),
+        &user,
+        &device,
+        state.limits.max_watch_streams_per_device,
+    )?;
     // Refuse at once, rather than as the stream's first item, a device without keys.
     super::device_keys::current_identity_key(state, &user, &device).await?;
     let low_water = match req.low_water {
@@ -40,7 +47,7 @@ pub(super) async fn watch(
         .watch_device(EventKind::Prekeys, &user, &device)
         .await?;
     let state = state.clone();
-    Ok(spawn_stream(state.streams.clone(), move |tx| {
+    Ok(state.streams.clone().spawn(slot, move |tx| {
         send_while_low(state, user, device, low_water, watch, tx)
     }))
 }

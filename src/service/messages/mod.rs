@@ -32,9 +32,9 @@ use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::messages_server::Messages;
 use crate::store::messages::{Position, PutOutcome, Writer};
 use crate::store::{StoreError, Timestamp, Tx};
-use wire::{page_to_wire, parse_put, parse_reader};
+use wire::{page_limit, page_to_wire, parse_put, parse_reader};
 
-pub(crate) use wire::{page_size, parse_message_id};
+pub(crate) use wire::parse_message_id;
 
 /// What the Messages workflows refuse.
 #[derive(Debug, thiserror::Error)]
@@ -219,7 +219,7 @@ async fn list_session_messages(
     let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
     let session_id = parse_field("session_id", SessionId::parse(&req.session_id))?;
     let before = cursor::parse::<Position>("cursor", &req.cursor)?;
-    let limit = page_size(req.page_size);
+    let limit = page_limit(req.page_size);
     let mut conn = state.store.conn().await?;
     let epochs = conn
         .readable_session_epochs(&reader.user, &reader.device, &session_id)
@@ -230,7 +230,7 @@ async fn list_session_messages(
     let page = conn
         .readable_messages(&reader, Some(session_id), before, limit)
         .await?;
-    let (messages, next_cursor) = page_to_wire(page, limit);
+    let (messages, next_cursor) = page_to_wire(page);
     Ok(pb::ListSessionMessagesResponse {
         messages,
         next_cursor,
@@ -244,11 +244,11 @@ async fn timeline(
 ) -> Result<pb::TimelineResponse, Status> {
     let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
     let before = cursor::parse::<Position>("cursor", &req.cursor)?;
-    let limit = page_size(req.page_size);
+    let limit = page_limit(req.page_size);
     let page = (state.store.conn().await?)
         .readable_messages(&reader, None, before, limit)
         .await?;
-    let (messages, next_cursor) = page_to_wire(page, limit);
+    let (messages, next_cursor) = page_to_wire(page);
     Ok(pb::TimelineResponse {
         messages,
         next_cursor,
@@ -263,11 +263,11 @@ async fn list_author_messages(
     let reader = parse_reader(caller, &req.user_id, &req.device_id)?;
     let author = parse_field("author_user_id", UserId::new(req.author_user_id.clone()))?;
     let before = cursor::parse::<Position>("cursor", &req.cursor)?;
-    let limit = page_size(req.page_size);
+    let limit = page_limit(req.page_size);
     let page = (state.store.conn().await?)
         .author_messages(&reader, &author, before, limit)
         .await?;
-    let (messages, next_cursor) = page_to_wire(page, limit);
+    let (messages, next_cursor) = page_to_wire(page);
     Ok(pb::ListAuthorMessagesResponse {
         messages,
         next_cursor,

@@ -12,7 +12,7 @@ use crate::crypto::message::{MESSAGE_NONCE_LEN, MESSAGE_TAG_LEN};
 use crate::proto::keyhold::v1 as pb;
 use crate::service::cursor::{self, Cursor, CursorKind};
 use crate::service::{check_list_len, invalid, parse_field, require_acts_for};
-use crate::store::messages::{Author, Message, NewMessage, Position, Reader};
+use crate::store::messages::{Author, Message, NewMessage, Page, PageLimit, Position, Reader};
 use crate::store::Timestamp;
 
 /// Page size of the listings when the caller gives none.
@@ -20,7 +20,8 @@ pub(crate) const DEFAULT_PAGE: u32 = 50;
 /// Largest page of the listings.
 pub(crate) const MAX_PAGE: u32 = 200;
 /// Most message bytes (nonce, ciphertext, associated data) in one page: under the 4 MiB a
-/// gRPC client accepts by default.
+/// gRPC client accepts by default. The store reads no more than this per page (plus one
+/// message when a single message is larger), however many rows the page may hold.
 pub(crate) const MAX_PAGE_BYTES: usize = 3 * 1024 * 1024;
 
 /// The page size a request asks for: 0 means the default, more than the maximum is capped.
@@ -28,6 +29,15 @@ pub(crate) fn page_size(requested: u32) -> u32 {
     match requested {
         0 => DEFAULT_PAGE,
         n => n.min(MAX_PAGE),
+    }
+}
+
+/// The bounds of a listing's page: the page size a request asks for ([`page_size`]) and
+/// [`MAX_PAGE_BYTES`].
+pub(super) fn page_limit(requested: u32) -> PageLimit {
+    PageLimit {
+        rows: page_size(requested),
+        bytes: MAX_PAGE_BYTES,
     }
 }
 
@@ -90,32 +100,17 @@ fn message_to_wire(m: Message) -> pb::EncryptedMessage {
     }
 }
 
-/// A page on the wire and the cursor of the next one: empty when the page was not full. A
-/// page also ends before its messages' bytes pass [`MAX_PAGE_BYTES`] (it always holds at
-/// least one message), and then has a next cursor too.
-pub(super) fn page_to_wire(
-    messages: Vec<Message>,
-    limit: u32,
-) -> (Vec<pb::EncryptedMessage>, String) {
-    let mut full = u32::try_from(messages.len()).is_ok_and(|n| n >= limit);
-    let mut bytes = 0;
-    let mut page = Vec::with_capacity(messages.len());
-    let mut last = None;
-    for m in messages {
-        bytes +=
-            m.nonce.len() + m.ciphertext.len() + m.associated_data.as_ref().map_or(0, Vec::len);
-        if bytes > MAX_PAGE_BYTES && !page.is_empty() {
-            full = true;
-            break;
-        }
-        last = Some(m.position());
-        page.push(message_to_wire(m));
-    }
-    let next = match last {
-        Some(p) if full => cursor::format(&p),
+/// A page on the wire and the cursor of the next one: empty when the page was not full (the
+/// store cut it at neither its rows nor its bytes, [`PageLimit`]).
+pub(super) fn page_to_wire(page: Page) -> (Vec<pb::EncryptedMessage>, String) {
+    let next = match page.messages.last() {
+        Some(m) if page.full => cursor::format(&m.position()),
         _ => String::new(),
     };
-    (page, next)
+    (
+        page.messages.into_iter().map(message_to_wire).collect(),
+        next,
+    )
 }
 
 /// Parses and checks one message of a batch, naming `messages[i].<field>` on failure.
@@ -266,26 +261,26 @@ mod tests {
     }
 
     #[test]
-    fn pages_stop_before_their_byte_budget_with_a_cursor_to_the_rest() {
-        let big = MAX_PAGE_BYTES / 3;
-        let messages: Vec<Message> = (0..5).map(|i| stored(big, 100 - i)).collect();
-        let (page, next) = page_to_wire(messages.clone(), 50);
-        assert_eq!(page.len(), 2, "a third message would pass the budget");
-        assert_eq!(next, cursor::format(&messages[1].position()));
-        // One message larger than the budget still makes a page of one.
-        let (page, next) = page_to_wire(vec![stored(MAX_PAGE_BYTES + 1, 1)], 50);
-        assert_eq!(page.len(), 1);
-        assert!(
-            next.is_empty(),
-            "fewer than the page size and nothing cut: the end"
-        );
-        // Small messages: the page size decides.
-        let small: Vec<Message> = (0..3).map(|i| stored(32, 10 - i)).collect();
-        assert_eq!(
-            page_to_wire(small.clone(), 3).1,
-            cursor::format(&small[2].position())
-        );
-        assert!(page_to_wire(small, 4).1.is_empty());
+    fn a_full_page_has_the_cursor_of_its_last_message_and_the_last_page_none() {
+        let messages: Vec<Message> = (0..3).map(|i| stored(32, 10 - i)).collect();
+        let full = Page {
+            messages: messages.clone(),
+            full: true,
+        };
+        let (wire, next) = page_to_wire(full);
+        assert_eq!(wire.len(), 3);
+        assert_eq!(next, cursor::format(&messages[2].position()));
+        let (wire, next) = page_to_wire(Page {
+            messages,
+            full: false,
+        });
+        assert_eq!((wire.len(), next.as_str()), (3, ""));
+        let empty = Page {
+            messages: Vec::new(),
+            full: true,
+        };
+        assert_eq!(page_to_wire(empty).1, "");
+        assert_eq!(page_limit(0).bytes, MAX_PAGE_BYTES);
     }
 
     #[test]

@@ -200,6 +200,33 @@ pub enum PutOutcome {
     },
 }
 
+/// How much one page of a listing may hold. The store reads no more than this: the rows'
+/// sizes are read first (in the same statement on PostgreSQL), and only the bodies that fit
+/// are fetched, so a page of large messages never passes through memory whole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PageLimit {
+    /// Most messages.
+    pub rows: u32,
+    /// Most message bytes: nonce, ciphertext and associated data, summed over the page. A
+    /// page holds at least one message, however large, so that paging always moves on.
+    pub bytes: usize,
+}
+
+/// One page of a listing, newest first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Page {
+    /// The messages.
+    pub messages: Vec<Message>,
+    /// Whether the page stopped at one of its limits (rows or bytes), so that more may
+    /// follow below its last message; `false` means the listing ended.
+    pub full: bool,
+}
+
+/// The bytes of a message a page's byte limit counts: nonce, ciphertext, associated data.
+pub fn message_bytes(m: &Message) -> usize {
+    m.nonce.len() + m.ciphertext.len() + m.associated_data.as_ref().map_or(0, Vec::len)
+}
+
 /// Whose view a listing takes: a device, by its keys.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reader {
