@@ -60,6 +60,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
+use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::admin_client::AdminClient;
 use crate::proto::keyhold::v1::device_sync_client::DeviceSyncClient;
 use crate::proto::keyhold::v1::escrow_client::EscrowClient;
@@ -68,7 +69,6 @@ use crate::proto::keyhold::v1::messages_client::MessagesClient;
 use crate::proto::keyhold::v1::ratchet_client::RatchetClient;
 use crate::proto::keyhold::v1::sessions_client::SessionsClient;
 use crate::proto::keyhold::v1::trust_client::TrustClient;
-use crate::proto::keyhold::v1 as pb;
 use crate::proto::IdempotentRequest;
 
 /// Adds `authorization: Bearer <token>` to every request.
@@ -203,9 +203,7 @@ impl Default for RetryPolicy {
 pub fn is_retryable(status: &Status) -> bool {
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => true,
-        tonic::Code::Unknown | tonic::Code::Internal => {
-            std::error::Error::source(status).is_some()
-        }
+        tonic::Code::Unknown | tonic::Code::Internal => std::error::Error::source(status).is_some(),
         _ => false,
     }
 }

@@ -34,7 +34,10 @@ async fn send(
 ) -> Result<Vec<u64>, tonic::Status> {
     Ok(client
         .device_sync()
-        .send_key_packages(pb::SendKeyPackagesRequest { packages, idempotency_key: String::new() })
+        .send_key_packages(pb::SendKeyPackagesRequest {
+            packages,
+            idempotency_key: String::new(),
+        })
         .await?
         .into_inner()
         .package_ids)

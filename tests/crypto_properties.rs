@@ -236,12 +236,10 @@ fn kek_context_and_one_change() -> impl Strategy<Value = (KekContext, KekContext
                         device: new_device,
                         conversation: new_conversation,
                     },
-                    (0, KekContext::IdempotentAnswer { key, .. }) => {
-                        KekContext::IdempotentAnswer {
-                            scope: new_scope,
-                            key,
-                        }
-                    }
+                    (0, KekContext::IdempotentAnswer { key, .. }) => KekContext::IdempotentAnswer {
+                        scope: new_scope,
+                        key,
+                    },
                     (1, KekContext::IdempotentAnswer { scope, .. }) => {
                         KekContext::IdempotentAnswer {
                             scope,

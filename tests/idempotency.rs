@@ -23,8 +23,8 @@ use std::time::Duration;
 
 use common::raw_db::RawDb;
 use common::requests::{
-    assert_code, current_keys, fresh_key_set, open_own_key, service_wrapped_request, signed_prekeys,
-    upload_request, user_ids, WrapTarget,
+    assert_code, current_keys, fresh_key_set, open_own_key, service_wrapped_request,
+    signed_prekeys, upload_request, user_ids, WrapTarget,
 };
 use common::server::{TestDevice, TestServer};
 use common::world::World;
@@ -162,7 +162,10 @@ fn dek_request(key: &str) -> pb::CreateSessionRequest {
     }
 }
 
-async fn create(client: &Client, request: &pb::CreateSessionRequest) -> Result<pb::CreateSessionResponse, Status> {
+async fn create(
+    client: &Client,
+    request: &pb::CreateSessionRequest,
+) -> Result<pb::CreateSessionResponse, Status> {
     client
         .sessions()
         .create_session(request.clone())
@@ -170,7 +173,10 @@ async fn create(client: &Client, request: &pb::CreateSessionRequest) -> Result<p
         .map(tonic::Response::into_inner)
 }
 
-async fn claim(client: &Client, request: &pb::ClaimPrekeysRequest) -> Result<pb::ClaimPrekeysResponse, Status> {
+async fn claim(
+    client: &Client,
+    request: &pb::ClaimPrekeysRequest,
+) -> Result<pb::ClaimPrekeysResponse, Status> {
     client
         .key_directory()
         .claim_prekeys(request.clone())
@@ -348,7 +354,13 @@ async fn every_keyed_call_replays_its_answer_and_writes_nothing(server: &TestSer
         packages: vec![pb::OutgoingKeyPackage {
             recipient_user_id: "alice".into(),
             recipient_device_id: "laptop".into(),
-            recipient_key_id: w.alice_laptop.xwing.encapsulation_key().key_id().as_bytes().to_vec(),
+            recipient_key_id: w
+                .alice_laptop
+                .xwing
+                .encapsulation_key()
+                .key_id()
+                .as_bytes()
+                .to_vec(),
             payload: b"sealed to the laptop".to_vec(),
         }],
         idempotency_key: key("send"),
@@ -416,7 +428,11 @@ async fn a_key_names_one_request_of_one_caller(server: &TestServer) {
     // The same key with other recipients, or for another call: refused, nothing written.
     let mut other = service_wrapped_request("alice", &["carol"]);
     other.idempotency_key = k.clone();
-    assert_code(create(&w.app, &other).await, Code::InvalidArgument, "idempotency_key");
+    assert_code(
+        create(&w.app, &other).await,
+        Code::InvalidArgument,
+        "idempotency_key",
+    );
     let rotate = pb::RotateSessionRequest {
         session_id: first.session_id.clone(),
         key_set: None,
@@ -454,9 +470,12 @@ async fn a_key_names_one_request_of_one_caller(server: &TestServer) {
     assert_eq!(again.session_id, first.session_id);
     // A device's claim under the same text is its own too.
     stock_up(server, &w.bob_phone, 1).await;
-    let claimed = claim(&w.alice_phone.client(server).await, &claim_request(&w.bob_phone, &k))
-        .await
-        .expect("a device's claim under the same key text");
+    let claimed = claim(
+        &w.alice_phone.client(server).await,
+        &claim_request(&w.bob_phone, &k),
+    )
+    .await
+    .expect("a device's claim under the same key text");
     assert_eq!(claimed.prekeys.len(), 1);
 }
 
@@ -471,7 +490,11 @@ const BASE64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuv
 fn base64(bytes: &[u8], alphabet: &[u8; 64]) -> String {
     let mut out = String::new();
     for chunk in bytes.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for i in 0..=chunk.len() {
             out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
@@ -494,7 +517,7 @@ fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
             data.extend_from_slice(secret);
             let encoded = base64(&data, alphabet);
             let (first, last) = (shift.div_ceil(3), (shift + secret.len()) / 3);
-            out.push(encoded[4 * first..4 * last].as_bytes().to_vec());
+            out.push(encoded.as_bytes()[4 * first..4 * last].to_vec());
         }
     }
     out
@@ -539,7 +562,9 @@ async fn stored_bytes(server: &TestServer) -> Vec<u8> {
             .await
             .expect("list tables");
             assert!(
-                tables.iter().any(|t| t.line == "public.idempotency_records"),
+                tables
+                    .iter()
+                    .any(|t| t.line == "public.idempotency_records"),
                 "the records table is read"
             );
             let mut all = Vec::new();
@@ -567,7 +592,11 @@ async fn replayed_secrets_come_back_but_are_never_stored(server: &TestServer) {
     let again = create(&w.app, &request).await.expect("replay");
     let dek = first.plaintext_dek.clone().expect("a DEK");
     assert_eq!(dek.len(), 32);
-    assert_eq!(again.plaintext_dek.as_deref(), Some(dek.as_slice()), "the same DEK");
+    assert_eq!(
+        again.plaintext_dek.as_deref(),
+        Some(dek.as_slice()),
+        "the same DEK"
+    );
 
     let admin = server.client(&server.admin_token).await;
     let token_req = pb::CreateTokenRequest {
@@ -593,9 +622,17 @@ async fn replayed_secrets_come_back_but_are_never_stored(server: &TestServer) {
 
     // The store holds the token sealed, and neither secret in any form.
     let stored = stored_bytes(server).await;
-    for (what, secret) in [("the plaintext DEK", dek.as_slice()), ("the token", token.as_bytes()), ("the token's secret", secret.as_slice())] {
+    for (what, secret) in [
+        ("the plaintext DEK", dek.as_slice()),
+        ("the token", token.as_bytes()),
+        ("the token's secret", secret.as_slice()),
+    ] {
         for form in forms(secret) {
-            assert!(!contains(&stored, &form), "{what} is stored ({})", String::from_utf8_lossy(&form));
+            assert!(
+                !contains(&stored, &form),
+                "{what} is stored ({})",
+                String::from_utf8_lossy(&form)
+            );
         }
     }
     let sealed: i64 = {
@@ -624,7 +661,9 @@ async fn replayed_secrets_come_back_but_are_never_stored(server: &TestServer) {
         })
         .await
         .expect("delete");
-    let err = create(&w.app, &request).await.expect_err("a replay after the delete");
+    let err = create(&w.app, &request)
+        .await
+        .expect_err("a replay after the delete");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
 
@@ -646,7 +685,9 @@ async fn a_key_past_its_retention_is_new(server: &TestServer) {
     let mut request = service_wrapped_request("alice", &["bob"]);
     request.idempotency_key = k.clone();
     let first = create(&w.app, &request).await.expect("create");
-    let replay = create(&w.app, &request).await.expect("replay within retention");
+    let replay = create(&w.app, &request)
+        .await
+        .expect("replay within retention");
     assert_eq!(replay.session_id, first.session_id);
     for name in ["a", "b", "c"] {
         let mut other = service_wrapped_request("alice", &["bob"]);
@@ -657,14 +698,22 @@ async fn a_key_past_its_retention_is_new(server: &TestServer) {
     tokio::time::sleep(SHORT_RETENTION + Duration::from_millis(500)).await;
 
     let before = counts(&server.db).await;
-    let later = create(&w.app, &request).await.expect("the same key, expired");
-    assert_ne!(later.session_id, first.session_id, "an expired key is a new key");
+    let later = create(&w.app, &request)
+        .await
+        .expect("the same key, expired");
+    assert_ne!(
+        later.session_id, first.session_id,
+        "an expired key is a new key"
+    );
     let after = counts(&server.db).await;
     assert_eq!(after.sessions, before.sessions + 1);
     // Claiming the key purged the expired records (its own old one was replaced).
     assert_eq!(after.idempotency_records, 1, "expired records are purged");
     // The new record replays as usual.
-    assert_eq!(create(&w.app, &request).await.expect("replay").session_id, later.session_id);
+    assert_eq!(
+        create(&w.app, &request).await.expect("replay").session_id,
+        later.session_id
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -711,7 +760,10 @@ async fn concurrent_calls_do_the_work_once(server: &TestServer, app: &[Client], 
         .into_iter()
         .map(|a| a.expect("every concurrent call gets the answer"))
         .collect();
-    assert!(answers.iter().all(|a| *a == answers[0]), "one answer for all");
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "one answer for all"
+    );
     let after = counts(&server.db).await;
     assert_eq!(after.sessions, before.sessions + 1, "one session");
     assert_eq!(after.idempotency_records, before.idempotency_records + 1);
@@ -727,10 +779,17 @@ async fn concurrent_calls_do_the_work_once(server: &TestServer, app: &[Client], 
         .map(|a| a.expect("every concurrent claim gets the answer"))
         .collect();
     assert_eq!(answers[0].prekeys.len(), 1);
-    assert!(answers.iter().all(|a| *a == answers[0]), "one prekey for all");
+    assert!(
+        answers.iter().all(|a| *a == answers[0]),
+        "one prekey for all"
+    );
     let claimed = counts(&server.db).await;
     assert_eq!(claimed.prekeys, after.prekeys - 1, "one prekey burnt");
-    assert_eq!(claimed.prekey_claims, after.prekey_claims + 1, "one claim counted");
+    assert_eq!(
+        claimed.prekey_claims,
+        after.prekey_claims + 1,
+        "one claim counted"
+    );
 }
 
 fn claim_request_for(user: &str, device: &str, key: &str) -> pb::ClaimPrekeysRequest {
@@ -748,7 +807,7 @@ async fn concurrent_calls_with_one_key_do_the_work_once(server: &TestServer) {
     let w = World::new(server).await;
     stock_up(server, &w.bob_phone, 5).await;
     let alice = w.alice_phone.client(server).await;
-    concurrent_calls_do_the_work_once(server, &[w.app.clone()], &[alice]).await;
+    concurrent_calls_do_the_work_once(server, std::slice::from_ref(&w.app), &[alice]).await;
 }
 
 /// The first try's answer never reaches the caller (it is dropped after the server committed);
@@ -766,25 +825,35 @@ async fn a_lost_answer_is_replayed(
         return_plaintext_dek: true,
         ..service_wrapped_request("alice", &["bob"])
     };
-    assert!(request.idempotency_key.is_empty(), "the client draws the key");
+    assert!(
+        request.idempotency_key.is_empty(),
+        "the client draws the key"
+    );
     let tries = AtomicU32::new(0);
     let lost = std::sync::Mutex::new(None);
     let between = std::sync::Mutex::new(Some(Box::pin(between)));
     let answer = first
         .retrying(request, |r| {
             let n = tries.fetch_add(1, Ordering::SeqCst);
-            let mut sessions = if n == 0 { first.sessions() } else { retry.sessions() };
+            let mut sessions = if n == 0 {
+                first.sessions()
+            } else {
+                retry.sessions()
+            };
             let (lost, between) = (&lost, &between);
             async move {
                 let response = sessions.create_session(r.clone()).await?;
                 if n == 0 {
                     // Committed; the answer is lost on the way back.
-                    *lost.lock().unwrap() = Some((r.idempotency_key.clone(), response.into_inner()));
+                    *lost.lock().unwrap() =
+                        Some((r.idempotency_key.clone(), response.into_inner()));
                     let step = between.lock().unwrap().take();
                     if let Some(step) = step {
                         step.await;
                     }
-                    return Err(Status::unavailable("the connection dropped before the answer"));
+                    return Err(Status::unavailable(
+                        "the connection dropped before the answer",
+                    ));
                 }
                 Ok(response)
             }
@@ -794,7 +863,10 @@ async fn a_lost_answer_is_replayed(
     assert_eq!(tries.load(Ordering::SeqCst), 2, "one retry");
     let (key, lost) = lost.lock().unwrap().take().expect("the first try ran");
     assert_eq!(key.len(), 32, "a 128-bit hex key");
-    assert_eq!(answer, lost, "the retry returns the committed answer, DEK included");
+    assert_eq!(
+        answer, lost,
+        "the retry returns the committed answer, DEK included"
+    );
     let after = counts(&server.db).await;
     assert_eq!(after.sessions, before.sessions + 1, "one session, not two");
     assert_eq!(after.idempotency_records, before.idempotency_records + 1);
@@ -829,7 +901,10 @@ async fn two_replicas_on_one_postgres_share_the_records() {
     let w = World::new(&server).await;
     stock_up(&server, &w.bob_phone, 5).await;
     let app_token = server.token(pb::Role::App, "", "").await;
-    let apps = [server.client(&app_token).await, replica.client(&app_token).await];
+    let apps = [
+        server.client(&app_token).await,
+        replica.client(&app_token).await,
+    ];
     let alices = [
         server.client(&w.alice_phone.token).await,
         replica.client(&w.alice_phone.token).await,
@@ -838,9 +913,13 @@ async fn two_replicas_on_one_postgres_share_the_records() {
 
     // A claim committed on the replica is replayed by the server.
     let request = claim_request(&w.bob_phone, &key("claim-across"));
-    let there = claim(&alices[1], &request).await.expect("claim on the replica");
+    let there = claim(&alices[1], &request)
+        .await
+        .expect("claim on the replica");
     let before = counts(&server.db).await;
-    let here = claim(&alices[0], &request).await.expect("retry on the server");
+    let here = claim(&alices[0], &request)
+        .await
+        .expect("retry on the server");
     assert_eq!(here, there);
     assert_eq!(counts(&server.db).await, before, "the retry wrote nothing");
 

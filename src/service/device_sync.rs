@@ -286,7 +286,7 @@ rpc_service! {
 }
 
 /// The answer of a send: the packages' ids, in request order.
-fn sent_to_wire(ids: &Vec<i64>) -> pb::SendKeyPackagesResponse {
+fn sent_to_wire(ids: &[i64]) -> pb::SendKeyPackagesResponse {
     pb::SendKeyPackagesResponse {
         package_ids: ids
             .iter()
@@ -311,7 +311,7 @@ async fn send_key_packages(
     let keyed = Keyed::take(state, caller, &mut req)?;
     keyed
         .replay_or_run(state, |keyed| async move {
-            let recorder = keyed.recorder(sent_to_wire);
+            let recorder = keyed.recorder(|ids: &Vec<i64>| sent_to_wire(ids));
             let inbox_max = state.limits.max_inbox_packages;
             let sent = state
                 .store

@@ -383,7 +383,10 @@ mod tests {
         ] {
             let status = Status::from(parse_key(&bad).unwrap_err());
             assert_eq!(status.code(), tonic::Code::InvalidArgument);
-            assert!(status.message().starts_with("idempotency_key: "), "{status:?}");
+            assert!(
+                status.message().starts_with("idempotency_key: "),
+                "{status:?}"
+            );
         }
     }
 

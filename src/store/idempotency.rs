@@ -32,7 +32,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::schema::idempotency_records;
-use super::{db_run, Conn, StoreError, Timestamp, Tx};
+use super::{db_run, Conn, Store, StoreError, Timestamp, Tx, TxFn};
 
 /// Most expired records one claim deletes.
 pub const PURGE_PER_CLAIM: i64 = 16;
@@ -100,7 +100,10 @@ impl fmt::Debug for IdempotencyRecord {
         f.debug_struct("IdempotencyRecord")
             .field("rpc", &self.rpc)
             .field("response_bytes", &self.response.len())
-            .field("sealed_secret", &self.sealed_secret.as_ref().map(|_| "<sealed>"))
+            .field(
+                "sealed_secret",
+                &self.sealed_secret.as_ref().map(|_| "<sealed>"),
+            )
             .field("created_at", &self.created_at)
             .finish_non_exhaustive()
     }
@@ -165,6 +168,39 @@ struct RecordRow {
     response: Option<Vec<u8>>,
     sealed_secret: Option<Vec<u8>>,
     created_at: i64,
+}
+
+impl Store {
+    /// [`Store::transaction`] for a call made with an idempotency key
+    /// (this module): the transaction first claims the recorder's key (a concurrent call
+    /// with the same key waits here, then fails with [`StoreError::VersionConflict`] once it
+    /// has committed), runs `f`, and writes the recorded answer of its result before the
+    /// commit. With [`Recorder::unkeyed`] it is [`Store::transaction`].
+    pub async fn transaction_recorded<R, E, F>(
+        &self,
+        recorder: &Recorder<'_, R>,
+        f: F,
+    ) -> Result<R, E>
+    where
+        for<'r> F: AsyncFnOnce(&'r mut Tx) -> Result<R, E>
+            + TxFn<&'r mut Tx, Result<R, E>, Fut: Send>
+            + Send,
+        R: Send + Sync,
+        E: From<StoreError> + fmt::Display + Send,
+    {
+        let mut tx = Tx {
+            conn: self.conn().await?,
+        };
+        tx.begin(None).await?;
+        let result = async {
+            recorder.claim(&mut tx).await?;
+            let value = f(&mut tx).await?;
+            recorder.keep(&mut tx, &value).await?;
+            Ok(value)
+        }
+        .await;
+        tx.end(result).await
+    }
 }
 
 impl Conn {

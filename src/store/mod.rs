@@ -72,7 +72,6 @@ use diesel_async::sync_connection_wrapper::{SyncConnectionWrapper, SyncTransacti
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager};
 
 pub use error::StoreError;
-use idempotency::Recorder;
 pub use migrations::MigrationStatus;
 
 /// The SQLite connection type: Diesel's sync connection run on tokio's blocking pool.
@@ -586,37 +585,6 @@ impl Store {
         };
         tx.begin(postgres_begin).await?;
         let result = f(&mut tx).await;
-        tx.end(result).await
-    }
-
-    /// [`Store::transaction`] for a call made with an idempotency key
-    /// ([`idempotency`]): the transaction first claims the recorder's key (a concurrent call
-    /// with the same key waits here, then fails with [`StoreError::VersionConflict`] once it
-    /// has committed), runs `f`, and writes the recorded answer of its result before the
-    /// commit. With [`Recorder::unkeyed`] it is [`Store::transaction`].
-    pub async fn transaction_recorded<R, E, F>(
-        &self,
-        recorder: &Recorder<'_, R>,
-        f: F,
-    ) -> Result<R, E>
-    where
-        for<'r> F: AsyncFnOnce(&'r mut Tx) -> Result<R, E>
-            + TxFn<&'r mut Tx, Result<R, E>, Fut: Send>
-            + Send,
-        R: Send + Sync,
-        E: From<StoreError> + fmt::Display + Send,
-    {
-        let mut tx = Tx {
-            conn: self.conn().await?,
-        };
-        tx.begin(None).await?;
-        let result = async {
-            recorder.claim(&mut tx).await?;
-            let value = f(&mut tx).await?;
-            recorder.keep(&mut tx, &value).await?;
-            Ok(value)
-        }
-        .await;
         tx.end(result).await
     }
 }

@@ -342,9 +342,8 @@ pub(super) async fn claim(
                 claims: state.limits.prekey_claim_limit,
                 window: state.limits.prekey_claim_window,
             };
-            let recorder = keyed.recorder(|claimed: &Vec<Option<ClaimedPrekey>>| {
-                claims_to_wire(&targets, claimed)
-            });
+            let recorder = keyed
+                .recorder(|claimed: &Vec<Option<ClaimedPrekey>>| claims_to_wire(&targets, claimed));
             let claimed = state
                 .store
                 .claim_prekeys(&claimer, &targets, limit, &recorder)

@@ -22,11 +22,11 @@ use crate::crypto::ids::{DeviceId, Epoch, SessionId, UserId};
 use crate::crypto::keys::Dek;
 use crate::crypto::Suite;
 use crate::service::AppState;
+use crate::store::idempotency::Recorder;
 use crate::store::sessions::{
     EpochKeys, Member, NewSession, NewSessionKey, Session, SessionKeyRecord, SessionMode,
 };
 use crate::store::user_keys::UserKey;
-use crate::store::idempotency::Recorder;
 use crate::store::{Conn, StoreError, Timestamp};
 
 /// A session just created.
