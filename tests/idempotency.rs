@@ -929,6 +929,60 @@ async fn two_replicas_on_one_postgres_share_the_records() {
     server.stop().await;
 }
 
+/// On PostgreSQL a call whose key another unfinished transaction holds waits for it at the
+/// unique index: past the lock timeout it is UNAVAILABLE naming `idempotency_key` and writes
+/// nothing; once the holder has rolled back, the same call does the work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_held_by_an_unfinished_call_is_waited_for() {
+    use diesel_async::{AsyncConnection, SimpleAsyncConnection};
+    let Some(db) = common::postgres_db().await else {
+        return;
+    };
+    let options = keyhold::store::StoreOptions {
+        lock_timeout: Duration::from_millis(500),
+        ..keyhold::store::StoreOptions::default()
+    };
+    let server = TestServer::start_with_options(db, Limits::default(), options).await;
+    let _world = World::new(&server).await;
+    let app_token = server.token(pb::Role::App, "", "").await;
+    let app = server.client(&app_token).await;
+    let token_id = app_token.split('_').nth(1).expect("token id");
+    let k = key("held");
+    let mut holder = diesel_async::AsyncPgConnection::establish(&server.db.url)
+        .await
+        .expect("connect");
+    holder
+        .batch_execute(&format!(
+            "BEGIN; INSERT INTO idempotency_records \
+             (scope, idempotency_key, rpc, request_hash, created_at) VALUES \
+             ('app:{token_id}', '{k}', 'held', decode(repeat('00', 32), 'hex'), \
+              (extract(epoch FROM clock_timestamp()) * 1000000)::bigint)"
+        ))
+        .await
+        .expect("hold the key");
+    let before = counts(&server.db).await;
+    let mut request = service_wrapped_request("alice", &["bob"]);
+    request.idempotency_key = k;
+    let err = create(&app, &request).await.expect_err("the key is held");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    assert!(
+        err.message()
+            .starts_with("idempotency_key: a call with the same key"),
+        "{err:?}"
+    );
+    assert_eq!(
+        counts(&server.db).await,
+        before,
+        "the waiting call wrote nothing"
+    );
+    holder.batch_execute("ROLLBACK").await.expect("roll back");
+    create(&app, &request)
+        .await
+        .expect("after the holder rolled back");
+    assert_eq!(counts(&server.db).await.sessions, before.sessions + 1);
+    server.stop().await;
+}
+
 on_both_servers! {
     every_keyed_call_replays => every_keyed_call_replays_its_answer_and_writes_nothing;
     a_key_is_one_request_of_one_caller => a_key_names_one_request_of_one_caller;

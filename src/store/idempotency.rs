@@ -295,7 +295,7 @@ impl Tx {
             .execute(conn)
             .await?;
         });
-        let claimed: Option<i64> = db_run!(conn: {
+        let claimed: Result<Option<i64>, diesel::result::Error> = db_run!(conn: {
             diesel::insert_into(idempotency_records::table)
                 .values((
                     idempotency_records::scope.eq(scope),
@@ -309,8 +309,21 @@ impl Tx {
                 .returning(idempotency_records::id)
                 .get_result(conn)
                 .await
-                .optional()?
+                .optional()
         });
+        let claimed = match claimed {
+            Err(diesel_error) => match StoreError::from(diesel_error) {
+                StoreError::LockTimeout(_) => {
+                    return Err(StoreError::LockTimeout(format!(
+                        "idempotency_key: a call with the same key ({}) is still running; \
+                         retry with the same key shortly",
+                        key.rpc
+                    )))
+                }
+                other => return Err(other),
+            },
+            Ok(claimed) => claimed,
+        };
         if claimed.is_none() {
             return Err(StoreError::VersionConflict(format!(
                 "idempotency_key: a call with the same key ({}) finished first",
