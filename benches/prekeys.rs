@@ -34,6 +34,7 @@ use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::service::{issue_token, TokenRequest};
+use keyhold::store::idempotency::Recorder;
 use keyhold::store::prekeys::{ClaimRateLimit, ClaimTarget};
 use keyhold::store::Store;
 use tokio::sync::oneshot;
@@ -182,6 +183,7 @@ async fn enroll(server: &Server, admin: &Client, user: &str) -> Result<Device, B
             user_id: user.into(),
             device_id: "phone".into(),
             label: String::new(),
+            idempotency_key: String::new(),
         })
         .await?
         .into_inner()
@@ -317,6 +319,7 @@ async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
                         .claim_prekeys(pb::ClaimPrekeysRequest {
                             devices: vec![refs[(caller + n) % CALLERS].clone()],
                             user_ids: Vec::new(),
+                            idempotency_key: String::new(),
                         })
                         .await?
                         .into_inner();
@@ -394,6 +397,7 @@ async fn bench_backend(url: &str) -> Result<Vec<Phase>, BoxError> {
                                 &names[caller],
                                 std::slice::from_ref(&targets[(caller + n) % CALLERS]),
                                 limit,
+                                &Recorder::unkeyed(),
                             )
                             .await?;
                         match claimed.first() {

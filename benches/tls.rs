@@ -167,6 +167,7 @@ async fn enroll(endpoint: &str, admin: &Client, user: &str) -> Result<(), BoxErr
             user_id: user.into(),
             device_id: "phone".into(),
             label: String::new(),
+            idempotency_key: String::new(),
         })
         .await?
         .into_inner()
@@ -273,6 +274,7 @@ async fn bench_backend(url: &str) -> Result<Report, BoxError> {
             user_id: String::new(),
             device_id: String::new(),
             label: String::new(),
+            idempotency_key: String::new(),
         })
         .await?
         .into_inner();

@@ -14,8 +14,44 @@
 //!
 //! Opening what the service returns is the crypto core's job
 //! ([`crate::crypto::envelope::open_dek`]): the client never sends a private key anywhere.
+//!
+//! # Safe retries
+//!
+//! Every call that creates or consumes something (CreateSession, AddRecipients,
+//! RemoveRecipients, RotateSession, ClaimPrekeys, SendKeyPackages, CreateToken) takes an
+//! idempotency key: the service records the answer with the work, and a retry with the same key
+//! returns that answer instead of doing the work twice (a second session, a second burnt
+//! prekey). [`Client::retrying`] runs such a call with a fresh random key (128 bits, hex) when
+//! the request has none, and retries it with the *same* key when the answer was lost on the
+//! way — UNAVAILABLE, DEADLINE_EXCEEDED, or a connection that broke before the server's status
+//! arrived — up to [`RetryPolicy::attempts`] tries, waiting an exponential, jittered backoff
+//! between them. Any other error is the call's answer and is returned at once. The methods
+//! [`Client::create_session`], [`Client::add_recipients`], [`Client::remove_recipients`],
+//! [`Client::rotate_session`], [`Client::claim_prekeys`], [`Client::send_key_packages`] and
+//! [`Client::create_token`] do this for each such call:
+//!
+//! ```no_run
+//! # async fn demo(client: keyhold::client::Client) -> Result<(), tonic::Status> {
+//! use keyhold::client::RetryPolicy;
+//! use keyhold::proto::keyhold::v1 as pb;
+//! let client = client.with_retry_policy(RetryPolicy { attempts: 3, ..RetryPolicy::default() });
+//! let claimed = client
+//!     .claim_prekeys(pb::ClaimPrekeysRequest {
+//!         user_ids: vec!["bob".into()],
+//!         ..Default::default()
+//!     })
+//!     .await?;
+//! # Ok(()) }
+//! ```
+//!
+//! To retry across a restart of the client itself, set `idempotency_key` yourself, keep it with
+//! the operation, and send it again. The service keeps answers for its retention window
+//! (`idempotency_retention_secs`, 24 hours by default).
 
+use std::future::Future;
 use std::path::Path;
+use std::time::Duration;
+
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -24,6 +60,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity
 use tonic::{Request, Status};
 use zeroize::Zeroizing;
 
+use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::admin_client::AdminClient;
 use crate::proto::keyhold::v1::device_sync_client::DeviceSyncClient;
 use crate::proto::keyhold::v1::escrow_client::EscrowClient;
@@ -32,6 +69,7 @@ use crate::proto::keyhold::v1::messages_client::MessagesClient;
 use crate::proto::keyhold::v1::ratchet_client::RatchetClient;
 use crate::proto::keyhold::v1::sessions_client::SessionsClient;
 use crate::proto::keyhold::v1::trust_client::TrustClient;
+use crate::proto::IdempotentRequest;
 
 /// Adds `authorization: Bearer <token>` to every request.
 #[derive(Clone)]
@@ -134,11 +172,68 @@ impl ClientTls {
     }
 }
 
+/// How [`Client::retrying`] retries a call whose answer was lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Most tries in all, the first one included (1: never retry).
+    pub attempts: u32,
+    /// The wait before the first retry; it doubles after each retry up to `max_backoff`, and
+    /// each wait is jittered to between half and all of it.
+    pub first_backoff: Duration,
+    /// The longest wait between two tries.
+    pub max_backoff: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// Five tries, waiting about 0.1, 0.2, 0.4 and 0.8 s between them.
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 5,
+            first_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Whether a failed try may have lost an answer the server gave (or never reached it), so that
+/// the same request with the same key may be sent again: the server or the database was
+/// unavailable, the deadline passed, or the connection broke before a gRPC status arrived (a
+/// status tonic made locally from a transport error carries that error as its source; one
+/// the server sent carries none).
+pub fn is_retryable(status: &Status) -> bool {
+    match status.code() {
+        tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => true,
+        tonic::Code::Unknown | tonic::Code::Internal => std::error::Error::source(status).is_some(),
+        _ => false,
+    }
+}
+
+/// A fresh idempotency key: 128 random bits in lower-case hex.
+pub fn new_idempotency_key() -> Result<String, Status> {
+    let mut bytes = [0u8; 16];
+    aws_lc_rs::rand::fill(&mut bytes).map_err(|_| {
+        Status::internal("drawing an idempotency key: the system's random source failed")
+    })?;
+    Ok(hex::encode(bytes))
+}
+
+/// `wait` jittered to between half and all of it.
+fn jittered(wait: Duration) -> Duration {
+    let mut byte = [0u8; 1];
+    // Without randomness the full wait is as good a wait.
+    let fraction = match aws_lc_rs::rand::fill(&mut byte) {
+        Ok(()) => 0.5 + f64::from(byte[0]) / 510.0,
+        Err(_) => 1.0,
+    };
+    wait.mul_f64(fraction)
+}
+
 /// One caller's connection to Keyhold.
 #[derive(Clone, Debug)]
 pub struct Client {
     channel: Channel,
     token: BearerToken,
+    retry: RetryPolicy,
 }
 
 impl Client {
@@ -171,6 +266,7 @@ impl Client {
         Ok(Self {
             channel,
             token: BearerToken::new(token)?,
+            retry: RetryPolicy::default(),
         })
     }
 
@@ -179,6 +275,7 @@ impl Client {
         Ok(Self {
             channel: self.channel.clone(),
             token: BearerToken::new(token)?,
+            retry: self.retry,
         })
     }
 
@@ -225,5 +322,179 @@ impl Client {
     /// The raw channel, for the health service or other clients.
     pub fn channel(&self) -> Channel {
         self.channel.clone()
+    }
+
+    /// The same client, retrying by `policy` ([`Client::retrying`]).
+    pub fn with_retry_policy(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// How this client retries.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
+    /// Sends `request` with `call`, retrying a lost answer ([`is_retryable`]) with the same
+    /// idempotency key by this client's [`RetryPolicy`]. A request without a key gets a fresh
+    /// one ([`new_idempotency_key`]) first; a request that has one keeps it. Returns the first
+    /// answer that is not retryable, or the last failure once the tries are spent.
+    ///
+    /// ```no_run
+    /// # async fn demo(client: keyhold::client::Client, request: keyhold::proto::keyhold::v1::RotateSessionRequest)
+    /// # -> Result<(), tonic::Status> {
+    /// let rotated = client
+    ///     .retrying(request, |r| {
+    ///         let mut sessions = client.sessions();
+    ///         async move { sessions.rotate_session(r).await }
+    ///     })
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn retrying<Q, T, F, Fut>(&self, mut request: Q, mut call: F) -> Result<T, Status>
+    where
+        Q: IdempotentRequest + Clone,
+        F: FnMut(Q) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        if request.idempotency_key().is_empty() {
+            request.set_idempotency_key(new_idempotency_key()?);
+        }
+        let attempts = self.retry.attempts.max(1);
+        let mut wait = self.retry.first_backoff;
+        let mut tried = 1;
+        loop {
+            match call(request.clone()).await {
+                Ok(response) => return Ok(response.into_inner()),
+                Err(status) if tried < attempts && is_retryable(&status) => {
+                    tracing::debug!(code = ?status.code(), tried, "retrying with the same idempotency key");
+                    tokio::time::sleep(jittered(wait)).await;
+                    wait = (wait * 2).min(self.retry.max_backoff);
+                    tried += 1;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+    }
+
+    /// Sessions.CreateSession through [`Client::retrying`].
+    pub async fn create_session(
+        &self,
+        request: pb::CreateSessionRequest,
+    ) -> Result<pb::CreateSessionResponse, Status> {
+        self.retrying(request, |r| {
+            let mut sessions = self.sessions();
+            async move { sessions.create_session(r).await }
+        })
+        .await
+    }
+
+    /// Sessions.AddRecipients through [`Client::retrying`].
+    pub async fn add_recipients(
+        &self,
+        request: pb::AddRecipientsRequest,
+    ) -> Result<pb::AddRecipientsResponse, Status> {
+        self.retrying(request, |r| {
+            let mut sessions = self.sessions();
+            async move { sessions.add_recipients(r).await }
+        })
+        .await
+    }
+
+    /// Sessions.RemoveRecipients through [`Client::retrying`].
+    pub async fn remove_recipients(
+        &self,
+        request: pb::RemoveRecipientsRequest,
+    ) -> Result<pb::RemoveRecipientsResponse, Status> {
+        self.retrying(request, |r| {
+            let mut sessions = self.sessions();
+            async move { sessions.remove_recipients(r).await }
+        })
+        .await
+    }
+
+    /// Sessions.RotateSession through [`Client::retrying`].
+    pub async fn rotate_session(
+        &self,
+        request: pb::RotateSessionRequest,
+    ) -> Result<pb::RotateSessionResponse, Status> {
+        self.retrying(request, |r| {
+            let mut sessions = self.sessions();
+            async move { sessions.rotate_session(r).await }
+        })
+        .await
+    }
+
+    /// KeyDirectory.ClaimPrekeys through [`Client::retrying`].
+    pub async fn claim_prekeys(
+        &self,
+        request: pb::ClaimPrekeysRequest,
+    ) -> Result<pb::ClaimPrekeysResponse, Status> {
+        self.retrying(request, |r| {
+            let mut directory = self.key_directory();
+            async move { directory.claim_prekeys(r).await }
+        })
+        .await
+    }
+
+    /// DeviceSync.SendKeyPackages through [`Client::retrying`].
+    pub async fn send_key_packages(
+        &self,
+        request: pb::SendKeyPackagesRequest,
+    ) -> Result<pb::SendKeyPackagesResponse, Status> {
+        self.retrying(request, |r| {
+            let mut device_sync = self.device_sync();
+            async move { device_sync.send_key_packages(r).await }
+        })
+        .await
+    }
+
+    /// Admin.CreateToken through [`Client::retrying`].
+    pub async fn create_token(
+        &self,
+        request: pb::CreateTokenRequest,
+    ) -> Result<pb::CreateTokenResponse, Status> {
+        self.retrying(request, |r| {
+            let mut admin = self.admin();
+            async move { admin.create_token(r).await }
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_keys_are_128_bit_hex_and_differ() {
+        let a = new_idempotency_key().unwrap();
+        let b = new_idempotency_key().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn only_lost_answers_are_retried() {
+        assert!(is_retryable(&Status::unavailable("db")));
+        assert!(is_retryable(&Status::deadline_exceeded("late")));
+        // A status the server sent: the call was answered.
+        assert!(!is_retryable(&Status::internal("internal error")));
+        assert!(!is_retryable(&Status::invalid_argument("x")));
+        assert!(!is_retryable(&Status::resource_exhausted("rate")));
+        // A transport failure tonic turned into a status.
+        let broken = Status::from_error(Box::new(std::io::Error::other("connection reset")));
+        assert_eq!(broken.code(), tonic::Code::Unknown);
+        assert!(is_retryable(&broken));
+    }
+
+    #[test]
+    fn waits_are_jittered_within_half_and_all() {
+        let wait = Duration::from_millis(200);
+        for _ in 0..100 {
+            let j = jittered(wait);
+            assert!(j >= wait / 2 && j <= wait, "{j:?}");
+        }
     }
 }

@@ -124,6 +124,8 @@ settings! {
     max_message_batch: usize = Limits::DEFAULT.max_message_batch, flag "max-message-batch", env "KEYHOLD_MAX_MESSAGE_BATCH";
     /// Most watch streams (WatchKeyPackages and WatchPrekeyStock together) one device may hold open on one server process; a stream past it is refused with RESOURCE_EXHAUSTED, and a closed one frees its place.
     max_watch_streams_per_device: usize = Limits::DEFAULT.max_watch_streams_per_device, flag "max-watch-streams-per-device", env "KEYHOLD_MAX_WATCH_STREAMS_PER_DEVICE";
+    /// How long, in seconds, the answer of a call made with an idempotency key is kept: a retry with the same key within it returns that answer and writes nothing; after it the key counts as new (at least 1; default 24 hours).
+    idempotency_retention_secs: u32 = Limits::DEFAULT_IDEMPOTENCY_RETENTION_SECS, flag "idempotency-retention-secs", env "KEYHOLD_IDEMPOTENCY_RETENTION_SECS";
     /// PostgreSQL `statement_timeout` of every database connection, in milliseconds (0: off): a statement running longer is cancelled and its call answers UNAVAILABLE.
     db_statement_timeout_ms: u32 = 30_000, flag "db-statement-timeout-ms", env "KEYHOLD_DB_STATEMENT_TIMEOUT_MS";
     /// PostgreSQL `lock_timeout` of every database connection, in milliseconds (0: off): a call waiting longer for a row another unfinished call holds (a prekey claim waiting for a one-time prekey, say) answers UNAVAILABLE.
@@ -172,11 +174,15 @@ pub struct Limits {
     pub max_message_batch: usize,
     /// Most watch streams one device may hold open on one server process.
     pub max_watch_streams_per_device: usize,
+    /// How long the answer of a call made with an idempotency key is kept for its retries.
+    pub idempotency_retention: Duration,
 }
 
 impl Limits {
     /// The default prekey claim window, in seconds.
     pub const DEFAULT_CLAIM_WINDOW_SECS: u32 = 60;
+    /// The default retention of idempotency records, in seconds: 24 hours.
+    pub const DEFAULT_IDEMPOTENCY_RETENTION_SECS: u32 = 24 * 60 * 60;
 
     /// The defaults, which the settings also use.
     pub const DEFAULT: Limits = Limits {
@@ -189,6 +195,9 @@ impl Limits {
         max_message_bytes: 1024 * 1024,
         max_message_batch: 500,
         max_watch_streams_per_device: 8,
+        idempotency_retention: Duration::from_secs(
+            Limits::DEFAULT_IDEMPOTENCY_RETENTION_SECS as u64,
+        ),
     };
 
     /// The limits the settings name.
@@ -203,6 +212,9 @@ impl Limits {
             max_message_bytes: settings.max_message_bytes,
             max_message_batch: settings.max_message_batch,
             max_watch_streams_per_device: settings.max_watch_streams_per_device,
+            idempotency_retention: Duration::from_secs(u64::from(
+                settings.idempotency_retention_secs.max(1),
+            )),
         }
     }
 }
@@ -319,6 +331,11 @@ mod tests {
         assert_eq!(s.db_lock_timeout_ms, 5_000);
         assert_eq!(s.db_idle_in_transaction_timeout_ms, 5_000);
         assert_eq!(s.message_write_timeout_ms, 5_000);
+        assert_eq!(s.idempotency_retention_secs, 86_400);
+        assert_eq!(
+            Limits::from_settings(&s).idempotency_retention,
+            Duration::from_secs(86_400)
+        );
     }
 
     #[test]

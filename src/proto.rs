@@ -38,6 +38,41 @@ pub mod keyhold {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/keyhold_descriptor.bin"));
 
+/// A request the service deduplicates by its `idempotency_key` field (see `common.proto`,
+/// "Idempotency keys"): every call that creates or consumes something. The Rust client sets a
+/// fresh key on such a request when it has none and keeps it for its own retries
+/// ([`crate::client::Client::retrying`]).
+pub trait IdempotentRequest {
+    /// The request's idempotency key; empty for none.
+    fn idempotency_key(&self) -> &str;
+    /// Sets the request's idempotency key.
+    fn set_idempotency_key(&mut self, key: String);
+}
+
+macro_rules! idempotent_requests {
+    ($($request:ident),+ $(,)?) => {$(
+        impl IdempotentRequest for keyhold::v1::$request {
+            fn idempotency_key(&self) -> &str {
+                &self.idempotency_key
+            }
+
+            fn set_idempotency_key(&mut self, key: String) {
+                self.idempotency_key = key;
+            }
+        }
+    )+};
+}
+
+idempotent_requests!(
+    CreateSessionRequest,
+    AddRecipientsRequest,
+    RemoveRecipientsRequest,
+    RotateSessionRequest,
+    ClaimPrekeysRequest,
+    SendKeyPackagesRequest,
+    CreateTokenRequest,
+);
+
 // `build.rs` skips the derived `Debug` of messages that carry a plaintext secret; these print
 // everything else and only the secret's presence.
 

@@ -410,6 +410,7 @@ impl<'s> Cast<'s> {
                     session_id: session.to_string(),
                     user_ids: vec!["bob".into()],
                     key_set: None,
+                    idempotency_key: String::new(),
                 })
             }
             Rpc::AddRecipientsClientWrapped => {
@@ -419,6 +420,7 @@ impl<'s> Cast<'s> {
                     session_id: session.to_string(),
                     user_ids: vec!["bob".into()],
                     key_set: Some(self.key_set(session, 1, &new_devices, false)),
+                    idempotency_key: String::new(),
                 })
             }
             Rpc::RemoveRecipientsServiceWrapped => {
@@ -427,6 +429,7 @@ impl<'s> Cast<'s> {
                     session_id: session.to_string(),
                     user_ids: vec!["carol".into()],
                     key_set: None,
+                    idempotency_key: String::new(),
                 })
             }
             Rpc::RemoveRecipientsClientWrapped => {
@@ -436,6 +439,7 @@ impl<'s> Cast<'s> {
                     session_id: session.to_string(),
                     user_ids: vec!["carol".into()],
                     key_set: Some(self.key_set(session, 2, &staying, true)),
+                    idempotency_key: String::new(),
                 })
             }
             Rpc::RotateSessionServiceWrapped => {
@@ -443,6 +447,7 @@ impl<'s> Cast<'s> {
                 Call::RotateSession(pb::RotateSessionRequest {
                     session_id: session.to_string(),
                     key_set: None,
+                    idempotency_key: String::new(),
                 })
             }
             Rpc::RotateSessionClientWrapped => {
@@ -451,6 +456,7 @@ impl<'s> Cast<'s> {
                 Call::RotateSession(pb::RotateSessionRequest {
                     session_id: session.to_string(),
                     key_set: Some(self.key_set(session, 2, &members, true)),
+                    idempotency_key: String::new(),
                 })
             }
             Rpc::GetSessionKeys => {

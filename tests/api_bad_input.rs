@@ -864,6 +864,7 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
             session_id: sw_session.to_string(),
             user_ids,
             key_set,
+            idempotency_key: String::new(),
         })
     };
     let mut cases = session_id_cases("add", &|id| {
@@ -871,6 +872,7 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
             session_id: id.into(),
             user_ids: vec!["bob".into()],
             key_set: None,
+            idempotency_key: String::new(),
         })
     });
     cases.extend(user_list_cases("add", 1000, &|users| add_sw(users, None)));
@@ -891,6 +893,7 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
             session_id: cw_session.to_string(),
             user_ids: vec!["bob".into()],
             key_set,
+            idempotency_key: String::new(),
         })
     };
     let mut cases = key_set_cases(&ctx, "add client-wrapped", &add_set, &add_cw);
@@ -911,6 +914,7 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
             session_id: sw_session.to_string(),
             user_ids,
             key_set,
+            idempotency_key: String::new(),
         })
     };
     let mut cases = session_id_cases("remove", &|id| {
@@ -918,6 +922,7 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
             session_id: id.into(),
             user_ids: vec!["bob".into()],
             key_set: None,
+            idempotency_key: String::new(),
         })
     });
     cases.extend(user_list_cases("remove", 1000, &|users| {
@@ -947,6 +952,7 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
             session_id: cw_session.to_string(),
             user_ids,
             key_set,
+            idempotency_key: String::new(),
         })
     };
     let mut cases = key_set_cases(&ctx, "remove client-wrapped", &remove_set, &|ks| {
@@ -967,12 +973,14 @@ async fn sessions_refuse_bad_input(server: &TestServer) {
         Call::RotateSession(pb::RotateSessionRequest {
             session_id: session.to_string(),
             key_set,
+            idempotency_key: String::new(),
         })
     };
     let mut cases = session_id_cases("rotate", &|id| {
         Call::RotateSession(pb::RotateSessionRequest {
             session_id: id.into(),
             key_set: None,
+            idempotency_key: String::new(),
         })
     });
     cases.push(invalid(
@@ -1116,6 +1124,7 @@ async fn admin_refuses_bad_input(server: &TestServer) {
             user_id: "alice".into(),
             device_id: "phone".into(),
             label: "alice's phone".into(),
+            idempotency_key: String::new(),
         };
         f(&mut r);
         Call::CreateToken(r)

@@ -34,7 +34,10 @@ async fn send(
 ) -> Result<Vec<u64>, tonic::Status> {
     Ok(client
         .device_sync()
-        .send_key_packages(pb::SendKeyPackagesRequest { packages })
+        .send_key_packages(pb::SendKeyPackagesRequest {
+            packages,
+            idempotency_key: String::new(),
+        })
         .await?
         .into_inner()
         .package_ids)
@@ -425,6 +428,7 @@ async fn every_sync_call_checks_who_calls(server: &TestServer) {
                 Rpc::Send => sync
                     .send_key_packages(pb::SendKeyPackagesRequest {
                         packages: vec![package(&laptop, b"sent in the matrix")],
+                        idempotency_key: String::new(),
                     })
                     .await
                     .map(|_| ()),

@@ -66,6 +66,7 @@ fn claim_of(d: &TestDevice) -> pb::ClaimPrekeysRequest {
             device_id: d.device.to_string(),
         }],
         user_ids: Vec::new(),
+        idempotency_key: String::new(),
     }
 }
 
@@ -267,6 +268,7 @@ async fn claims_fall_back_to_last_resort_and_follow_identity(server: &TestServer
         .claim_prekeys(pb::ClaimPrekeysRequest {
             devices: Vec::new(),
             user_ids: vec!["alice".into()],
+            idempotency_key: String::new(),
         })
         .await
         .expect("claim by user")
@@ -328,6 +330,7 @@ async fn claims_fall_back_to_last_resort_and_follow_identity(server: &TestServer
         .claim_prekeys(pb::ClaimPrekeysRequest {
             devices: Vec::new(),
             user_ids: vec!["alice".into()],
+            idempotency_key: String::new(),
         })
         .await
         .expect("claim siblings")
@@ -365,6 +368,7 @@ async fn claims_fall_back_to_last_resort_and_follow_identity(server: &TestServer
         .claim_prekeys(pb::ClaimPrekeysRequest {
             devices: Vec::new(),
             user_ids: vec!["alice".into()],
+            idempotency_key: String::new(),
         })
         .await
         .expect("claim by user")
@@ -614,6 +618,7 @@ async fn claims_are_rate_limited_per_claimer_and_device(server: &TestServer) {
                 },
             ],
             user_ids: Vec::new(),
+            idempotency_key: String::new(),
         })
         .await
         .expect_err("one target over the limit");

@@ -74,6 +74,7 @@ fn add(session_id: &str, recipients: &[&str]) -> pb::AddRecipientsRequest {
         session_id: session_id.into(),
         user_ids: users(recipients),
         key_set: None,
+        idempotency_key: String::new(),
     }
 }
 
@@ -82,6 +83,7 @@ fn remove(session_id: &str, recipients: &[&str]) -> pb::RemoveRecipientsRequest 
         session_id: session_id.into(),
         user_ids: users(recipients),
         key_set: None,
+        idempotency_key: String::new(),
     }
 }
 
@@ -166,6 +168,7 @@ async fn unsafe_stored_key_refuses_every_wrap_to_it(server: &TestServer) {
     let call = sessions.rotate_session(pb::RotateSessionRequest {
         session_id: with_carol.clone(),
         key_set: None,
+        idempotency_key: String::new(),
     });
     refused_naming_carols_phone(&mut db, "rotate", call).await;
     let call = sessions.remove_recipients(remove(&with_carol, &["bob"]));

@@ -120,7 +120,14 @@ fn kek_context() -> impl Strategy<Value = KekContext> {
                 conversation,
             }
         }),
+        (record_text(), record_text())
+            .prop_map(|(scope, key)| KekContext::IdempotentAnswer { scope, key }),
     ]
+}
+
+/// An idempotency record's scope or key: printable ASCII.
+fn record_text() -> impl Strategy<Value = String> {
+    "[!-~]{1,128}"
 }
 
 fn message_context() -> impl Strategy<Value = MessageContext> {
@@ -175,10 +182,17 @@ fn kek_context_and_one_change() -> impl Strategy<Value = (KekContext, KekContext
         0..4usize,
         (session_id(), epoch()),
         (user_id(), device_id(), conversation_id()),
+        (record_text(), record_text()),
     )
         .prop_filter_map(
             "the change must change something",
-            |(ctx, field, (new_session, new_epoch), (new_user, new_device, new_conversation))| {
+            |(
+                ctx,
+                field,
+                (new_session, new_epoch),
+                (new_user, new_device, new_conversation),
+                (new_scope, new_key),
+            )| {
                 let other = match (field, ctx.clone()) {
                     (0, KekContext::ServiceDek { epoch, .. }) => KekContext::ServiceDek {
                         session_id: new_session,
@@ -222,7 +236,21 @@ fn kek_context_and_one_change() -> impl Strategy<Value = (KekContext, KekContext
                         device: new_device,
                         conversation: new_conversation,
                     },
-                    (_, KekContext::RatchetState { .. }) => KekContext::ServiceDek {
+                    (0, KekContext::IdempotentAnswer { key, .. }) => KekContext::IdempotentAnswer {
+                        scope: new_scope,
+                        key,
+                    },
+                    (1, KekContext::IdempotentAnswer { scope, .. }) => {
+                        KekContext::IdempotentAnswer {
+                            scope,
+                            key: new_key,
+                        }
+                    }
+                    (_, KekContext::RatchetState { .. }) => KekContext::IdempotentAnswer {
+                        scope: new_scope,
+                        key: new_key,
+                    },
+                    (_, KekContext::IdempotentAnswer { .. }) => KekContext::ServiceDek {
                         session_id: new_session,
                         epoch: new_epoch,
                     },

@@ -196,6 +196,7 @@ async fn counters_move_with_calls(server: &TestServer) {
             device_id: "phone".into(),
         }],
         user_ids: Vec::new(),
+        idempotency_key: String::new(),
     };
     let mut kinds = Vec::new();
     for _ in 0..3 {

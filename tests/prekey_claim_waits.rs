@@ -100,6 +100,7 @@ fn claim_request(d: &TestDevice) -> pb::ClaimPrekeysRequest {
             device_id: d.device.to_string(),
         }],
         user_ids: Vec::new(),
+        idempotency_key: String::new(),
     }
 }
 

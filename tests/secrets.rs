@@ -326,6 +326,7 @@ async fn exercise_sessions(server: &TestServer) -> Footprint {
         .rotate_session(pb::RotateSessionRequest {
             session_id: s1.to_string(),
             key_set: None,
+            idempotency_key: String::new(),
         })
         .await
         .expect("rotate")
@@ -659,6 +660,7 @@ async fn no_token_or_dek_in_logs(server: &TestServer) {
             .rotate_session(pb::RotateSessionRequest {
                 session_id: "not-a-session".into(),
                 key_set: None,
+                idempotency_key: String::new(),
             })
             .await,
         Code::InvalidArgument,

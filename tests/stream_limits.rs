@@ -66,6 +66,7 @@ async fn send_package(from: &Client, to: &TestDevice, payload: &[u8]) {
                 recipient_key_id: to.xwing.encapsulation_key().key_id().as_bytes().to_vec(),
                 payload: payload.to_vec(),
             }],
+            idempotency_key: String::new(),
         })
         .await
         .expect("send a key package");

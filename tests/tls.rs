@@ -83,6 +83,7 @@ async fn calls_succeed(server: &TestServer, tls: &ClientTls) {
             user_id: String::new(),
             device_id: String::new(),
             label: String::new(),
+            idempotency_key: String::new(),
         })
         .await
         .expect("create a token over TLS")

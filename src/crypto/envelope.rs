@@ -50,6 +50,7 @@
 //! ```text
 //! 0x01 service DEK:    session id (16) || epoch (u32)
 //! 0x02 ratchet state:  var(user id) || var(device id) || var(conversation id)
+//! 0x03 idempotent answer: var(scope) || var(idempotency key)
 //! ```
 
 use std::fmt;
@@ -312,6 +313,14 @@ pub enum KekContext {
         /// The conversation the state belongs to.
         conversation: ConversationId,
     },
+    /// The secret of an answer recorded for a call made with an idempotency key (the bearer
+    /// token CreateToken returned), kept sealed until the record's retention ends.
+    IdempotentAnswer {
+        /// Whose key it is: the calling token's principal.
+        scope: String,
+        /// The client's idempotency key.
+        key: String,
+    },
 }
 
 impl KekContext {
@@ -332,6 +341,9 @@ impl KekContext {
                 .var(user.as_str().as_bytes())
                 .var(device.as_str().as_bytes())
                 .var(conversation.as_str().as_bytes()),
+            KekContext::IdempotentAnswer { scope, key } => {
+                c.u8(0x03).var(scope.as_bytes()).var(key.as_bytes())
+            }
         }
         .finish()
     }

@@ -3,6 +3,7 @@
 use tonic::Status;
 
 use super::error::{into_status, DomainError, ErrorClass};
+use super::idempotency::{Answer, Keyed};
 use super::{invalid, parse_field, AppState};
 use crate::auth::{IssuedToken, Principal, Role};
 use crate::crypto::ids::{DeviceId, UserId};
@@ -10,6 +11,7 @@ use crate::crypto::CryptoError;
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::admin_server::Admin;
 use crate::store::audit::NewAuditEvent;
+use crate::store::idempotency::Recorder;
 use crate::store::tokens::{NewApiToken, TokenId};
 use crate::store::{Store, StoreError};
 
@@ -107,6 +109,19 @@ pub async fn issue_token(
     request: TokenRequest,
 ) -> Result<IssuedToken, AdminError> {
     let issued = IssuedToken::generate()?;
+    store_token(store, actor, request, &issued, &Recorder::unkeyed()).await?;
+    Ok(issued)
+}
+
+/// Stores `issued` and its audit event in one transaction, with the answer `recorder` records
+/// for a call made with an idempotency key.
+async fn store_token(
+    store: &Store,
+    actor: String,
+    request: TokenRequest,
+    issued: &IssuedToken,
+    recorder: &Recorder<'_, ()>,
+) -> Result<(), AdminError> {
     let (user, device) = match &request.binding {
         Some((u, d)) => (Some(u.clone()), Some(d.clone())),
         None => (None, None),
@@ -129,13 +144,21 @@ pub async fn issue_token(
         ),
     );
     store
-        .transaction(async move |tx| -> Result<_, StoreError> {
+        .transaction_recorded(recorder, async move |tx| -> Result<_, StoreError> {
             tx.insert_token(&token).await?;
             tx.append_audit_event(&event).await?;
             Ok(())
         })
         .await?;
-    Ok(issued)
+    Ok(())
+}
+
+/// The answer of a CreateToken.
+fn token_to_wire(issued: &IssuedToken) -> pb::CreateTokenResponse {
+    pb::CreateTokenResponse {
+        token: issued.expose_plaintext().to_string(),
+        token_id: hex::encode(issued.token_id.as_bytes()),
+    }
 }
 
 rpc_service! {
@@ -149,14 +172,20 @@ rpc_service! {
 async fn create_token(
     state: &AppState,
     caller: &Principal,
-    req: pb::CreateTokenRequest,
+    mut req: pb::CreateTokenRequest,
 ) -> Result<pb::CreateTokenResponse, Status> {
     let parsed = parse_token_request(&req)?;
-    let issued = issue_token(&state.store, caller.actor(), parsed).await?;
-    Ok(pb::CreateTokenResponse {
-        token: issued.expose_plaintext().to_string(),
-        token_id: hex::encode(issued.token_id.as_bytes()),
-    })
+    let keyed = Keyed::take(state, caller, &mut req)?;
+    keyed
+        .replay_or_run(state, |keyed| async move {
+            let issued = IssuedToken::generate().map_err(AdminError::from)?;
+            // The record keeps the token sealed under the KEK, never in clear.
+            let recorder = keyed.recorder(|_: &()| token_to_wire(&issued));
+            store_token(&state.store, caller.actor(), parsed, &issued, &recorder).await?;
+            Ok(token_to_wire(&issued))
+        })
+        .await
+        .map(Answer::into_response)
 }
 
 async fn revoke_token(

@@ -17,6 +17,7 @@ use tonic::Status;
 
 use super::cursor::{self, Cursor, CursorKind};
 use super::error::{into_status, DomainError, ErrorClass};
+use super::idempotency::{Answer, Keyed};
 use super::watch::{next_change, StreamSender};
 use super::{check_list_len, invalid, parse_field, AppState};
 use crate::auth::Principal;
@@ -284,10 +285,20 @@ rpc_service! {
     }
 }
 
+/// The answer of a send: the packages' ids, in request order.
+fn sent_to_wire(ids: &[i64]) -> pb::SendKeyPackagesResponse {
+    pb::SendKeyPackagesResponse {
+        package_ids: ids
+            .iter()
+            .map(|id| u64::try_from(*id).unwrap_or_default())
+            .collect(),
+    }
+}
+
 async fn send_key_packages(
     state: &AppState,
     caller: &Principal,
-    req: pb::SendKeyPackagesRequest,
+    mut req: pb::SendKeyPackagesRequest,
 ) -> Result<pb::SendKeyPackagesResponse, Status> {
     let (user, sender) = calling_device(caller)?;
     let packages = parse_packages(
@@ -297,17 +308,20 @@ async fn send_key_packages(
         state.max_list_len,
         state.limits.max_key_package_bytes,
     )?;
-    let sent = state
-        .store
-        .send_key_packages(user, sender, &packages, state.limits.max_inbox_packages)
+    let keyed = Keyed::take(state, caller, &mut req)?;
+    keyed
+        .replay_or_run(state, |keyed| async move {
+            let recorder = keyed.recorder(|ids: &Vec<i64>| sent_to_wire(ids));
+            let inbox_max = state.limits.max_inbox_packages;
+            let sent = state
+                .store
+                .send_key_packages(user, sender, &packages, inbox_max, &recorder)
+                .await
+                .map_err(|e| DeviceSyncError::of_send(e, user, sender))?;
+            Ok(sent_to_wire(&sent))
+        })
         .await
-        .map_err(|e| DeviceSyncError::of_send(e, user, sender))?;
-    Ok(pb::SendKeyPackagesResponse {
-        package_ids: sent
-            .into_iter()
-            .map(|id| u64::try_from(id).unwrap_or_default())
-            .collect(),
-    })
+        .map(Answer::into_response)
 }
 
 async fn fetch_key_packages(

@@ -62,6 +62,7 @@ pub(crate) mod cursor;
 pub(crate) mod device_sync;
 pub(crate) mod error;
 pub(crate) mod escrow;
+pub(crate) mod idempotency;
 pub(crate) mod key_directory;
 pub(crate) mod messages;
 pub(crate) mod ratchet;

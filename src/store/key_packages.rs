@@ -17,6 +17,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::events::{notify_in_tx, DeviceEvent, EventKind};
+use super::idempotency::Recorder;
 use super::locks::{lock, DeviceScope, TxLock};
 use super::schema::key_packages;
 use super::{db_run, unsigned, Conn, Store, StoreError, Timestamp, Tx};
@@ -294,16 +295,20 @@ impl Store {
     /// Checked in the same transaction, before anything is written: the sender and every
     /// recipient have a current (non-revoked) key, each package names its recipient's
     /// current key, and no inbox would hold more than `inbox_max` packages; otherwise the
-    /// [`SendRefusal`] says which, and nothing is written.
+    /// [`SendRefusal`] says which, and nothing is written. `recorder` records the answer of a
+    /// send made with an idempotency key in the same transaction ([`super::idempotency`]).
     pub async fn send_key_packages(
         &self,
         user: &UserId,
         sender: &DeviceId,
         packages: &[NewKeyPackage],
         inbox_max: usize,
+        recorder: &Recorder<'_, Vec<i64>>,
     ) -> Result<Vec<i64>, SendError> {
         let ids = self
-            .transaction(async |tx| tx.put_in_inboxes(user, sender, packages, inbox_max).await)
+            .transaction_recorded(recorder, async |tx| {
+                tx.put_in_inboxes(user, sender, packages, inbox_max).await
+            })
             .await?;
         let events: Vec<DeviceEvent> = recipients(packages)
             .into_iter()

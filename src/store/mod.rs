@@ -10,7 +10,8 @@
 //!   [`user_keys`] (device key bundles), [`sessions`] (sessions, their members and wrapped
 //!   keys), [`audit`] (the hash-chained audit log), [`prekeys`] (signed prekeys and their claim
 //!   rate windows), [`ratchet_states`] (ratchet state backups), [`key_packages`] (key-sync
-//!   inboxes); [`events`] wakes watch streams across processes. Each query is
+//!   inboxes), [`idempotency`] (the recorded answers of calls made with an idempotency
+//!   key); [`events`] wakes watch streams across processes. Each query is
 //!   written once and compiled for both backends by the `db_run!` macro below; where the
 //!   backends must differ (locking, `BEGIN IMMEDIATE`) the macro's two-armed form keeps both
 //!   spellings side by side in the one place that needs them. [`messages`] keeps encrypted
@@ -43,6 +44,7 @@ pub mod audit;
 mod error;
 pub mod events;
 mod health;
+pub mod idempotency;
 pub mod key_packages;
 mod locks;
 pub mod messages;
@@ -582,13 +584,24 @@ impl Store {
             conn: self.conn().await?,
         };
         tx.begin(postgres_begin).await?;
-        match f(&mut tx).await {
+        let result = f(&mut tx).await;
+        tx.end(result).await
+    }
+}
+
+impl Tx {
+    /// Commits when `result` is `Ok`, rolls back otherwise, and hands `result` on.
+    async fn end<R, E>(mut self, result: Result<R, E>) -> Result<R, E>
+    where
+        E: From<StoreError> + fmt::Display,
+    {
+        match result {
             Ok(value) => {
-                tx.commit().await?;
+                self.commit().await?;
                 Ok(value)
             }
             Err(e) => {
-                if let Err(rollback) = tx.rollback().await {
+                if let Err(rollback) = self.rollback().await {
                     // The pool discards a connection whose transaction state is broken.
                     tracing::warn!(error = %rollback, "rollback failed after {e}");
                 }

@@ -49,6 +49,7 @@ use diesel::prelude::*;
 use diesel_async::RunQueryDsl;
 
 use super::events::{notify_in_tx, DeviceEvent, EventKind};
+use super::idempotency::Recorder;
 use super::locks::{lock, DeviceScope, TxLock};
 use super::schema::{prekey_claim_windows, prekeys};
 use super::{db_run, unsigned, Conn, Store, StoreError, Timestamp, Tx};
@@ -264,14 +265,19 @@ impl Store {
     ///
     /// Each target counts one claim against `limit` for this claimer;
     /// [`StoreError::LimitExceeded`] if any target is past it, and then nothing is claimed.
+    /// `recorder` records the answer of a claim made with an idempotency key in the same
+    /// transaction ([`super::idempotency`]).
     pub async fn claim_prekeys(
         &self,
         claimer: &str,
         targets: &[ClaimTarget],
         limit: ClaimRateLimit,
+        recorder: &Recorder<'_, Vec<Option<ClaimedPrekey>>>,
     ) -> Result<Vec<Option<ClaimedPrekey>>, StoreError> {
         let claimed = self
-            .transaction(async |tx| tx.claim_each(claimer, targets, limit).await)
+            .transaction_recorded(recorder, async |tx| {
+                tx.claim_each(claimer, targets, limit).await
+            })
             .await?;
         let events: Vec<DeviceEvent> = targets
             .iter()

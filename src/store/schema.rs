@@ -187,6 +187,19 @@ diesel::table! {
     }
 }
 
+diesel::table! {
+    idempotency_records (id) {
+        id -> BigInt,
+        scope -> Text,
+        idempotency_key -> Text,
+        rpc -> Text,
+        request_hash -> Binary,
+        response -> Nullable<Binary>,
+        sealed_secret -> Nullable<Binary>,
+        created_at -> BigInt,
+    }
+}
+
 diesel::joinable!(messages -> sessions (session_id));
 diesel::joinable!(session_keys -> sessions (session_id));
 diesel::joinable!(session_members -> sessions (session_id));
@@ -209,4 +222,5 @@ diesel::allow_tables_to_appear_in_same_query!(
     ratchet_states,
     key_packages,
     maintenance_runs,
+    idempotency_records,
 );

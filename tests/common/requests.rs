@@ -406,6 +406,7 @@ pub async fn add_recipients(
             session_id: session.to_string(),
             user_ids: users.iter().map(|u| u.to_string()).collect(),
             key_set: None,
+            idempotency_key: String::new(),
         })
         .await
         .expect("add recipients")
@@ -423,6 +424,7 @@ pub async fn remove_recipients(
             session_id: session.to_string(),
             user_ids: users.iter().map(|u| u.to_string()).collect(),
             key_set: None,
+            idempotency_key: String::new(),
         })
         .await
         .expect("remove recipients")

@@ -129,6 +129,7 @@ impl TestServer {
                 user_id: user.into(),
                 device_id: device.into(),
                 label: String::new(),
+                idempotency_key: String::new(),
             })
             .await
             .expect("create token")

@@ -18,6 +18,7 @@ use crate::crypto::ids::{DeviceId, UserId};
 use crate::crypto::sign::{IdentityPublicKey, Prekey, PrekeyKind, Signature};
 use crate::crypto::xwing::EncapsulationKey;
 use crate::proto::keyhold::v1 as pb;
+use crate::service::idempotency::{Answer, Keyed};
 use crate::service::{check_list_len, invalid, parse_field, require_own_device, AppState};
 use crate::store::prekeys::{
     ClaimRateLimit, ClaimTarget, ClaimedPrekey, NewPrekey, PrekeyStock, PrekeyUpload,
@@ -73,17 +74,36 @@ fn prekey_kind_to_wire(kind: PrekeyKind) -> i32 {
     }
 }
 
-fn claimed_to_wire(p: ClaimedPrekey) -> pb::ClaimedPrekey {
+fn claimed_to_wire(p: &ClaimedPrekey) -> pb::ClaimedPrekey {
     pb::ClaimedPrekey {
         user_id: p.user.to_string(),
         device_id: p.device.to_string(),
         kind: prekey_kind_to_wire(p.kind),
         key_id: p.key_id.as_bytes().to_vec(),
         suite: suite_to_wire(p.suite),
-        encapsulation_key: p.encapsulation_key,
-        signature: p.signature,
-        identity_key: p.identity_key,
+        encapsulation_key: p.encapsulation_key.clone(),
+        signature: p.signature.clone(),
+        identity_key: p.identity_key.clone(),
     }
+}
+
+/// The answer of a claim: the prekey of each target that had one, in target order, and the
+/// targets that had none.
+fn claims_to_wire(
+    targets: &[ClaimTarget],
+    claimed: &[Option<ClaimedPrekey>],
+) -> pb::ClaimPrekeysResponse {
+    let mut response = pb::ClaimPrekeysResponse::default();
+    for (target, claimed) in targets.iter().zip(claimed) {
+        match claimed {
+            Some(p) => response.prekeys.push(claimed_to_wire(p)),
+            None => response.unavailable.push(pb::DeviceRef {
+                user_id: target.user.to_string(),
+                device_id: target.device.to_string(),
+            }),
+        }
+    }
+    response
 }
 
 /// Parses one uploaded prekey and checks its signature under the device's identity key.
@@ -259,11 +279,12 @@ fn claim_targets(
 }
 
 /// ClaimPrekeys: one prekey of each device named or reached through its user, for the calling
-/// device; the devices with none are listed as unavailable.
+/// device; the devices with none are listed as unavailable. With an idempotency key, a retry
+/// replays the first answer and claims nothing more.
 pub(super) async fn claim(
     state: &AppState,
     caller: &Principal,
-    req: pb::ClaimPrekeysRequest,
+    mut req: pb::ClaimPrekeysRequest,
 ) -> Result<pb::ClaimPrekeysResponse, Status> {
     let Principal::Device {
         user: own_user,
@@ -298,48 +319,48 @@ pub(super) async fn claim(
         named.push((user, device));
     }
     let users = parse_users("user_ids", &req.user_ids)?;
-    let mut lookup: Vec<UserId> = named.iter().map(|(u, _)| u.clone()).collect();
-    lookup.extend(users.iter().cloned());
-    lookup.sort();
-    lookup.dedup();
-    let keys = (state.store.conn().await?)
-        .current_user_keys(&lookup)
-        .await?;
-    let targets = claim_targets(&keys, named, &users, (own_user, own_device))?;
-    if targets.len() > max_targets {
-        return Err(KeyDirectoryError::TooManyClaimTargets {
-            reached: targets.len(),
-            max: max_targets,
-        }
-        .into());
-    }
-    let claimer = format!("device {own_user} {own_device}");
-    let limit = ClaimRateLimit {
-        claims: state.limits.prekey_claim_limit,
-        window: state.limits.prekey_claim_window,
-    };
-    let claimed = state
-        .store
-        .claim_prekeys(&claimer, &targets, limit)
+    let keyed = Keyed::take(state, caller, &mut req)?;
+    keyed
+        .replay_or_run(state, |keyed| async move {
+            let mut lookup: Vec<UserId> = named.iter().map(|(u, _)| u.clone()).collect();
+            lookup.extend(users.iter().cloned());
+            lookup.sort();
+            lookup.dedup();
+            let keys = (state.store.conn().await?)
+                .current_user_keys(&lookup)
+                .await?;
+            let targets = claim_targets(&keys, named, &users, (own_user, own_device))?;
+            if targets.len() > max_targets {
+                return Err(KeyDirectoryError::TooManyClaimTargets {
+                    reached: targets.len(),
+                    max: max_targets,
+                }
+                .into());
+            }
+            let claimer = format!("device {own_user} {own_device}");
+            let limit = ClaimRateLimit {
+                claims: state.limits.prekey_claim_limit,
+                window: state.limits.prekey_claim_window,
+            };
+            let recorder = keyed
+                .recorder(|claimed: &Vec<Option<ClaimedPrekey>>| claims_to_wire(&targets, claimed));
+            let claimed = state
+                .store
+                .claim_prekeys(&claimer, &targets, limit, &recorder)
+                .await
+                .map_err(KeyDirectoryError::of_claim)?;
+            for claimed in &claimed {
+                let outcome = match claimed {
+                    Some(p) if p.kind == PrekeyKind::OneTime => "one_time",
+                    Some(_) => "last_resort",
+                    None => "none",
+                };
+                metrics::counter!(PREKEY_CLAIMS, "outcome" => outcome).increment(1);
+            }
+            Ok(claims_to_wire(&targets, &claimed))
+        })
         .await
-        .map_err(KeyDirectoryError::of_claim)?;
-    let mut response = pb::ClaimPrekeysResponse::default();
-    for (target, claimed) in targets.into_iter().zip(claimed) {
-        let outcome = match &claimed {
-            Some(p) if p.kind == PrekeyKind::OneTime => "one_time",
-            Some(_) => "last_resort",
-            None => "none",
-        };
-        metrics::counter!(PREKEY_CLAIMS, "outcome" => outcome).increment(1);
-        match claimed {
-            Some(p) => response.prekeys.push(claimed_to_wire(p)),
-            None => response.unavailable.push(pb::DeviceRef {
-                user_id: target.user.to_string(),
-                device_id: target.device.to_string(),
-            }),
-        }
-    }
-    Ok(response)
+        .map(Answer::into_response)
 }
 
 #[cfg(test)]

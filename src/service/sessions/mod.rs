@@ -18,6 +18,11 @@
 //! with its identity key ([`crate::crypto::sign::ClientWrappedKeySet`]); the service checks
 //! the signature and that the wraps cover exactly the expected devices' current keys.
 //!
+//! **Retries.** Every change takes an idempotency key ([`crate::service::idempotency`]): the
+//! workflow's transaction records the answer, and a retry with the same key replays it. A
+//! SERVICE_WRAPPED creation's plaintext DEK is never recorded; its replay opens the DEK again
+//! from the session's service copy ([`workflow::first_epoch_dek`]).
+//!
 //! **Layout.** This file is the tonic impl only: parse ([`wire`]), run the workflow
 //! ([`workflow`], over the store, returning [`error::SessionError`]), map back ([`wire`]). The
 //! client-wrapped key-set checks are pure functions in [`key_set`]; wrapping on the blocking
@@ -37,6 +42,7 @@ use crate::crypto::ids::{DeviceId, UserId};
 use crate::proto::keyhold::v1 as pb;
 use crate::proto::keyhold::v1::sessions_server::Sessions;
 use crate::service::cursor;
+use crate::service::idempotency::{Answer, Keyed};
 use wire::{CreateMode, RecipientsSpec, SyncPosition};
 use workflow::SessionSpec;
 
@@ -70,92 +76,121 @@ rpc_service! {
 async fn create_session(
     state: &AppState,
     caller: &Principal,
-    req: pb::CreateSessionRequest,
+    mut req: pb::CreateSessionRequest,
 ) -> Result<pb::CreateSessionResponse, Status> {
     let (suite, author, recipients) = wire::parse_create_head(&req, state.max_list_len)?;
-    let listed = match recipients {
-        RecipientsSpec::Listed(users) => users,
-        RecipientsSpec::TrustedUsersOfAuthor => {
-            // Only someone acting for the author may learn (and use) whom it trusts.
-            super::require_acts_for(caller, &author, None)?;
-            super::trust::trusted_recipients(state, &author).await?
+    let return_plaintext_dek = req.return_plaintext_dek;
+    let keyed = Keyed::take(state, caller, &mut req)?;
+    let answer = keyed
+        .replay_or_run(state, |keyed| async move {
+            let listed = match recipients {
+                RecipientsSpec::Listed(users) => users,
+                RecipientsSpec::TrustedUsersOfAuthor => {
+                    // Only someone acting for the author may learn (and use) whom it trusts.
+                    super::require_acts_for(caller, &author, None)?;
+                    super::trust::trusted_recipients(state, &author).await?
+                }
+            };
+            let mode = wire::parse_create_mode(caller, &author, &req)?;
+            let users = wire::with_author_first(&author, listed);
+            let spec = SessionSpec {
+                author,
+                users,
+                suite,
+            };
+            let recorder = keyed.recorder(wire::created_to_wire);
+            let created = match mode {
+                CreateMode::ServiceWrapped {
+                    return_plaintext_dek,
+                } => {
+                    workflow::create_service_wrapped(state, spec, return_plaintext_dek, &recorder)
+                        .await?
+                }
+                CreateMode::ClientWrapped {
+                    session_id,
+                    author_device,
+                    key_set,
+                } => {
+                    workflow::create_client_wrapped(
+                        state,
+                        spec,
+                        session_id,
+                        author_device,
+                        key_set,
+                        &recorder,
+                    )
+                    .await?
+                }
+            };
+            let mut response = wire::created_to_wire(&created);
+            // The response type's Debug redacts this field; the copy in `created` is zeroized
+            // on drop, the encoder's copy is freed with the response buffer.
+            response.plaintext_dek = created.plaintext_dek.as_ref().map(|p| p.to_vec());
+            Ok(response)
+        })
+        .await?;
+    match answer {
+        // The record keeps no DEK: open it again from the session's service copy.
+        Answer::Replayed(mut response) if return_plaintext_dek => {
+            let dek = workflow::first_epoch_dek(state, &response.session_id).await?;
+            response.plaintext_dek = Some(dek.expose_secret().to_vec());
+            Ok(response)
         }
-    };
-    let mode = wire::parse_create_mode(caller, &author, &req)?;
-    let users = wire::with_author_first(&author, listed);
-    let spec = SessionSpec {
-        author,
-        users,
-        suite,
-    };
-    let created = match mode {
-        CreateMode::ServiceWrapped {
-            return_plaintext_dek,
-        } => workflow::create_service_wrapped(state, spec, return_plaintext_dek).await?,
-        CreateMode::ClientWrapped {
-            session_id,
-            author_device,
-            key_set,
-        } => {
-            workflow::create_client_wrapped(state, spec, session_id, author_device, key_set).await?
-        }
-    };
-    Ok(pb::CreateSessionResponse {
-        session_id: created.session_id.to_string(),
-        epoch: created.epoch.get(),
-        session_keys: wire::new_keys_to_wire(
-            created.session_id,
-            created.epoch,
-            &created.session_keys,
-        ),
-        // The response type's Debug redacts this field; the copy in `created` is zeroized
-        // on drop, the encoder's copy is freed with the response buffer.
-        plaintext_dek: created.plaintext_dek.as_ref().map(|p| p.to_vec()),
-    })
+        answer => Ok(answer.into_response()),
+    }
 }
 
 async fn add_recipients(
     state: &AppState,
     caller: &Principal,
-    req: pb::AddRecipientsRequest,
+    mut req: pb::AddRecipientsRequest,
 ) -> Result<pb::AddRecipientsResponse, Status> {
     let max = state.max_list_len;
     let change = wire::parse_change(&req.session_id, Some(&req.user_ids), &req.key_set, max)?;
-    let (epoch, session_keys) =
-        wire::stored_keys_to_wire(workflow::add_recipients(state, caller, change).await?);
-    Ok(pb::AddRecipientsResponse {
-        epoch,
-        session_keys,
-    })
+    let keyed = Keyed::take(state, caller, &mut req)?;
+    keyed
+        .replay_or_run(state, |keyed| async move {
+            let recorder = keyed.recorder(wire::added_to_wire);
+            let stored = workflow::add_recipients(state, caller, change, &recorder).await?;
+            Ok(wire::added_to_wire(&stored))
+        })
+        .await
+        .map(Answer::into_response)
 }
 
 async fn remove_recipients(
     state: &AppState,
     caller: &Principal,
-    req: pb::RemoveRecipientsRequest,
+    mut req: pb::RemoveRecipientsRequest,
 ) -> Result<pb::RemoveRecipientsResponse, Status> {
     let max = state.max_list_len;
     let change = wire::parse_change(&req.session_id, Some(&req.user_ids), &req.key_set, max)?;
-    let (epoch, session_keys) =
-        wire::stored_keys_to_wire(workflow::new_epoch(state, caller, change).await?);
-    Ok(pb::RemoveRecipientsResponse {
-        epoch,
-        session_keys,
-    })
+    let keyed = Keyed::take(state, caller, &mut req)?;
+    keyed
+        .replay_or_run(state, |keyed| async move {
+            let recorder = keyed.recorder(wire::removed_to_wire);
+            let stored = workflow::new_epoch(state, caller, change, &recorder).await?;
+            Ok(wire::removed_to_wire(&stored))
+        })
+        .await
+        .map(Answer::into_response)
 }
 
 async fn rotate_session(
     state: &AppState,
     caller: &Principal,
-    req: pb::RotateSessionRequest,
+    mut req: pb::RotateSessionRequest,
 ) -> Result<pb::RotateSessionResponse, Status> {
     let change = wire::parse_change(&req.session_id, None, &req.key_set, 0)?;
-    let (epoch, session_keys) =
-        wire::stored_keys_to_wire(workflow::new_epoch(state, caller, change).await?);
-    Ok(pb::RotateSessionResponse {
-        epoch,
-        session_keys,
-    })
+    let keyed = Keyed::take(state, caller, &mut req)?;
+    keyed
+        .replay_or_run(state, |keyed| async move {
+            let recorder = keyed.recorder(wire::rotated_to_wire);
+            let stored = workflow::new_epoch(state, caller, change, &recorder).await?;
+            Ok(wire::rotated_to_wire(&stored))
+        })
+        .await
+        .map(Answer::into_response)
 }
 
 async fn get_session_keys(

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use tonic::Status;
 
 use super::key_set::ParsedKeySet;
-use super::workflow::{SessionChange, StoredKeys};
+use super::workflow::{CreatedSession, SessionChange, StoredKeys};
 use crate::auth::Principal;
 use crate::crypto::envelope::DekEnvelope;
 use crate::crypto::ids::{DeviceId, Epoch, KeyId, SessionId, UserId};
@@ -330,10 +330,48 @@ pub(crate) fn new_keys_to_wire(
         .collect()
 }
 
+/// The answer of a CreateSession, without the plaintext DEK (the handler adds it: it is
+/// never recorded).
+pub(crate) fn created_to_wire(created: &CreatedSession) -> pb::CreateSessionResponse {
+    pb::CreateSessionResponse {
+        session_id: created.session_id.to_string(),
+        epoch: created.epoch.get(),
+        session_keys: new_keys_to_wire(created.session_id, created.epoch, &created.session_keys),
+        plaintext_dek: None,
+    }
+}
+
 /// The epoch and wire keys of what a change to a session stored.
-pub(crate) fn stored_keys_to_wire(stored: StoredKeys) -> (u32, Vec<pb::SessionKey>) {
+fn stored_keys_to_wire(stored: &StoredKeys) -> (u32, Vec<pb::SessionKey>) {
     let keys = new_keys_to_wire(stored.session_id, stored.epoch, &stored.session_keys);
     (stored.epoch.get(), keys)
+}
+
+/// The answer of an AddRecipients.
+pub(crate) fn added_to_wire(stored: &StoredKeys) -> pb::AddRecipientsResponse {
+    let (epoch, session_keys) = stored_keys_to_wire(stored);
+    pb::AddRecipientsResponse {
+        epoch,
+        session_keys,
+    }
+}
+
+/// The answer of a RemoveRecipients.
+pub(crate) fn removed_to_wire(stored: &StoredKeys) -> pb::RemoveRecipientsResponse {
+    let (epoch, session_keys) = stored_keys_to_wire(stored);
+    pb::RemoveRecipientsResponse {
+        epoch,
+        session_keys,
+    }
+}
+
+/// The answer of a RotateSession.
+pub(crate) fn rotated_to_wire(stored: &StoredKeys) -> pb::RotateSessionResponse {
+    let (epoch, session_keys) = stored_keys_to_wire(stored);
+    pb::RotateSessionResponse {
+        epoch,
+        session_keys,
+    }
 }
 
 /// The wire form of a stored session key.

@@ -22,11 +22,12 @@ use crate::crypto::ids::{DeviceId, Epoch, SessionId, UserId};
 use crate::crypto::keys::Dek;
 use crate::crypto::Suite;
 use crate::service::AppState;
+use crate::store::idempotency::Recorder;
 use crate::store::sessions::{
     EpochKeys, Member, NewSession, NewSessionKey, Session, SessionKeyRecord, SessionMode,
 };
 use crate::store::user_keys::UserKey;
-use crate::store::{StoreError, Timestamp, Tx};
+use crate::store::{Conn, StoreError, Timestamp};
 
 /// A session just created.
 pub(crate) struct CreatedSession {
@@ -189,17 +190,20 @@ fn check_author_key_set(
 
 /// Stores a new session at epoch 1 with its members and first epoch's keys, in one
 /// transaction. A taken session id (client-chosen) is [`SessionError::SessionIdTaken`].
+///
+/// `recorder` records the answer of a call made with an idempotency key in the same
+/// transaction; the plaintext DEK is attached after it and never recorded.
 async fn store_new_session(
     state: &AppState,
     session: NewSession,
-    members: Vec<Member>,
-    keys: EpochKeys,
+    (members, keys): (Vec<Member>, EpochKeys),
     plaintext_dek: Option<Zeroizing<Vec<u8>>>,
+    recorder: &Recorder<'_, CreatedSession>,
 ) -> Result<CreatedSession, SessionError> {
     let session_id = session.session_id;
-    let keys = state
+    let mut created = state
         .store
-        .transaction(async move |tx| -> Result<_, SessionError> {
+        .transaction_recorded(recorder, async move |tx| -> Result<_, SessionError> {
             let stored = async {
                 tx.insert_session(&session).await?;
                 tx.add_members(&session_id, Epoch::FIRST, &members).await?;
@@ -207,16 +211,18 @@ async fn store_new_session(
             };
             match stored.await {
                 Err(StoreError::AlreadyExists(_)) => Err(SessionError::SessionIdTaken),
-                other => Ok(other.map(|()| keys)?),
+                Err(e) => Err(e.into()),
+                Ok(()) => Ok(CreatedSession {
+                    session_id,
+                    epoch: Epoch::FIRST,
+                    session_keys: keys.session_keys,
+                    plaintext_dek: None,
+                }),
             }
         })
         .await?;
-    Ok(CreatedSession {
-        session_id,
-        epoch: Epoch::FIRST,
-        session_keys: keys.session_keys,
-        plaintext_dek,
-    })
+    created.plaintext_dek = plaintext_dek;
+    Ok(created)
 }
 
 /// Creates a SERVICE_WRAPPED session: draws the DEK, wraps it for each current device of the
@@ -225,6 +231,7 @@ pub(crate) async fn create_service_wrapped(
     state: &AppState,
     spec: SessionSpec,
     return_plaintext_dek: bool,
+    recorder: &Recorder<'_, CreatedSession>,
 ) -> Result<CreatedSession, SessionError> {
     let keys = (state.store.conn().await?)
         .current_user_keys(&spec.users)
@@ -236,7 +243,7 @@ pub(crate) async fn create_service_wrapped(
     let members = members_of(&targets);
     let keys = wrap_epoch(state, session_id, Epoch::FIRST, dek, targets, Copies::Seal).await?;
     let session = spec.into_new_session(session_id, SessionMode::ServiceWrapped, None);
-    store_new_session(state, session, members, keys, plaintext_dek).await
+    store_new_session(state, session, (members, keys), plaintext_dek, recorder).await
 }
 
 /// Creates a CLIENT_WRAPPED session from the author device's key set, checked against the
@@ -247,6 +254,7 @@ pub(crate) async fn create_client_wrapped(
     session_id: SessionId,
     author_device: DeviceId,
     key_set: ParsedKeySet,
+    recorder: &Recorder<'_, CreatedSession>,
 ) -> Result<CreatedSession, SessionError> {
     let keys = (state.store.conn().await?)
         .current_user_keys(&spec.users)
@@ -267,7 +275,7 @@ pub(crate) async fn create_client_wrapped(
     let keys = key_set::check_key_set(key_set, &expected)?;
     let session =
         spec.into_new_session(session_id, SessionMode::ClientWrapped, Some(author_device));
-    store_new_session(state, session, members, keys, None).await
+    store_new_session(state, session, (members, keys), None, recorder).await
 }
 
 /// Adds the current devices of the change's users that are not members yet to the session's
@@ -277,6 +285,7 @@ pub(crate) async fn add_recipients(
     state: &AppState,
     caller: &Principal,
     change: SessionChange,
+    recorder: &Recorder<'_, StoredKeys>,
 ) -> Result<StoredKeys, SessionError> {
     let session_id = change.session_id;
     let (session, key_set) = session_to_change(state, caller, &session_id, change.key_set).await?;
@@ -294,7 +303,7 @@ pub(crate) async fn add_recipients(
     };
     state
         .store
-        .transaction(async move |tx| -> Result<_, SessionError> {
+        .transaction_recorded(recorder, async move |tx| -> Result<_, SessionError> {
             let session = live(tx.session(&session_id).await?)?;
             let epoch = session.current_epoch;
             let members = tx.active_members(&session_id).await?;
@@ -343,12 +352,12 @@ fn is_member(members: &[Member], user: &UserId, device: &DeviceId) -> bool {
 
 /// The DEK of a service-wrapped session's epoch, from its KEK copy.
 async fn service_copy(
-    tx: &mut Tx,
+    conn: &mut Conn,
     state: &AppState,
     session_id: SessionId,
     epoch: Epoch,
 ) -> Result<Dek, SessionError> {
-    let (version, envelope) = tx
+    let (version, envelope) = conn
         .service_key(&session_id, epoch)
         .await?
         .ok_or(SessionError::NoServiceCopy)?;
@@ -358,6 +367,21 @@ async fn service_copy(
     open_service_copy(state, session_id, epoch, &envelope)
 }
 
+/// The first epoch's DEK of a live SERVICE_WRAPPED session, opened again from its service copy:
+/// what a replayed CreateSession that asked for the plaintext DEK returns (the idempotency
+/// record never holds it). A session deleted since is [`SessionError::NoSuchSession`].
+pub(crate) async fn first_epoch_dek(
+    state: &AppState,
+    session_id: &str,
+) -> Result<Dek, SessionError> {
+    let session_id = SessionId::parse(session_id).map_err(|e| {
+        SessionError::Internal(format!("a recorded CreateSession answer's session id: {e}"))
+    })?;
+    let mut conn = state.store.conn().await?;
+    live(conn.session(&session_id).await?)?;
+    service_copy(&mut conn, state, session_id, Epoch::FIRST).await
+}
+
 /// Starts a new epoch without the devices of the change's users: RemoveRecipients and
 /// RotateSession. Remaining devices get the new DEK on their current key; a device whose
 /// key was revoked gets nothing and stops being a member.
@@ -365,6 +389,7 @@ pub(crate) async fn new_epoch(
     state: &AppState,
     caller: &Principal,
     change: SessionChange,
+    recorder: &Recorder<'_, StoredKeys>,
 ) -> Result<StoredKeys, SessionError> {
     let (session_id, removed_users) = (change.session_id, change.users);
     let (session, key_set) = session_to_change(state, caller, &session_id, change.key_set).await?;
@@ -373,7 +398,7 @@ pub(crate) async fn new_epoch(
     }
     state
         .store
-        .transaction(async move |tx| -> Result<_, SessionError> {
+        .transaction_recorded(recorder, async move |tx| -> Result<_, SessionError> {
             let session = live(tx.session(&session_id).await?)?;
             let from = session.current_epoch;
             let members = tx.active_members(&session_id).await?;
