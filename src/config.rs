@@ -439,6 +439,71 @@ mod tests {
     }
 
     #[test]
+    fn transport_limits_default_sanely_and_zero_turns_them_off() {
+        let defaults = SettingsArgs::default().resolve().unwrap();
+        let limits = Limits::from_settings(&defaults);
+        assert_eq!(limits, Limits::DEFAULT);
+        let t = limits.transport;
+        assert_eq!(t.max_concurrent_calls.map(NonZeroUsize::get), Some(256));
+        assert_eq!(t.default_deadline, Some(Duration::from_secs(30)));
+        assert_eq!(t.max_request_bytes, 16 * 1024 * 1024);
+        assert_eq!(t.http2_max_concurrent_streams.get(), 200);
+        assert_eq!(t.http2_keepalive_interval, Some(Duration::from_secs(60)));
+        assert_eq!(t.http2_keepalive_timeout, Duration::from_secs(20));
+        assert_eq!(t.max_connection_age, Some(Duration::from_secs(1800)));
+        assert_eq!(t.max_connection_age_grace, Some(Duration::from_secs(60)));
+        // The grace outlasts the deadline: a call begun before the GOAWAY can finish.
+        assert!(t.max_connection_age_grace > t.default_deadline);
+
+        let off = SettingsArgs {
+            max_concurrent_calls: Some("0".into()),
+            default_deadline_ms: Some("0".into()),
+            http2_keepalive_interval_secs: Some("0".into()),
+            max_connection_age_secs: Some("0".into()),
+            max_connection_age_grace_secs: Some("0".into()),
+            ..Default::default()
+        };
+        let t = TransportLimits::from_settings(&off.resolve().unwrap());
+        assert_eq!(t.max_concurrent_calls, None);
+        assert_eq!(t.default_deadline, None);
+        assert_eq!(t.http2_keepalive_interval, None);
+        assert_eq!((t.max_connection_age, t.max_connection_age_grace), (None, None));
+    }
+
+    #[test]
+    fn settings_that_cannot_be_zero_refuse_it_by_name() {
+        for (args, flag, env) in [
+            (
+                SettingsArgs {
+                    http2_max_concurrent_streams: Some("0".into()),
+                    ..Default::default()
+                },
+                "--http2-max-concurrent-streams",
+                "KEYHOLD_HTTP2_MAX_CONCURRENT_STREAMS",
+            ),
+            (
+                SettingsArgs {
+                    http2_keepalive_timeout_secs: Some("0".into()),
+                    ..Default::default()
+                },
+                "--http2-keepalive-timeout-secs",
+                "KEYHOLD_HTTP2_KEEPALIVE_TIMEOUT_SECS",
+            ),
+            (
+                SettingsArgs {
+                    max_request_bytes: Some("16MiB".into()),
+                    ..Default::default()
+                },
+                "--max-request-bytes",
+                "KEYHOLD_MAX_REQUEST_BYTES",
+            ),
+        ] {
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(flag) && err.contains(env), "{err}");
+        }
+    }
+
+    #[test]
     fn log_format_and_metrics_listen_parse_or_name_their_sources() {
         let s = SettingsArgs::default().resolve().unwrap();
         assert_eq!((s.log_format, s.metrics_listen), (LogFormat::Text, None));
