@@ -379,10 +379,7 @@ async fn run() -> Result<(), BoxError> {
     }
     let (off, on) = (summary[0], summary[1]);
     println!("ratio                                  value");
-    println!(
-        "throughput, limits on / off            {:.3}",
-        on.0 / off.0
-    );
+    println!("throughput, limits on / off            {:.3}", on.0 / off.0);
     println!(
         "server CPU per call, limits on / off   {:.3}  ({:+.1} us per call)",
         on.1 / off.1,

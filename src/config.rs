@@ -467,7 +467,10 @@ mod tests {
         assert_eq!(t.max_concurrent_calls, None);
         assert_eq!(t.default_deadline, None);
         assert_eq!(t.http2_keepalive_interval, None);
-        assert_eq!((t.max_connection_age, t.max_connection_age_grace), (None, None));
+        assert_eq!(
+            (t.max_connection_age, t.max_connection_age_grace),
+            (None, None)
+        );
     }
 
     #[test]

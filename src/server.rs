@@ -228,7 +228,9 @@ pub async fn serve(
             state.clone()
         ))))
         .add_service(bounded!(TrustServer::new(TrustService::new(state.clone()))))
-        .add_service(bounded!(EscrowServer::new(EscrowService::new(state.clone()))))
+        .add_service(bounded!(EscrowServer::new(EscrowService::new(
+            state.clone()
+        ))))
         .add_service(bounded!(AdminServer::new(AdminService::new(state))));
     // A connection is closed once past its age and grace (no grace: when its calls end).
     let lifetime = limits
@@ -248,7 +250,8 @@ pub async fn serve(
                 .await?
         }
         Transport::Tls(listener, tls) => {
-            let incoming = crate::tls::incoming(listener, tls).map(move |io| io.map(|io| connection::AgedConnection::new(io, lifetime)));
+            let incoming = crate::tls::incoming(listener, tls)
+                .map(move |io| io.map(|io| connection::AgedConnection::new(io, lifetime)));
             router
                 .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?

@@ -156,7 +156,10 @@ async fn flood_is_shed(server: &TestServer) {
     let mut held = Vec::new();
     let give_up = Instant::now() + Duration::from_secs(30);
     loop {
-        assert!(Instant::now() < give_up, "the stalled calls never filled the limit");
+        assert!(
+            Instant::now() < give_up,
+            "the stalled calls never filled the limit"
+        );
         held.retain(|call: &tokio::task::JoinHandle<_>| !call.is_finished());
         while held.len() < 2 {
             held.push(stalled_call(&server.endpoint, &token).await);
@@ -175,7 +178,12 @@ async fn flood_is_shed(server: &TestServer) {
     let mut flood = tokio::task::JoinSet::new();
     for i in 0..64 {
         let client = clients[i % clients.len()].clone();
-        flood.spawn(async move { client.trust().add_trusted_user(trust("alice", &format!("u{i}"))).await });
+        flood.spawn(async move {
+            client
+                .trust()
+                .add_trusted_user(trust("alice", &format!("u{i}")))
+                .await
+        });
     }
     let mut checks = tokio::task::JoinSet::new();
     for _ in 0..8 {
@@ -184,7 +192,9 @@ async fn flood_is_shed(server: &TestServer) {
     }
     let mut shed = 0;
     while let Some(outcome) = flood.join_next().await {
-        let status = outcome.expect("task").expect_err("shed while the limit is full");
+        let status = outcome
+            .expect("task")
+            .expect_err("shed while the limit is full");
         assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
         assert!(
             status.message().contains("overloaded") && status.message().contains("retry later"),
@@ -193,23 +203,38 @@ async fn flood_is_shed(server: &TestServer) {
         shed += 1;
     }
     while let Some(up) = checks.join_next().await {
-        assert!(up.expect("task"), "health must answer SERVING while calls are shed");
+        assert!(
+            up.expect("task"),
+            "health must answer SERVING while calls are shed"
+        );
     }
-    assert_eq!(fingerprint(&server.db).await.trusted_users, 0, "a shed call wrote");
+    assert_eq!(
+        fingerprint(&server.db).await.trusted_users,
+        0,
+        "a shed call wrote"
+    );
     assert!(metric("keyhold_calls_shed_total") >= shed_before + f64::from(shed));
 
     // The stalled calls gone, calls are answered again.
     for call in &held {
         call.abort();
     }
-    wait_until("calls to be answered again", || async { list().await.is_ok() }).await;
+    wait_until("calls to be answered again", || async {
+        list().await.is_ok()
+    })
+    .await;
 
     // A real flood, nothing held: each call is answered or shed, never anything else, and
     // exactly the answered ones wrote.
     let mut flood = tokio::task::JoinSet::new();
     for i in 0..96 {
         let client = clients[i % clients.len()].clone();
-        flood.spawn(async move { client.trust().add_trusted_user(trust("bob", &format!("v{i}"))).await });
+        flood.spawn(async move {
+            client
+                .trust()
+                .add_trusted_user(trust("bob", &format!("v{i}")))
+                .await
+        });
     }
     let mut answered = 0;
     while let Some(outcome) = flood.join_next().await {
@@ -256,9 +281,9 @@ async fn no_transaction_left(raw: &mut RawDb) -> bool {
         n: i64,
     }
     match raw {
-        RawDb::Sqlite(conn) => tokio::task::block_in_place(|| {
-            conn.batch_execute("BEGIN IMMEDIATE; ROLLBACK").is_ok()
-        }),
+        RawDb::Sqlite(conn) => {
+            tokio::task::block_in_place(|| conn.batch_execute("BEGIN IMMEDIATE; ROLLBACK").is_ok())
+        }
         RawDb::Postgres(conn) => {
             let query = diesel::sql_query(
                 "SELECT COUNT(*) AS n FROM pg_stat_activity \
@@ -357,7 +382,9 @@ async fn expired_write_case(server: &TestServer, timeout: Option<Duration>, name
     TestDevice::enroll(server, "alice", "phone").await;
     TestDevice::enroll(server, "bob", "phone").await;
     let app = role_client(server, pb::Role::App).await;
-    let session = service_wrapped_session(&app, "alice", &["bob"]).await.to_string();
+    let session = service_wrapped_session(&app, "alice", &["bob"])
+        .await
+        .to_string();
     // Two messages: one transaction on both backends.
     let batch = pb::PutMessagesRequest {
         author_user_id: "alice".into(),
@@ -366,7 +393,8 @@ async fn expired_write_case(server: &TestServer, timeout: Option<Duration>, name
     };
 
     let token = server.token(pb::Role::App, "", "").await;
-    let mut unenforced = pb::messages_client::MessagesClient::new(Unenforced::connect(&server.endpoint).await);
+    let mut unenforced =
+        pb::messages_client::MessagesClient::new(Unenforced::connect(&server.endpoint).await);
     let mut raw = RawDb::open(&server.db).await;
     hold_write_lock(&mut raw).await;
     let mut request = tonic::Request::new(batch.clone());
@@ -386,7 +414,11 @@ async fn expired_write_case(server: &TestServer, timeout: Option<Duration>, name
     };
     wait_until("every pooled connection to be back", pool).await;
     wait_until_no_transaction_left(&mut raw).await;
-    assert_eq!(raw.fingerprint().await.messages, 0, "a write past its deadline was stored");
+    assert_eq!(
+        raw.fingerprint().await.messages,
+        0,
+        "a write past its deadline was stored"
+    );
     assert!(metric(rolled_back) > abandoned_before);
 
     // Nothing is half-used: the same batch, retried by the same ids, is stored now.
@@ -562,7 +594,12 @@ fn padded(message: &impl Message, padding: usize) -> Vec<u8> {
 }
 
 /// One unary call with a raw body.
-async fn raw_call(server: &TestServer, token: &str, path: &'static str, body: Vec<u8>) -> Result<(), Status> {
+async fn raw_call(
+    server: &TestServer,
+    token: &str,
+    path: &'static str,
+    body: Vec<u8>,
+) -> Result<(), Status> {
     let channel = tonic::transport::Endpoint::from_shared(server.endpoint.clone())
         .expect("endpoint")
         .connect()
@@ -573,19 +610,34 @@ async fn raw_call(server: &TestServer, token: &str, path: &'static str, body: Ve
     let mut request = tonic::Request::new(body);
     let bearer = format!("Bearer {token}").parse().expect("header");
     request.metadata_mut().insert("authorization", bearer);
-    grpc.unary(request, http::uri::PathAndQuery::from_static(path), RawCodec)
-        .await
-        .map(drop)
+    grpc.unary(
+        request,
+        http::uri::PathAndQuery::from_static(path),
+        RawCodec,
+    )
+    .await
+    .map(drop)
 }
 
 /// A call on each of Trust, Escrow and Admin (which had tonic's 4 MiB default before) and on
 /// KeyDirectory, with its body padded by `padding` bytes.
-async fn padded_calls(server: &TestServer, padding: usize) -> Vec<(&'static str, usize, Result<(), Status>)> {
+async fn padded_calls(
+    server: &TestServer,
+    padding: usize,
+) -> Vec<(&'static str, usize, Result<(), Status>)> {
     let app = server.token(pb::Role::App, "", "").await;
     let staff = server.token(pb::Role::Staff, "", "").await;
     let calls: [(&str, &'static str, Vec<u8>); 4] = [
-        (&app, "/keyhold.v1.Trust/AddTrustedUser", padded(&trust("alice", "bob"), padding)),
-        (&staff, "/keyhold.v1.Escrow/ListAuditEvents", padded(&pb::ListAuditEventsRequest::default(), padding)),
+        (
+            &app,
+            "/keyhold.v1.Trust/AddTrustedUser",
+            padded(&trust("alice", "bob"), padding),
+        ),
+        (
+            &staff,
+            "/keyhold.v1.Escrow/ListAuditEvents",
+            padded(&pb::ListAuditEventsRequest::default(), padding),
+        ),
         (
             &server.admin_token,
             "/keyhold.v1.Admin/CreateToken",
@@ -597,7 +649,16 @@ async fn padded_calls(server: &TestServer, padding: usize) -> Vec<(&'static str,
                 padding,
             ),
         ),
-        (&app, "/keyhold.v1.KeyDirectory/GetUserKeys", padded(&pb::GetUserKeysRequest { user_ids: vec!["alice".into()] }, padding)),
+        (
+            &app,
+            "/keyhold.v1.KeyDirectory/GetUserKeys",
+            padded(
+                &pb::GetUserKeysRequest {
+                    user_ids: vec!["alice".into()],
+                },
+                padding,
+            ),
+        ),
     ];
     let mut out = Vec::new();
     for (token, path, body) in calls {
@@ -657,7 +718,10 @@ fn the_limit_settings_parse_from_flags_and_the_config_file() {
     assert_eq!(limits.http2_keepalive_interval, None);
     assert_eq!(limits.http2_keepalive_timeout, Duration::from_secs(20));
     assert_eq!(limits.max_connection_age, Some(Duration::from_secs(600)));
-    assert_eq!(limits.max_connection_age_grace, Some(Duration::from_secs(5)));
+    assert_eq!(
+        limits.max_connection_age_grace,
+        Some(Duration::from_secs(5))
+    );
     assert_eq!(limits.max_request_bytes, 1024 * 1024);
 
     let bad = SettingsArgs {

@@ -125,7 +125,8 @@ async fn keepalive_closes_a_silent_connection_and_keeps_a_live_one() {
             }
             // Whole frames: a 9-byte header (24-bit length, type, flags, stream) and payload.
             while buf.len() >= 9 {
-                let len = usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
+                let len =
+                    usize::from(buf[0]) << 16 | usize::from(buf[1]) << 8 | usize::from(buf[2]);
                 if buf.len() < 9 + len {
                     break;
                 }
@@ -142,7 +143,10 @@ async fn keepalive_closes_a_silent_connection_and_keeps_a_live_one() {
     assert!(pings >= 1, "the server pinged before closing");
 
     // The live connection outlasted the same pings and still answers.
-    assert!(!live_connection.is_finished(), "the live connection was closed");
+    assert!(
+        !live_connection.is_finished(),
+        "the live connection was closed"
+    );
     assert_eq!(check(&live, &server).await.expect("health check"), "0");
     drop(live);
     live_connection.abort();
@@ -176,7 +180,10 @@ async fn a_connection_past_its_age_gets_goaway_and_is_closed_after_its_grace() {
     // Past the age, within the grace: the call is still open, no new call is taken.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(!stalled.is_finished(), "the open call survives the GOAWAY");
-    assert!(!connection.is_finished(), "the connection stays for its open call");
+    assert!(
+        !connection.is_finished(),
+        "the connection stays for its open call"
+    );
     assert!(
         check(&busy, &server).await.is_err(),
         "a connection past its age takes no new call"
@@ -188,6 +195,9 @@ async fn a_connection_past_its_age_gets_goaway_and_is_closed_after_its_grace() {
         .expect("task")
         .ok();
     let cut = stalled.await.expect("task");
-    assert!(cut.is_err(), "the open call ended with the connection: {cut:?}");
+    assert!(
+        cut.is_err(),
+        "the open call ended with the connection: {cut:?}"
+    );
     server.stop().await;
 }

@@ -204,14 +204,23 @@ mod tests {
     #[test]
     fn streaming_methods_are_marked() {
         let streams = |path: &str| table().get(path).map(|m| m.streams);
-        assert_eq!(streams("keyhold.v1.DeviceSync/WatchKeyPackages"), Some(true));
-        assert_eq!(streams("keyhold.v1.KeyDirectory/WatchPrekeyStock"), Some(true));
+        assert_eq!(
+            streams("keyhold.v1.DeviceSync/WatchKeyPackages"),
+            Some(true)
+        );
+        assert_eq!(
+            streams("keyhold.v1.KeyDirectory/WatchPrekeyStock"),
+            Some(true)
+        );
         assert_eq!(streams("grpc.health.v1.Health/Watch"), Some(true));
         assert_eq!(
             streams("grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
             Some(true)
         );
-        assert_eq!(streams("keyhold.v1.DeviceSync/SendKeyPackages"), Some(false));
+        assert_eq!(
+            streams("keyhold.v1.DeviceSync/SendKeyPackages"),
+            Some(false)
+        );
         assert_eq!(streams("grpc.health.v1.Health/Check"), Some(false));
     }
 

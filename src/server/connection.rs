@@ -10,8 +10,8 @@
 //! hyper drop it (the client sees the connection reset and reconnects, as it does for any lost
 //! connection).
 
-use std::io;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;

@@ -64,11 +64,9 @@ impl Deadline {
             (None, None) => return Ok(None),
         };
         // A deadline beyond what the clock can represent is no deadline.
-        Ok(Instant::now().checked_add(length).map(|at| Deadline {
-            at,
-            length,
-            source,
-        }))
+        Ok(Instant::now()
+            .checked_add(length)
+            .map(|at| Deadline { at, length, source }))
     }
 
     /// The status of a call still running at the deadline.
@@ -185,9 +183,23 @@ mod tests {
             ("0m", Duration::ZERO),
         ];
         for (text, expected) in ok {
-            assert_eq!(parse_grpc_timeout(text.as_bytes()), Some(expected), "{text}");
+            assert_eq!(
+                parse_grpc_timeout(text.as_bytes()),
+                Some(expected),
+                "{text}"
+            );
         }
-        for bad in ["", "S", "10", "10s", "123456789m", "-1S", "1.5S", " 1S", "1 S"] {
+        for bad in [
+            "",
+            "S",
+            "10",
+            "10s",
+            "123456789m",
+            "-1S",
+            "1.5S",
+            " 1S",
+            "1 S",
+        ] {
             assert_eq!(parse_grpc_timeout(bad.as_bytes()), None, "{bad:?}");
         }
     }
@@ -212,24 +224,37 @@ mod tests {
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("1H"));
         let capped = of(&headers, Some(Duration::from_secs(30))).unwrap();
         assert_eq!(capped.source, DeadlineSource::Server);
-        assert!(capped.exceeded().message().contains("--default-deadline-ms"));
+        assert!(capped
+            .exceeded()
+            .message()
+            .contains("--default-deadline-ms"));
 
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("soon"));
         let refused = Deadline::of_call(&headers, None).unwrap_err();
         assert_eq!(refused.code(), tonic::Code::InvalidArgument);
-        assert!(refused.message().starts_with("grpc-timeout:"), "{refused:?}");
+        assert!(
+            refused.message().starts_with("grpc-timeout:"),
+            "{refused:?}"
+        );
     }
 
     #[tokio::test]
     async fn a_stream_past_its_deadline_ends_with_deadline_exceeded() {
         // A body that never ends, as a watch stream's.
         let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(1);
-        let endless = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        let endless =
+            http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
         let mut headers = HeaderMap::new();
         headers.insert(GRPC_TIMEOUT, HeaderValue::from_static("50m"));
         let deadline = Deadline::of_call(&headers, None).unwrap().unwrap();
         let mut body = DeadlineBody::new(tonic::body::Body::new(endless), deadline);
-        let trailers = body.frame().await.unwrap().unwrap().into_trailers().unwrap();
+        let trailers = body
+            .frame()
+            .await
+            .unwrap()
+            .unwrap()
+            .into_trailers()
+            .unwrap();
         let status = Status::from_header_map(&trailers).unwrap();
         assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
         assert!(status.message().contains("grpc-timeout"), "{status:?}");
