@@ -6,6 +6,7 @@
 //! could have come from, so the operator finds it whichever way it was set.
 
 use std::net::SocketAddr;
+use std::num::{NonZeroU32, NonZeroUsize};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
@@ -150,10 +151,26 @@ settings! {
     log_format: LogFormat = LogFormat::Text, flag "log-format", env "KEYHOLD_LOG_FORMAT";
     /// The address of the Prometheus metrics listener (`GET /metrics`); metrics are off when unset.
     metrics_listen: Option<SocketAddr> = None, flag "metrics-listen", env "KEYHOLD_METRICS_LISTEN";
+    /// Most Keyhold calls this process works on at once (0: no limit); a call past it is refused at once with RESOURCE_EXHAUSTED ("overloaded; retry later"), never queued. Health and reflection are not counted.
+    max_concurrent_calls: usize = TransportLimits::DEFAULT_MAX_CONCURRENT_CALLS, flag "max-concurrent-calls", env "KEYHOLD_MAX_CONCURRENT_CALLS";
+    /// The deadline, in milliseconds, of a call whose caller sets none or a longer one (`grpc-timeout`; the smaller wins); 0: none. A call past its deadline answers DEADLINE_EXCEEDED and its transaction is rolled back. Streams (the Watch calls) end only at the caller's own `grpc-timeout`.
+    default_deadline_ms: u32 = TransportLimits::DEFAULT_DEADLINE_MS, flag "default-deadline-ms", env "KEYHOLD_DEFAULT_DEADLINE_MS";
+    /// Largest request message any service decodes, in bytes (default 16 MiB); a larger one is refused with RESOURCE_EXHAUSTED naming both sizes.
+    max_request_bytes: usize = TransportLimits::DEFAULT.max_request_bytes, flag "max-request-bytes", env "KEYHOLD_MAX_REQUEST_BYTES";
+    /// Most calls (streams) one HTTP/2 connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); a client queues the rest itself.
+    http2_max_concurrent_streams: NonZeroU32 = TransportLimits::DEFAULT.http2_max_concurrent_streams, flag "http2-max-concurrent-streams", env "KEYHOLD_HTTP2_MAX_CONCURRENT_STREAMS";
+    /// How often, in seconds, the server pings an HTTP/2 connection to check that its peer is still there (0: never).
+    http2_keepalive_interval_secs: u32 = TransportLimits::DEFAULT_KEEPALIVE_INTERVAL_SECS, flag "http2-keepalive-interval-secs", env "KEYHOLD_HTTP2_KEEPALIVE_INTERVAL_SECS";
+    /// How long, in seconds, a keepalive ping may go unanswered before the connection is closed.
+    http2_keepalive_timeout_secs: NonZeroU32 = TransportLimits::DEFAULT_KEEPALIVE_TIMEOUT_SECS, flag "http2-keepalive-timeout-secs", env "KEYHOLD_HTTP2_KEEPALIVE_TIMEOUT_SECS";
+    /// Age, in seconds, at which a connection is asked to go away (HTTP/2 GOAWAY: its calls finish, the client reconnects, so load spreads over new replicas); 0: never.
+    max_connection_age_secs: u32 = TransportLimits::DEFAULT_MAX_CONNECTION_AGE_SECS, flag "max-connection-age-secs", env "KEYHOLD_MAX_CONNECTION_AGE_SECS";
+    /// How long, in seconds, a connection past its maximum age may stay open for its last calls (open streams included) before it is closed; 0: until they end.
+    max_connection_age_grace_secs: u32 = TransportLimits::DEFAULT_MAX_CONNECTION_AGE_GRACE_SECS, flag "max-connection-age-grace-secs", env "KEYHOLD_MAX_CONNECTION_AGE_GRACE_SECS";
 }
 
-/// Bounds on what devices store and how fast they claim prekeys, from the settings
-/// ([`Settings`]).
+/// Bounds on what devices store, how fast they claim prekeys, and how much work calls and
+/// connections may make, from the settings ([`Settings`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Limits {
     /// Most unused one-time prekeys one device may hold.
@@ -176,6 +193,8 @@ pub struct Limits {
     pub max_watch_streams_per_device: usize,
     /// How long the answer of a call made with an idempotency key is kept for its retries.
     pub idempotency_retention: Duration,
+    /// Bounds on calls and connections, applied by the server ([`crate::server`]).
+    pub transport: TransportLimits,
 }
 
 impl Limits {
@@ -198,6 +217,7 @@ impl Limits {
         idempotency_retention: Duration::from_secs(
             Limits::DEFAULT_IDEMPOTENCY_RETENTION_SECS as u64,
         ),
+        transport: TransportLimits::DEFAULT,
     };
 
     /// The limits the settings name.
@@ -215,7 +235,110 @@ impl Limits {
             idempotency_retention: Duration::from_secs(u64::from(
                 settings.idempotency_retention_secs.max(1),
             )),
+            transport: TransportLimits::from_settings(settings),
         }
+    }
+}
+
+/// Bounds on the work calls and connections make in one process, from the settings; the
+/// server applies them all (`server::serve`, `server::limits`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransportLimits {
+    /// Most Keyhold calls in progress at once; `None`: no limit. Past it a call is shed.
+    pub max_concurrent_calls: Option<NonZeroUsize>,
+    /// The deadline of a unary call whose caller sets none or a longer one; `None`: none.
+    pub default_deadline: Option<Duration>,
+    /// Largest request message any service decodes, in bytes.
+    pub max_request_bytes: usize,
+    /// HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS of every connection.
+    pub http2_max_concurrent_streams: NonZeroU32,
+    /// Interval of the HTTP/2 keepalive pings; `None`: no pings.
+    pub http2_keepalive_interval: Option<Duration>,
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    pub http2_keepalive_timeout: Duration,
+    /// Age at which a connection is sent GOAWAY; `None`: never.
+    pub max_connection_age: Option<Duration>,
+    /// How long a connection past its age may stay open for its last calls; `None`: until
+    /// they end.
+    pub max_connection_age_grace: Option<Duration>,
+}
+
+impl TransportLimits {
+    /// The default concurrency limit.
+    pub const DEFAULT_MAX_CONCURRENT_CALLS: usize = 256;
+    /// The default deadline, in milliseconds: as long as the database's statement timeout.
+    pub const DEFAULT_DEADLINE_MS: u32 = 30_000;
+    /// The default keepalive ping interval, in seconds.
+    pub const DEFAULT_KEEPALIVE_INTERVAL_SECS: u32 = 60;
+    /// The default keepalive ping timeout, in seconds.
+    pub const DEFAULT_KEEPALIVE_TIMEOUT_SECS: NonZeroU32 = nonzero_u32(20);
+    /// The default maximum connection age, in seconds (30 minutes).
+    pub const DEFAULT_MAX_CONNECTION_AGE_SECS: u32 = 30 * 60;
+    /// The default grace after the maximum age, in seconds: longer than the default deadline,
+    /// so every unary call begun before the GOAWAY can finish.
+    pub const DEFAULT_MAX_CONNECTION_AGE_GRACE_SECS: u32 = 60;
+
+    /// The defaults, which the settings also use.
+    pub const DEFAULT: TransportLimits = TransportLimits {
+        max_concurrent_calls: Some(nonzero_usize(TransportLimits::DEFAULT_MAX_CONCURRENT_CALLS)),
+        default_deadline: Some(Duration::from_millis(
+            TransportLimits::DEFAULT_DEADLINE_MS as u64,
+        )),
+        max_request_bytes: 16 * 1024 * 1024,
+        http2_max_concurrent_streams: nonzero_u32(200),
+        http2_keepalive_interval: Some(Duration::from_secs(
+            TransportLimits::DEFAULT_KEEPALIVE_INTERVAL_SECS as u64,
+        )),
+        http2_keepalive_timeout: Duration::from_secs(
+            TransportLimits::DEFAULT_KEEPALIVE_TIMEOUT_SECS.get() as u64,
+        ),
+        max_connection_age: Some(Duration::from_secs(
+            TransportLimits::DEFAULT_MAX_CONNECTION_AGE_SECS as u64,
+        )),
+        max_connection_age_grace: Some(Duration::from_secs(
+            TransportLimits::DEFAULT_MAX_CONNECTION_AGE_GRACE_SECS as u64,
+        )),
+    };
+
+    /// The limits the settings name (zero meaning "none" where the setting says so).
+    pub fn from_settings(settings: &Settings) -> Self {
+        let secs = |v: u32| (v > 0).then(|| Duration::from_secs(u64::from(v)));
+        TransportLimits {
+            max_concurrent_calls: NonZeroUsize::new(settings.max_concurrent_calls),
+            default_deadline: (settings.default_deadline_ms > 0)
+                .then(|| Duration::from_millis(u64::from(settings.default_deadline_ms))),
+            max_request_bytes: settings.max_request_bytes,
+            http2_max_concurrent_streams: settings.http2_max_concurrent_streams,
+            http2_keepalive_interval: secs(settings.http2_keepalive_interval_secs),
+            http2_keepalive_timeout: Duration::from_secs(u64::from(
+                settings.http2_keepalive_timeout_secs.get(),
+            )),
+            max_connection_age: secs(settings.max_connection_age_secs),
+            max_connection_age_grace: secs(settings.max_connection_age_grace_secs),
+        }
+    }
+}
+
+/// A non-zero constant; zero fails the build (a panic in constant evaluation is a compile
+/// error), never a run.
+const fn nonzero_u32(n: u32) -> NonZeroU32 {
+    match NonZeroU32::new(n) {
+        Some(n) => n,
+        None => panic!("a non-zero constant is zero"),
+    }
+}
+
+/// [`nonzero_u32`] for `usize`.
+const fn nonzero_usize(n: usize) -> NonZeroUsize {
+    match NonZeroUsize::new(n) {
+        Some(n) => n,
+        None => panic!("a non-zero constant is zero"),
+    }
+}
+
+impl Default for TransportLimits {
+    fn default() -> Self {
+        TransportLimits::DEFAULT
     }
 }
 
@@ -254,7 +377,7 @@ macro_rules! setting_from_str {
         }
     )*};
 }
-setting_from_str!(String, SocketAddr, PathBuf, usize, u32);
+setting_from_str!(String, SocketAddr, PathBuf, usize, u32, NonZeroU32);
 
 impl Setting for bool {
     const SWITCH: bool = true;
@@ -336,6 +459,74 @@ mod tests {
             Limits::from_settings(&s).idempotency_retention,
             Duration::from_secs(86_400)
         );
+    }
+
+    #[test]
+    fn transport_limits_default_sanely_and_zero_turns_them_off() {
+        let defaults = SettingsArgs::default().resolve().unwrap();
+        let limits = Limits::from_settings(&defaults);
+        assert_eq!(limits, Limits::DEFAULT);
+        let t = limits.transport;
+        assert_eq!(t.max_concurrent_calls.map(NonZeroUsize::get), Some(256));
+        assert_eq!(t.default_deadline, Some(Duration::from_secs(30)));
+        assert_eq!(t.max_request_bytes, 16 * 1024 * 1024);
+        assert_eq!(t.http2_max_concurrent_streams.get(), 200);
+        assert_eq!(t.http2_keepalive_interval, Some(Duration::from_secs(60)));
+        assert_eq!(t.http2_keepalive_timeout, Duration::from_secs(20));
+        assert_eq!(t.max_connection_age, Some(Duration::from_secs(1800)));
+        assert_eq!(t.max_connection_age_grace, Some(Duration::from_secs(60)));
+        // The grace outlasts the deadline: a call begun before the GOAWAY can finish.
+        assert!(t.max_connection_age_grace > t.default_deadline);
+
+        let off = SettingsArgs {
+            max_concurrent_calls: Some("0".into()),
+            default_deadline_ms: Some("0".into()),
+            http2_keepalive_interval_secs: Some("0".into()),
+            max_connection_age_secs: Some("0".into()),
+            max_connection_age_grace_secs: Some("0".into()),
+            ..Default::default()
+        };
+        let t = TransportLimits::from_settings(&off.resolve().unwrap());
+        assert_eq!(t.max_concurrent_calls, None);
+        assert_eq!(t.default_deadline, None);
+        assert_eq!(t.http2_keepalive_interval, None);
+        assert_eq!(
+            (t.max_connection_age, t.max_connection_age_grace),
+            (None, None)
+        );
+    }
+
+    #[test]
+    fn settings_that_cannot_be_zero_refuse_it_by_name() {
+        for (args, flag, env) in [
+            (
+                SettingsArgs {
+                    http2_max_concurrent_streams: Some("0".into()),
+                    ..Default::default()
+                },
+                "--http2-max-concurrent-streams",
+                "KEYHOLD_HTTP2_MAX_CONCURRENT_STREAMS",
+            ),
+            (
+                SettingsArgs {
+                    http2_keepalive_timeout_secs: Some("0".into()),
+                    ..Default::default()
+                },
+                "--http2-keepalive-timeout-secs",
+                "KEYHOLD_HTTP2_KEEPALIVE_TIMEOUT_SECS",
+            ),
+            (
+                SettingsArgs {
+                    max_request_bytes: Some("16MiB".into()),
+                    ..Default::default()
+                },
+                "--max-request-bytes",
+                "KEYHOLD_MAX_REQUEST_BYTES",
+            ),
+        ] {
+            let err = args.resolve().unwrap_err().to_string();
+            assert!(err.contains(flag) && err.contains(env), "{err}");
+        }
     }
 
     #[test]

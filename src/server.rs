@@ -1,10 +1,20 @@
 //! `keyhold serve`: the gRPC server with every service, health and reflection, behind the
 //! authentication layer, until a shutdown signal.
+//!
+//! Every bound on calls and connections ([`crate::config::TransportLimits`]) is applied here,
+//! in [`serve`]: HTTP/2 max concurrent streams, keepalive pings and the maximum connection age
+//! by tonic's builder, the grace after that age by [`connection`], the largest request message
+//! on every service at once, and the concurrency limit and deadlines by [`limits`].
+
+mod connection;
+mod deadline;
+mod limits;
 
 use std::future::Future;
 use std::sync::Arc;
 
 use tokio::net::TcpListener;
+use tokio_stream::StreamExt as _;
 use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
@@ -32,11 +42,10 @@ use crate::service::AppState;
 use crate::store::Store;
 use crate::tls::ServerTls;
 
+pub(crate) use limits::{CALLS_SHED, CONCURRENT_CALLS_LIMIT};
+
 /// Gauge: the version of the KEK the server wraps with.
 pub(crate) const KEK_VERSION: &str = "keyhold_kek_version";
-
-/// Largest request the server accepts, in bytes.
-pub const MAX_REQUEST_BYTES: usize = 16 * 1024 * 1024;
 
 /// Resolves bearer tokens against the `api_tokens` records.
 #[derive(Clone)]
@@ -162,13 +171,21 @@ pub async fn serve(
     ));
     let _stop_health = AbortOnDrop(health_task);
 
+    let limits = state.limits.transport.clone();
+    // One largest request message for every service, health and reflection included.
+    let max_request = limits.max_request_bytes;
+    macro_rules! bounded {
+        ($server:expr) => {
+            $server.max_decoding_message_size(max_request)
+        };
+    }
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection_v1 = bounded!(reflection().build_v1()?);
+    let reflection_v1alpha = bounded!(reflection().build_v1alpha()?);
 
     // Watch streams never end by themselves; a graceful shutdown ends them first.
     let streams = state.streams.clone();
@@ -178,51 +195,65 @@ pub async fn serve(
     };
 
     let tokens = StoreTokens(state.store.clone());
-    let router = Server::builder()
+    let mut builder = Server::builder()
+        .max_concurrent_streams(limits.http2_max_concurrent_streams.get())
+        .http2_keepalive_interval(limits.http2_keepalive_interval)
+        .http2_keepalive_timeout(Some(limits.http2_keepalive_timeout));
+    // The age alone: with a grace, tonic 0.14 skips the GOAWAY (`connection` keeps the grace).
+    if let Some(age) = limits.max_connection_age {
+        builder = builder.max_connection_age(age);
+    }
+    let router = builder
         // Outside authentication, so refused calls are counted and logged too.
         .layer(crate::observe::CallLayer)
+        // Outside authentication too: a shed call costs no token lookup.
+        .layer(limits::LimitLayer::new(&limits))
         .layer(AuthLayer::new(tokens, rpc_roles()))
-        .add_service(health_service)
+        .add_service(bounded!(health_service))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(
-            KeyDirectoryServer::new(KeyDirectoryService::new(state.clone()))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            SessionsServer::new(SessionsService::new(state.clone()))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            RatchetServer::new(RatchetService::new(state.clone()))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            DeviceSyncServer::new(DeviceSyncService::new(state.clone()))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(
-            MessagesServer::new(MessagesService::new(state.clone()))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
-        )
-        .add_service(TrustServer::new(TrustService::new(state.clone())))
-        .add_service(EscrowServer::new(EscrowService::new(state.clone())))
-        .add_service(AdminServer::new(AdminService::new(state)));
+        .add_service(bounded!(KeyDirectoryServer::new(KeyDirectoryService::new(
+            state.clone()
+        ))))
+        .add_service(bounded!(SessionsServer::new(SessionsService::new(
+            state.clone()
+        ))))
+        .add_service(bounded!(RatchetServer::new(RatchetService::new(
+            state.clone()
+        ))))
+        .add_service(bounded!(DeviceSyncServer::new(DeviceSyncService::new(
+            state.clone()
+        ))))
+        .add_service(bounded!(MessagesServer::new(MessagesService::new(
+            state.clone()
+        ))))
+        .add_service(bounded!(TrustServer::new(TrustService::new(state.clone()))))
+        .add_service(bounded!(EscrowServer::new(EscrowService::new(
+            state.clone()
+        ))))
+        .add_service(bounded!(AdminServer::new(AdminService::new(state))));
+    // A connection is closed once past its age and grace (no grace: when its calls end).
+    let lifetime = limits
+        .max_connection_age
+        .zip(limits.max_connection_age_grace)
+        .map(|(age, grace)| age + grace);
     // TCP_NODELAY, on both transports: a response goes out as several small writes (headers,
     // message, trailers); with Nagle's algorithm the later ones wait for the client's delayed
     // ACK, about 40 ms per call on Linux.
     match transport.into() {
         Transport::Plaintext(listener) => {
+            let incoming = TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .map(move |io| io.map(|io| connection::AgedConnection::new(io, lifetime)));
             router
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener).with_nodelay(Some(true)),
-                    shutdown,
-                )
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?
         }
         Transport::Tls(listener, tls) => {
+            let incoming = crate::tls::incoming(listener, tls)
+                .map(move |io| io.map(|io| connection::AgedConnection::new(io, lifetime)));
             router
-                .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), shutdown)
+                .serve_with_incoming_shutdown(incoming, shutdown)
                 .await?
         }
     }

@@ -18,6 +18,9 @@ pub(crate) struct Method {
     pub(crate) service: Box<str>,
     /// `Method`.
     pub(crate) method: Box<str>,
+    /// Whether the call streams requests or responses (the Watch calls, reflection): a
+    /// stream lives long, so no default deadline applies to it (`server::limits`).
+    pub(crate) streams: bool,
 }
 
 /// The label values of a call's path: the known method's names, or [`UNKNOWN`] twice.
@@ -72,6 +75,10 @@ mod descriptor {
     pub(super) struct MethodDescriptorProto {
         #[prost(string, optional, tag = "1")]
         pub(super) name: Option<String>,
+        #[prost(bool, optional, tag = "5")]
+        pub(super) client_streaming: Option<bool>,
+        #[prost(bool, optional, tag = "6")]
+        pub(super) server_streaming: Option<bool>,
     }
 }
 
@@ -94,6 +101,8 @@ fn build_table() -> HashMap<Box<str>, Method> {
                     p => format!("{p}.{}", service.name.unwrap_or_default()),
                 };
                 for method in service.method {
+                    let streams = method.client_streaming.unwrap_or(false)
+                        || method.server_streaming.unwrap_or(false);
                     let method = method.name.unwrap_or_default();
                     let full: Box<str> = format!("{service_name}/{method}").into();
                     table.insert(
@@ -102,6 +111,7 @@ fn build_table() -> HashMap<Box<str>, Method> {
                             full,
                             service: service_name.clone().into(),
                             method: method.into(),
+                            streams,
                         },
                     );
                 }
@@ -189,6 +199,29 @@ mod tests {
         assert_eq!(n.logged, "/keyhold.v1.KeyDirectory/NoSuchCall");
         let long = format!("/{}é", "x".repeat(MAX_LOGGED_PATH - 2));
         assert!(name_of(&long).logged.len() <= MAX_LOGGED_PATH);
+    }
+
+    #[test]
+    fn streaming_methods_are_marked() {
+        let streams = |path: &str| table().get(path).map(|m| m.streams);
+        assert_eq!(
+            streams("keyhold.v1.DeviceSync/WatchKeyPackages"),
+            Some(true)
+        );
+        assert_eq!(
+            streams("keyhold.v1.KeyDirectory/WatchPrekeyStock"),
+            Some(true)
+        );
+        assert_eq!(streams("grpc.health.v1.Health/Watch"), Some(true));
+        assert_eq!(
+            streams("grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            Some(true)
+        );
+        assert_eq!(
+            streams("keyhold.v1.DeviceSync/SendKeyPackages"),
+            Some(false)
+        );
+        assert_eq!(streams("grpc.health.v1.Health/Check"), Some(false));
     }
 
     #[test]

@@ -126,6 +126,18 @@ fn describe() {
         crate::service::watch::WATCH_STREAMS_OPEN,
         "watch streams (WatchKeyPackages, WatchPrekeyStock) open now"
     );
+    describe_counter!(
+        crate::server::CALLS_SHED,
+        "Keyhold calls refused at once with RESOURCE_EXHAUSTED because the server was at --max-concurrent-calls"
+    );
+    describe_gauge!(
+        crate::server::CONCURRENT_CALLS_LIMIT,
+        "the concurrency limit on Keyhold calls (--max-concurrent-calls; 0: none)"
+    );
+    describe_counter!(
+        crate::store::DB_TRANSACTIONS_ABANDONED,
+        "transactions whose call was dropped mid-way (deadline passed, client gone), by outcome: rolled_back (the connection went back to the pool clean) or closed (its connection was closed)"
+    );
     describe_gauge!(
         crate::server::KEK_VERSION,
         "version of the key-encryption key the server wraps with"

@@ -188,9 +188,7 @@ impl Store {
         R: Send + Sync,
         E: From<StoreError> + fmt::Display + Send,
     {
-        let mut tx = Tx {
-            conn: self.conn().await?,
-        };
+        let mut tx = Tx::new(self.conn().await?);
         tx.begin(None).await?;
         let result = async {
             recorder.claim(&mut tx).await?;
@@ -199,7 +197,7 @@ impl Store {
             Ok(value)
         }
         .await;
-        tx.end(result).await
+        tx.finish(result).await
     }
 }
 

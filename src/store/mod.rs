@@ -18,7 +18,9 @@
 //!   messages and their keyset listings, [`trust`] the trusted users of each author.
 //! - **Transactions**: every store call that writes is one transaction; [`Store::transaction`]
 //!   runs several calls on a [`Tx`] as one (for example an audit event and the read it
-//!   records, so that the read fails if the audit write does).
+//!   records, so that the read fails if the audit write does). A transaction whose future is
+//!   dropped before it ends (its call's deadline passed) never commits and never goes back to
+//!   the pool half-used (`tx.rs`).
 //! - **Migrations**, embedded from `migrations/{sqlite,postgres}/`: [`Store::migrate`],
 //!   [`Store::migration_status`], [`Store::pending_migrations`]. On PostgreSQL they run under
 //!   an advisory lock taken with a timeout, so replicas starting together apply each
@@ -57,6 +59,7 @@ pub mod screening;
 pub mod sessions;
 pub mod tokens;
 pub mod trust;
+mod tx;
 pub mod user_keys;
 
 use std::fmt;
@@ -68,11 +71,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use diesel::SqliteConnection;
 use diesel_async::pooled_connection::deadpool::{Hook, HookError, Object, Pool};
 use diesel_async::pooled_connection::{AsyncDieselConnectionManager, ManagerConfig};
-use diesel_async::sync_connection_wrapper::{SyncConnectionWrapper, SyncTransactionManagerWrapper};
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection, TransactionManager};
+use diesel_async::sync_connection_wrapper::SyncConnectionWrapper;
+use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 
 pub use error::StoreError;
 pub use migrations::MigrationStatus;
+pub use tx::Tx;
+pub(crate) use tx::DB_TRANSACTIONS_ABANDONED;
 
 /// The SQLite connection type: Diesel's sync connection run on tokio's blocking pool.
 pub(crate) type SqliteConn = SyncConnectionWrapper<SqliteConnection>;
@@ -307,34 +312,6 @@ pub struct Conn {
 impl fmt::Debug for Conn {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Conn")
-    }
-}
-
-/// An open transaction, handed to the closure given to [`Store::transaction`].
-///
-/// Each record module adds the methods that need a transaction; all of them commit or roll
-/// back together. Through `Deref` the [`Conn`] queries run in it as well.
-pub struct Tx {
-    conn: Conn,
-}
-
-impl fmt::Debug for Tx {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Tx")
-    }
-}
-
-impl std::ops::Deref for Tx {
-    type Target = Conn;
-
-    fn deref(&self) -> &Conn {
-        &self.conn
-    }
-}
-
-impl std::ops::DerefMut for Tx {
-    fn deref_mut(&mut self) -> &mut Conn {
-        &mut self.conn
     }
 }
 
@@ -580,84 +557,10 @@ impl Store {
         R: Send,
         E: From<StoreError> + fmt::Display + Send,
     {
-        let mut tx = Tx {
-            conn: self.conn().await?,
-        };
+        let mut tx = Tx::new(self.conn().await?);
         tx.begin(postgres_begin).await?;
         let result = f(&mut tx).await;
-        tx.end(result).await
-    }
-}
-
-impl Tx {
-    /// Commits when `result` is `Ok`, rolls back otherwise, and hands `result` on.
-    async fn end<R, E>(mut self, result: Result<R, E>) -> Result<R, E>
-    where
-        E: From<StoreError> + fmt::Display,
-    {
-        match result {
-            Ok(value) => {
-                self.commit().await?;
-                Ok(value)
-            }
-            Err(e) => {
-                if let Err(rollback) = self.rollback().await {
-                    // The pool discards a connection whose transaction state is broken.
-                    tracing::warn!(error = %rollback, "rollback failed after {e}");
-                }
-                Err(e)
-            }
-        }
-    }
-}
-
-impl Tx {
-    async fn begin(&mut self, postgres_begin: Option<&str>) -> Result<(), StoreError> {
-        let conn = &mut self.conn.db;
-        db_run!(conn: sqlite {
-            // Take the write lock now, not at the first write, so that a read-then-write
-            // transaction never fails on lock upgrade; a busy database is waited for.
-            conn.spawn_blocking(|c| {
-                diesel::connection::AnsiTransactionManager::begin_transaction_sql(
-                    c,
-                    "BEGIN IMMEDIATE",
-                )
-            })
-            .await?;
-        } postgres {
-            match postgres_begin {
-                Some(sql) => {
-                    diesel_async::AnsiTransactionManager::begin_transaction_sql(conn, sql).await?
-                }
-                None => {
-                    <PgConn as AsyncConnection>::TransactionManager::begin_transaction(conn)
-                        .await?
-                }
-            }
-        });
-        Ok(())
-    }
-
-    async fn commit(&mut self) -> Result<(), StoreError> {
-        let conn = &mut self.conn.db;
-        db_run!(conn: sqlite {
-            SyncTransactionManagerWrapper::<diesel::connection::AnsiTransactionManager>
-                ::commit_transaction(conn).await?;
-        } postgres {
-            <PgConn as AsyncConnection>::TransactionManager::commit_transaction(conn).await?;
-        });
-        Ok(())
-    }
-
-    async fn rollback(&mut self) -> Result<(), StoreError> {
-        let conn = &mut self.conn.db;
-        db_run!(conn: sqlite {
-            SyncTransactionManagerWrapper::<diesel::connection::AnsiTransactionManager>
-                ::rollback_transaction(conn).await?;
-        } postgres {
-            <PgConn as AsyncConnection>::TransactionManager::rollback_transaction(conn).await?;
-        });
-        Ok(())
+        tx.finish(result).await
     }
 }
 

@@ -171,6 +171,7 @@ impl Drop for TestDb {
 pub mod callers;
 pub mod cli;
 pub mod held;
+pub mod limits;
 pub mod low_order;
 pub mod pki;
 pub mod raw_db;
