@@ -195,14 +195,22 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The trailer of gRPC's retry pushback (gRFC A6), which the server sets on a call it shed
+/// before doing anything: the call may be sent again after a pause.
+pub const RETRY_PUSHBACK_HEADER: &str = "grpc-retry-pushback-ms";
+
 /// Whether a failed try may have lost an answer the server gave (or never reached it), so that
 /// the same request with the same key may be sent again: the server or the database was
-/// unavailable, the deadline passed, or the connection broke before a gRPC status arrived (a
+/// unavailable, the deadline passed, the server shed the call before doing anything (RESOURCE_EXHAUSTED
+/// with [`RETRY_PUSHBACK_HEADER`]), or the connection broke before a gRPC status arrived (a
 /// status tonic made locally from a transport error carries that error as its source; one
 /// the server sent carries none).
 pub fn is_retryable(status: &Status) -> bool {
     match status.code() {
         tonic::Code::Unavailable | tonic::Code::DeadlineExceeded => true,
+        // Shed by the server's concurrency limit before any work: it says so with gRPC's
+        // retry pushback. Other RESOURCE_EXHAUSTED answers (a full inbox, say) are final.
+        tonic::Code::ResourceExhausted => status.metadata().contains_key(RETRY_PUSHBACK_HEADER),
         tonic::Code::Unknown | tonic::Code::Internal => std::error::Error::source(status).is_some(),
         _ => false,
     }

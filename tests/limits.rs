@@ -154,6 +154,10 @@ async fn flood_is_shed(server: &TestServer) {
             status.message().contains("overloaded") && status.message().contains("retry later"),
             "{status:?}"
         );
+        assert!(
+            keyhold::client::is_retryable(&status),
+            "a shed call carries gRPC's retry pushback, so clients retry it: {status:?}"
+        );
         shed += 1;
     }
     while let Some(up) = checks.join_next().await {

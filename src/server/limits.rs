@@ -155,10 +155,19 @@ fn answer<E: Send + 'static>(status: Status) -> BoxFuture<Result<Response, E>> {
 
 /// The status of a shed call.
 fn overloaded(max_calls: usize) -> Status {
-    Status::resource_exhausted(format!(
+    let mut status = Status::resource_exhausted(format!(
         "the server is overloaded ({max_calls} calls in progress, its --max-concurrent-calls); retry later, with backoff"
-    ))
+    ));
+    // gRPC's retry pushback (A6): the call did nothing and may be sent again after a pause.
+    status.metadata_mut().insert(
+        crate::client::RETRY_PUSHBACK_HEADER,
+        tonic::metadata::MetadataValue::from_static(SHED_PUSHBACK_MS),
+    );
+    status
 }
+
+/// The pause, in milliseconds, a shed call's `grpc-retry-pushback-ms` asks for.
+const SHED_PUSHBACK_MS: &str = "100";
 
 /// Runs `call` within `deadline`, holding `place` until its handler has answered.
 async fn run<F, E>(
