@@ -19,7 +19,9 @@
 //! - [`tls`] is the gRPC listener's TLS: certificates from PEM files, reloaded on SIGHUP or when
 //!   they change, optional mutual TLS, and the rule that plaintext stays on loopback.
 //! - [`server`] assembles the services behind the authentication layer and serves them on a
-//!   [`server::Transport`]; [`client`] is the Rust client (`https://` with [`client::ClientTls`]).
+//!   [`server::Transport`], within the limits on calls and connections of
+//!   [`config::TransportLimits`] (load shedding, deadlines, HTTP/2 streams, keepalive,
+//!   connection age); [`client`] is the Rust client (`https://` with [`client::ClientTls`]).
 //!
 //! The byte formats are documented in the module that writes them, precisely enough for a
 //! client in another language; `docs/formats.md` gathers them in one place.

@@ -3,8 +3,8 @@
 //!
 //! Every bound on calls and connections ([`crate::config::TransportLimits`]) is applied here,
 //! in [`serve`]: HTTP/2 max concurrent streams, keepalive pings and the maximum connection age
-//! by tonic's builder, the grace after that age by [`connection`], the largest request message
-//! on every service at once, and the concurrency limit and deadlines by [`limits`].
+//! by tonic's builder; the grace after that age by `server::connection`; the largest request
+//! message on every service at once; the concurrency limit and deadlines by `server::limits`.
 
 mod connection;
 mod deadline;
