@@ -44,6 +44,7 @@ pub mod key_screening;
 pub mod keyfiles;
 pub mod observe;
 pub mod ops;
+pub mod progress;
 pub mod proto;
 pub mod server;
 pub mod service;
