@@ -21,10 +21,9 @@
 //! records the throughput and the server process's CPU time (user + system, from `/proc`) per
 //! call; the bench prints the medians over the rounds and the ratios of on to off.
 
-#[path = "common/ab.rs"]
-mod ab;
+mod common;
 
-use ab::{BoxError, Variant};
+use common::ab::{self, BoxError, Variant};
 
 const VARIANTS: [Variant; 2] = [
     Variant {
@@ -61,5 +60,5 @@ async fn run() -> Result<(), BoxError> {
 }
 
 fn main() -> Result<(), BoxError> {
-    ab::main_with(run)
+    common::main_with(run)
 }

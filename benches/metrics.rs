@@ -22,10 +22,9 @@
 //! the throughput and the server process's CPU time (user + system, from `/proc`) per call;
 //! the bench prints the medians over the rounds and the ratios of on to off.
 
-#[path = "common/ab.rs"]
-mod ab;
+mod common;
 
-use ab::{BoxError, Variant, CALLERS, CALLS_PER_CALLER, ROUNDS};
+use common::ab::{self, BoxError, Variant, CALLERS, CALLS_PER_CALLER, ROUNDS};
 
 const VARIANTS: [Variant; 3] = [
     Variant {
@@ -98,5 +97,5 @@ async fn run() -> Result<(), BoxError> {
 }
 
 fn main() -> Result<(), BoxError> {
-    ab::main_with(run)
+    common::main_with(run)
 }

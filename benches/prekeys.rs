@@ -19,11 +19,12 @@
 //! It prints per-call p50 and p99 latency and throughput, then the ratios of claims to the
 //! references. The machine is shared, so compare ratios of one run, not absolute times.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use keyhold::auth::Role;
 use keyhold::client::Client;
 use keyhold::config::Limits;
@@ -48,7 +49,7 @@ const UPLOADS_PER_DEVICE: usize = 10;
 /// Claims per claimer, in each claim phase.
 const CLAIMS_PER_CALLER: usize = 250;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use common::BoxError;
 
 /// Latencies of one phase, and how long the whole phase took.
 struct Phase {
@@ -462,51 +463,14 @@ fn report(backend: &str, phases: &[Phase]) {
     }
 }
 
-/// `url` with its database name replaced by `name`.
-fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, q)) => (r, Some(q)),
-        None => (rest, None),
-    };
-    let authority = rest.split('/').next().unwrap_or(rest);
-    match query {
-        Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
-        None => format!("{scheme}://{authority}/{name}"),
-    }
-}
-
 async fn run() -> Result<(), BoxError> {
-    let dir = std::env::temp_dir().join(format!("keyhold-bench-{}", uuid::Uuid::now_v7().simple()));
-    let sqlite = bench_backend(&format!("sqlite://{}", dir.join("keyhold.db").display())).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    report("SQLite", &sqlite?);
-
-    match std::env::var("KEYHOLD_TEST_DATABASE_URL") {
-        Ok(admin_url) if !admin_url.is_empty() => {
-            let name = format!("keyhold_bench_{}", uuid::Uuid::now_v7().simple());
-            let mut admin = AsyncPgConnection::establish(&admin_url).await?;
-            admin
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await?;
-            let result = bench_backend(&with_database(&admin_url, &name)).await;
-            admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await?;
-            report("PostgreSQL", &result?);
-        }
-        _ => println!("\nPostgreSQL: skipped (set KEYHOLD_TEST_DATABASE_URL)"),
-    }
-    Ok(())
+    common::each_backend(
+        |url| async move { bench_backend(&url).await },
+        |backend, r: &Vec<Phase>| report(backend, r),
+    )
+    .await
 }
 
 fn main() -> Result<(), BoxError> {
-    // `cargo test --benches` runs bench binaries with `--bench` absent: do nothing then.
-    if !std::env::args().any(|a| a == "--bench") {
-        return Ok(());
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
+    common::main_with(run)
 }

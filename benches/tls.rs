@@ -15,11 +15,12 @@
 //! (the whole process, so both ends of each call: client and server), then the ratios of TLS
 //! to plaintext. The machine is shared, so compare ratios of one run, not absolute times.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use keyhold::auth::Role;
 use keyhold::client::{Client, ClientTls};
 use keyhold::config::Limits;
@@ -45,7 +46,7 @@ const CALLS_PER_ROUND: usize = 125;
 /// Rounds per transport, taken in turns.
 const ROUNDS: usize = 4;
 
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
+use common::BoxError;
 
 /// What one transport measured over all its rounds.
 #[derive(Default)]
@@ -367,51 +368,14 @@ fn report(backend: &str, r: &Report) {
     );
 }
 
-/// `url` with its database name replaced by `name`.
-fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, q)) => (r, Some(q)),
-        None => (rest, None),
-    };
-    let authority = rest.split('/').next().unwrap_or(rest);
-    match query {
-        Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
-        None => format!("{scheme}://{authority}/{name}"),
-    }
-}
-
 async fn run() -> Result<(), BoxError> {
-    let dir = std::env::temp_dir().join(format!("keyhold-bench-{}", uuid::Uuid::now_v7().simple()));
-    let sqlite = bench_backend(&format!("sqlite://{}", dir.join("keyhold.db").display())).await;
-    let _ = std::fs::remove_dir_all(&dir);
-    report("SQLite", &sqlite?);
-
-    match std::env::var("KEYHOLD_TEST_DATABASE_URL") {
-        Ok(admin_url) if !admin_url.is_empty() => {
-            let name = format!("keyhold_bench_{}", uuid::Uuid::now_v7().simple());
-            let mut admin = AsyncPgConnection::establish(&admin_url).await?;
-            admin
-                .batch_execute(&format!("CREATE DATABASE {name}"))
-                .await?;
-            let result = bench_backend(&with_database(&admin_url, &name)).await;
-            admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await?;
-            report("PostgreSQL", &result?);
-        }
-        _ => println!("\nPostgreSQL: skipped (set KEYHOLD_TEST_DATABASE_URL)"),
-    }
-    Ok(())
+    common::each_backend(
+        |url| async move { bench_backend(&url).await },
+        |backend, r: &Report| report(backend, r),
+    )
+    .await
 }
 
 fn main() -> Result<(), BoxError> {
-    // `cargo test --benches` runs bench binaries with `--bench` absent: do nothing then.
-    if !std::env::args().any(|a| a == "--bench") {
-        return Ok(());
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
+    common::main_with(run)
 }

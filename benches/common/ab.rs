@@ -10,9 +10,6 @@
 //! server process's CPU time (user + system, from `/proc`) per call. [`compare`] prints the
 //! medians over the rounds and returns them for the bench's ratios.
 
-// Each bench that includes this file uses a part of it.
-#![allow(dead_code)]
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -32,7 +29,7 @@ pub const CALLS_PER_CALLER: usize = 250;
 /// Measured rounds per server (after one warm-up round each).
 pub const ROUNDS: usize = 7;
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub use super::BoxError;
 
 /// One way of running the server.
 #[derive(Clone, Copy)]
@@ -388,18 +385,4 @@ pub async fn compare(
         });
     }
     Ok((servers, summary))
-}
-
-/// Runs `run` on a multi-threaded runtime when the binary was started by `cargo bench`;
-/// `cargo test --benches` runs bench binaries without `--bench`: nothing then.
-pub fn main_with<F: std::future::Future<Output = Result<(), BoxError>>>(
-    run: impl FnOnce() -> F,
-) -> Result<(), BoxError> {
-    if !std::env::args().any(|a| a == "--bench") {
-        return Ok(());
-    }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?
-        .block_on(run())
 }
