@@ -29,7 +29,7 @@ use keyhold::auth::Role;
 use keyhold::client::Client;
 use keyhold::config::Limits;
 use keyhold::crypto::ids::{DeviceId, UserId};
-use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair, Prekey, PrekeyKind};
+use keyhold::crypto::sign::{IdentityKeyPair, Prekey, PrekeyKind};
 use keyhold::crypto::xwing::DecapsulationKey;
 use keyhold::crypto::Suite;
 use keyhold::keyfiles;
@@ -177,46 +177,14 @@ async fn start_server(url: &str) -> Result<(Server, String), BoxError> {
 }
 
 async fn enroll(server: &Server, admin: &Client, user: &str) -> Result<Device, BoxError> {
-    let token = admin
-        .admin()
-        .create_token(pb::CreateTokenRequest {
-            role: pb::Role::Device as i32,
-            user_id: user.into(),
-            device_id: "phone".into(),
-            label: String::new(),
-            idempotency_key: String::new(),
-        })
-        .await?
-        .into_inner()
-        .token
-        .clone();
-    let d = Device {
+    let token = common::phone_token(admin, user).await?;
+    let identity = common::publish_phone_key(&server.endpoint, &token, user).await?;
+    Ok(Device {
         user: UserId::new(user)?,
         device: DeviceId::new("phone")?,
-        identity: IdentityKeyPair::generate()?,
+        identity,
         token,
-    };
-    let xwing = DecapsulationKey::generate()?;
-    let bundle = DeviceKeyBundle {
-        suite: Suite::XWingAes256GcmV1,
-        user: d.user.clone(),
-        device: d.device.clone(),
-        identity_key: d.identity.public_key(),
-        encapsulation_key: xwing.encapsulation_key().clone(),
-    };
-    Client::connect(&server.endpoint, &d.token)
-        .await?
-        .key_directory()
-        .publish_device_key(pb::PublishDeviceKeyRequest {
-            user_id: user.into(),
-            device_id: "phone".into(),
-            suite: pb::Suite::XwingAes256gcmV1 as i32,
-            encapsulation_key: xwing.encapsulation_key().to_bytes(),
-            identity_key: d.identity.public_key().as_bytes().to_vec(),
-            signature: d.identity.sign(&bundle).as_bytes().to_vec(),
-        })
-        .await?;
-    Ok(d)
+    })
 }
 
 fn upload_batch(d: &Device) -> Result<pb::UploadPrekeysRequest, BoxError> {

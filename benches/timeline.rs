@@ -54,6 +54,8 @@
 //! compared within the run, alternating the two sides three times and taking the medians;
 //! the rows are deleted afterwards.
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -350,7 +352,7 @@ async fn open_target(backend: Backend, size: u64, reuse: bool) -> Result<Target,
                     .batch_execute(&format!("CREATE DATABASE {name}"))
                     .await?;
             }
-            let url = with_database(&admin_url, &name);
+            let url = common::with_database(&admin_url, &name);
             let db = Db::Postgres(Box::new(AsyncPgConnection::establish(&url).await?));
             Ok(Target {
                 url,
@@ -381,19 +383,6 @@ async fn open_target(backend: Backend, size: u64, reuse: bool) -> Result<Target,
                 admin: None,
             })
         }
-    }
-}
-
-fn with_database(url: &str, name: &str) -> String {
-    let (scheme, rest) = url.split_once("://").unwrap_or(("postgres", url));
-    let (rest, query) = match rest.split_once('?') {
-        Some((r, q)) => (r, Some(q)),
-        None => (rest, None),
-    };
-    let authority = rest.split('/').next().unwrap_or(rest);
-    match query {
-        Some(q) => format!("{scheme}://{authority}/{name}?{q}"),
-        None => format!("{scheme}://{authority}/{name}"),
     }
 }
 

@@ -24,10 +24,6 @@ use std::time::{Duration, Instant};
 use keyhold::auth::Role;
 use keyhold::client::{Client, ClientTls};
 use keyhold::config::Limits;
-use keyhold::crypto::ids::{DeviceId, UserId};
-use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair};
-use keyhold::crypto::xwing::DecapsulationKey;
-use keyhold::crypto::Suite;
 use keyhold::keyfiles;
 use keyhold::proto::keyhold::v1 as pb;
 use keyhold::server::Transport;
@@ -161,40 +157,8 @@ async fn start_server(
 
 /// Publishes a device key for `user` through the Admin and KeyDirectory services.
 async fn enroll(endpoint: &str, admin: &Client, user: &str) -> Result<(), BoxError> {
-    let token = admin
-        .admin()
-        .create_token(pb::CreateTokenRequest {
-            role: pb::Role::Device as i32,
-            user_id: user.into(),
-            device_id: "phone".into(),
-            label: String::new(),
-            idempotency_key: String::new(),
-        })
-        .await?
-        .into_inner()
-        .token
-        .clone();
-    let identity = IdentityKeyPair::generate()?;
-    let xwing = DecapsulationKey::generate()?;
-    let bundle = DeviceKeyBundle {
-        suite: Suite::XWingAes256GcmV1,
-        user: UserId::new(user)?,
-        device: DeviceId::new("phone")?,
-        identity_key: identity.public_key(),
-        encapsulation_key: xwing.encapsulation_key().clone(),
-    };
-    Client::connect(endpoint, &token)
-        .await?
-        .key_directory()
-        .publish_device_key(pb::PublishDeviceKeyRequest {
-            user_id: user.into(),
-            device_id: "phone".into(),
-            suite: pb::Suite::XwingAes256gcmV1 as i32,
-            encapsulation_key: xwing.encapsulation_key().to_bytes(),
-            identity_key: identity.public_key().as_bytes().to_vec(),
-            signature: identity.sign(&bundle).as_bytes().to_vec(),
-        })
-        .await?;
+    let token = common::phone_token(admin, user).await?;
+    common::publish_phone_key(endpoint, &token, user).await?;
     Ok(())
 }
 

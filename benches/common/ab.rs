@@ -16,10 +16,6 @@ use std::time::{Duration, Instant};
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
 use keyhold::client::Client;
-use keyhold::crypto::ids::{DeviceId, UserId};
-use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair};
-use keyhold::crypto::xwing::DecapsulationKey;
-use keyhold::crypto::Suite;
 use keyhold::proto::keyhold::v1 as pb;
 
 /// Concurrent callers.
@@ -198,7 +194,7 @@ impl Server {
             &db,
             &["device", "--user", "alice", "--device", "phone"],
         )?;
-        publish_device_key(&endpoint, &device_token).await?;
+        super::publish_phone_key(&endpoint, &device_token, "alice").await?;
         Ok(Server {
             variant,
             process,
@@ -229,31 +225,6 @@ impl Server {
         std::fs::remove_dir_all(&self.dir).ok();
         Ok(())
     }
-}
-
-async fn publish_device_key(endpoint: &str, token: &str) -> Result<(), BoxError> {
-    let identity = IdentityKeyPair::generate()?;
-    let xwing = DecapsulationKey::generate()?;
-    let bundle = DeviceKeyBundle {
-        suite: Suite::XWingAes256GcmV1,
-        user: UserId::new("alice")?,
-        device: DeviceId::new("phone")?,
-        identity_key: identity.public_key(),
-        encapsulation_key: xwing.encapsulation_key().clone(),
-    };
-    Client::connect(endpoint, token)
-        .await?
-        .key_directory()
-        .publish_device_key(pb::PublishDeviceKeyRequest {
-            user_id: "alice".into(),
-            device_id: "phone".into(),
-            suite: pb::Suite::XwingAes256gcmV1 as i32,
-            encapsulation_key: xwing.encapsulation_key().to_bytes(),
-            identity_key: identity.public_key().as_bytes().to_vec(),
-            signature: identity.sign(&bundle).as_bytes().to_vec(),
-        })
-        .await?;
-    Ok(())
 }
 
 /// One round's numbers.

@@ -8,6 +8,12 @@
 pub mod ab;
 
 use diesel_async::{AsyncConnection, AsyncPgConnection, SimpleAsyncConnection};
+use keyhold::client::Client;
+use keyhold::crypto::ids::{DeviceId, UserId};
+use keyhold::crypto::sign::{DeviceKeyBundle, IdentityKeyPair};
+use keyhold::crypto::xwing::DecapsulationKey;
+use keyhold::crypto::Suite;
+use keyhold::proto::keyhold::v1 as pb;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -70,4 +76,52 @@ where
         _ => println!("\nPostgreSQL: skipped (set KEYHOLD_TEST_DATABASE_URL)"),
     }
     Ok(())
+}
+
+/// A device token for `user`'s device `phone`, made through the Admin service.
+pub async fn phone_token(admin: &Client, user: &str) -> Result<String, BoxError> {
+    Ok(admin
+        .admin()
+        .create_token(pb::CreateTokenRequest {
+            role: pb::Role::Device as i32,
+            user_id: user.into(),
+            device_id: "phone".into(),
+            label: String::new(),
+            idempotency_key: String::new(),
+        })
+        .await?
+        .into_inner()
+        .token
+        .clone())
+}
+
+/// Publishes a fresh device key for `user`'s device `phone` with its device token; returns the
+/// identity key pair it is signed with.
+pub async fn publish_phone_key(
+    endpoint: &str,
+    token: &str,
+    user: &str,
+) -> Result<IdentityKeyPair, BoxError> {
+    let identity = IdentityKeyPair::generate()?;
+    let xwing = DecapsulationKey::generate()?;
+    let bundle = DeviceKeyBundle {
+        suite: Suite::XWingAes256GcmV1,
+        user: UserId::new(user)?,
+        device: DeviceId::new("phone")?,
+        identity_key: identity.public_key(),
+        encapsulation_key: xwing.encapsulation_key().clone(),
+    };
+    Client::connect(endpoint, token)
+        .await?
+        .key_directory()
+        .publish_device_key(pb::PublishDeviceKeyRequest {
+            user_id: user.into(),
+            device_id: "phone".into(),
+            suite: pb::Suite::XwingAes256gcmV1 as i32,
+            encapsulation_key: xwing.encapsulation_key().to_bytes(),
+            identity_key: identity.public_key().as_bytes().to_vec(),
+            signature: identity.sign(&bundle).as_bytes().to_vec(),
+        })
+        .await?;
+    Ok(identity)
 }
