@@ -10,7 +10,7 @@
 
 mod common;
 
-use bytes::{Buf, BufMut};
+use common::raw::RawCodec;
 use common::raw_db::RawDb;
 use common::server::TestServer;
 use keyhold::auth::Role;
@@ -18,42 +18,7 @@ use keyhold::proto::keyhold::v1 as pb;
 use prost::Message;
 use prost_types::field_descriptor_proto::Type;
 use prost_types::FileDescriptorSet;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::{Code, Status};
-
-/// Sends and receives bodies as they are.
-#[derive(Clone, Copy, Default)]
-struct RawCodec;
-
-impl Codec for RawCodec {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = RawCodec;
-    type Decoder = RawCodec;
-    fn encoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-    fn decoder(&mut self) -> RawCodec {
-        RawCodec
-    }
-}
-
-impl Encoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        buf.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for RawCodec {
-    type Item = Vec<u8>;
-    type Error = Status;
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, Status> {
-        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
-    }
-}
 
 /// A method of the API: its path, whether it streams its answer, and the number of its
 /// request's first string field, if the request has one.

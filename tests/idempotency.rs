@@ -21,6 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::leaks::{contains, forms, stored_bytes};
 use common::raw_db::RawDb;
 use common::requests::{
     assert_code, current_keys, fresh_key_set, open_own_key, service_wrapped_request,
@@ -28,7 +29,7 @@ use common::requests::{
 };
 use common::server::{TestDevice, TestServer};
 use common::world::World;
-use common::{Kind, TestDb};
+use common::TestDb;
 use diesel::QueryableByName;
 use keyhold::client::Client;
 use keyhold::config::Limits;
@@ -482,109 +483,6 @@ async fn a_key_names_one_request_of_one_caller(server: &TestServer) {
 // ---------------------------------------------------------------------------------------------
 // Secrets.
 
-const BASE64_STANDARD: &[u8; 64] =
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-const BASE64_URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// Base64 of `bytes`.
-fn base64(bytes: &[u8], alphabet: &[u8; 64]) -> String {
-    let mut out = String::new();
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..=chunk.len() {
-            out.push(alphabet[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
-/// The forms a secret could be stored in: raw, hex, and base64 at each of the three offsets
-/// it could start at inside longer base64 text.
-fn forms(secret: &[u8]) -> Vec<Vec<u8>> {
-    let mut out = vec![
-        secret.to_vec(),
-        hex::encode(secret).into_bytes(),
-        hex::encode_upper(secret).into_bytes(),
-    ];
-    for alphabet in [BASE64_STANDARD, BASE64_URL] {
-        for shift in 0..3 {
-            let mut data = vec![0u8; shift];
-            data.extend_from_slice(secret);
-            let encoded = base64(&data, alphabet);
-            let (first, last) = (shift.div_ceil(3), (shift + secret.len()) / 3);
-            out.push(encoded.as_bytes()[4 * first..4 * last].to_vec());
-        }
-    }
-    out
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
-}
-
-#[derive(QueryableByName)]
-struct Line {
-    #[diesel(sql_type = diesel::sql_types::Text)]
-    line: String,
-}
-
-/// Every byte the database holds: SQLite's files on disk; every row of every PostgreSQL table
-/// as JSON (bytea as hex).
-async fn stored_bytes(server: &TestServer) -> Vec<u8> {
-    match server.kind() {
-        Kind::Sqlite => {
-            let path = server.db.url.trim_start_matches("sqlite://").to_string();
-            let mut all = std::fs::read(&path).expect("the SQLite file");
-            for suffix in ["-wal", "-shm"] {
-                if let Ok(bytes) = std::fs::read(format!("{path}{suffix}")) {
-                    all.extend_from_slice(&bytes);
-                }
-            }
-            all
-        }
-        Kind::Postgres => {
-            use diesel_async::{AsyncConnection, RunQueryDsl};
-            let mut conn = diesel_async::AsyncPgConnection::establish(&server.db.url)
-                .await
-                .expect("connect");
-            let tables: Vec<Line> = diesel::sql_query(
-                "SELECT quote_ident(table_schema) || '.' || quote_ident(table_name) AS line \
-                 FROM information_schema.tables \
-                 WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
-                 AND table_type = 'BASE TABLE'",
-            )
-            .load(&mut conn)
-            .await
-            .expect("list tables");
-            assert!(
-                tables
-                    .iter()
-                    .any(|t| t.line == "public.idempotency_records"),
-                "the records table is read"
-            );
-            let mut all = Vec::new();
-            for t in tables {
-                let rows: Vec<Line> = diesel::sql_query(format!(
-                    "SELECT row_to_json(t)::text AS line FROM {} t",
-                    t.line
-                ))
-                .load(&mut conn)
-                .await
-                .expect("dump table");
-                for r in rows {
-                    all.extend_from_slice(r.line.as_bytes());
-                }
-            }
-            all
-        }
-    }
-}
-
 async fn replayed_secrets_come_back_but_are_never_stored(server: &TestServer) {
     let w = World::new(server).await;
     let request = dek_request(&key("dek"));
@@ -621,7 +519,7 @@ async fn replayed_secrets_come_back_but_are_never_stored(server: &TestServer) {
     let secret = hex::decode(token.rsplit('_').next().expect("secret part")).expect("hex");
 
     // The store holds the token sealed, and neither secret in any form.
-    let stored = stored_bytes(server).await;
+    let (stored, _) = stored_bytes(server).await;
     for (what, secret) in [
         ("the plaintext DEK", dek.as_slice()),
         ("the token", token.as_bytes()),

@@ -171,9 +171,11 @@ impl Drop for TestDb {
 pub mod callers;
 pub mod cli;
 pub mod held;
+pub mod leaks;
 pub mod limits;
 pub mod low_order;
 pub mod pki;
+pub mod raw;
 pub mod raw_db;
 pub mod requests;
 pub mod server;
