@@ -128,12 +128,7 @@ fn open(json: &str, dir: &Path) -> Result<()> {
         let user = UserId::new(field("userId")?)?;
         let device = DeviceId::new(field("deviceId")?)?;
         let session_id = SessionId::parse(field("sessionId")?)?;
-        let epoch = Epoch::new(
-            key["epoch"]
-                .as_u64()
-                .and_then(|e| u32::try_from(e).ok())
-                .ok_or("sessionKeys[].epoch is missing")?,
-        )?;
+        let epoch = Epoch::new(json_u32(&key["epoch"]).ok_or("sessionKeys[].epoch is missing")?)?;
         let path = key_path(dir, &user, &device, "xwing");
         let seed = Zeroizing::new(
             hex::decode(
@@ -166,6 +161,17 @@ fn open(json: &str, dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A `uint32` field of protobuf's JSON mapping, which a writer may give as a number (`1`) or
+/// as a decimal string (`"1"`); both are valid proto3 JSON.
+fn json_u32(value: &serde_json::Value) -> Option<u32> {
+    match value {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+    .and_then(|n| u32::try_from(n).ok())
 }
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -211,4 +217,36 @@ fn base64_decode(text: &str) -> Result<Vec<u8>> {
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uint32_fields_read_as_numbers_or_strings() {
+        for (json, want) in [
+            ("1", Some(1)),
+            ("\"1\"", Some(1)),
+            ("\"4294967295\"", Some(u32::MAX)),
+            ("4294967296", None),
+            ("\"x\"", None),
+            ("null", None),
+            ("-1", None),
+        ] {
+            let value: serde_json::Value = serde_json::from_str(json).unwrap();
+            assert_eq!(json_u32(&value), want, "{json}");
+        }
+    }
+
+    #[test]
+    fn bytes_read_in_either_base64_alphabet_padded_or_not() {
+        let bytes = [0xfb, 0xff, 0x01, 0x02];
+        let standard = base64_encode(&bytes);
+        assert_eq!(standard, "+/8BAg==");
+        for text in ["+/8BAg==", "+/8BAg", "-_8BAg==", "-_8BAg"] {
+            assert_eq!(base64_decode(text).unwrap(), bytes, "{text}");
+        }
+        assert!(base64_decode("a b").is_err());
+    }
 }

@@ -23,8 +23,9 @@
 //!   [`config::TransportLimits`] (load shedding, deadlines, HTTP/2 streams, keepalive,
 //!   connection age); [`client`] is the Rust client (`https://` with [`client::ClientTls`]).
 //!
-//! The byte formats are documented in the module that writes them, precisely enough for a
-//! client in another language; `docs/formats.md` gathers them in one place.
+//! The byte formats are documented in the module that writes them; `docs/formats.md` is their
+//! normative description for a client in another language, with test vectors in
+//! `tests/vectors/keyhold-v1.json` that CI regenerates from the crypto core and compares.
 //!
 //! ## Cargo features
 //!

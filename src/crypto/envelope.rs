@@ -98,7 +98,7 @@ pub struct WrapContext {
 }
 
 impl WrapContext {
-    fn associated_data(&self, suite: Suite, key_id: &super::ids::KeyId) -> Vec<u8> {
+    pub(crate) fn associated_data(&self, suite: Suite, key_id: &super::ids::KeyId) -> Vec<u8> {
         let c = Canon::new("keyhold/v1/dek-envelope")
             .u8(suite as u8)
             .fixed(self.session_id.as_bytes())
@@ -170,9 +170,33 @@ pub fn wrap_dek(
     recipient_key: &EncapsulationKey,
     context: &WrapContext,
 ) -> Result<DekEnvelope, CryptoError> {
-    let suite = Suite::XWingAes256GcmV1;
     let (ct, ss) = recipient_key.encapsulate()?;
-    let key = wrap_key(&ss, suite)?;
+    seal_dek(dek, recipient_key, context, &ct, &ss)
+}
+
+/// [`wrap_dek`] with caller-chosen encapsulation randomness (the X-Wing draft's `eseed`), for
+/// the published test vectors only.
+#[cfg(test)]
+pub(crate) fn wrap_dek_deterministic(
+    dek: &Dek,
+    recipient_key: &EncapsulationKey,
+    context: &WrapContext,
+    eseed: &[u8; 64],
+) -> Result<DekEnvelope, CryptoError> {
+    let (ct, ss) = recipient_key.encapsulate_deterministic(eseed)?;
+    seal_dek(dek, recipient_key, context, &ct, &ss)
+}
+
+/// The envelope of `dek` once the X-Wing encapsulation gave `ct` and `ss`.
+fn seal_dek(
+    dek: &Dek,
+    recipient_key: &EncapsulationKey,
+    context: &WrapContext,
+    ct: &xwing::Ciphertext,
+    ss: &xwing::SharedSecret,
+) -> Result<DekEnvelope, CryptoError> {
+    let suite = Suite::XWingAes256GcmV1;
+    let key = wrap_key(ss, suite)?;
     let ad = context.associated_data(suite, &recipient_key.key_id());
 
     let mut out = Vec::with_capacity(DEK_ENVELOPE_LEN);
@@ -324,7 +348,7 @@ pub enum KekContext {
 }
 
 impl KekContext {
-    fn associated_data(&self, suite: KekSuite, version: KekVersion) -> Vec<u8> {
+    pub(crate) fn associated_data(&self, suite: KekSuite, version: KekVersion) -> Vec<u8> {
         let c = Canon::new("keyhold/v1/kek-envelope")
             .u8(suite as u8)
             .u32(version.0);
@@ -362,6 +386,17 @@ pub fn seal_under_kek(
     payload: &[u8],
     context: &KekContext,
 ) -> Result<Vec<u8>, CryptoError> {
+    seal_under_kek_salted(kek, payload, context, &*random_bytes::<32>()?)
+}
+
+/// [`seal_under_kek`] with the envelope's salt given: the one seal, and (in tests) the
+/// published test vectors.
+pub(crate) fn seal_under_kek_salted(
+    kek: &Kek,
+    payload: &[u8],
+    context: &KekContext,
+    salt: &[u8; 32],
+) -> Result<Vec<u8>, CryptoError> {
     if payload.len() > MAX_KEK_PAYLOAD_LEN {
         return Err(CryptoError::TooLong {
             what: "KEK envelope payload",
@@ -370,7 +405,6 @@ pub fn seal_under_kek(
         });
     }
     let suite = KekSuite::Aes256GcmHkdfV1;
-    let salt = random_bytes::<32>()?;
     let key = kek_key(kek, salt.as_ref())?;
     let ad = context.associated_data(suite, kek.version());
 

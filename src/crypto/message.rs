@@ -73,7 +73,7 @@ impl MessageKey {
     }
 
     /// AES-256-GCM under this key with a given nonce: the one seal the core runs.
-    fn seal_in_place_with_nonce(
+    pub(crate) fn seal_in_place_with_nonce(
         &self,
         nonce: [u8; MESSAGE_NONCE_LEN],
         buffer: &mut Vec<u8>,

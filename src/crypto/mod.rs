@@ -21,6 +21,9 @@ pub mod message;
 pub mod sign;
 pub mod xwing;
 
+#[cfg(test)]
+mod vectors;
+
 pub use error::CryptoError;
 
 /// The algorithm suite of an envelope, named by its leading byte.
