@@ -29,25 +29,42 @@
 //!
 //! ## Cargo features
 //!
-//! None yet: the default build is the whole crate.
+//! - `server` (default): the whole crate, the `keyhold` binary's service, store and server.
+//! - `device`: [`crypto`], [`proto`] and [`client`] only, for device and staff apps that must
+//!   not compile a database driver: `cargo build --no-default-features --features device`.
+//! - no features: the crypto core alone (what the fuzz crate builds).
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
+#[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "device")]
 pub mod client;
+#[cfg(feature = "device")]
 pub mod codec;
+#[cfg(feature = "server")]
 pub mod config;
 pub mod crypto;
+#[cfg(feature = "server")]
 pub mod key_screening;
+#[cfg(feature = "server")]
 pub mod keyfiles;
+#[cfg(feature = "server")]
 pub mod observe;
+#[cfg(feature = "server")]
 pub mod ops;
+#[cfg(feature = "server")]
 pub mod progress;
+#[cfg(feature = "device")]
 pub mod proto;
+#[cfg(feature = "server")]
 pub mod server;
+#[cfg(feature = "server")]
 pub mod service;
+#[cfg(feature = "server")]
 pub mod store;
+#[cfg(feature = "server")]
 pub mod tls;

@@ -215,6 +215,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "server")]
     fn every_method_and_only_those_has_the_roles_that_may_call_it() {
         let mut want: Vec<String> = methods().into_iter().map(|m| format!("/{m}")).collect();
         want.sort();
@@ -270,6 +271,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "server")]
     fn reflection_accepts_the_descriptor_set() {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)

@@ -20,8 +20,8 @@ use aws_lc_rs::hkdf::{KeyType, Prk, Salt, HKDF_SHA256};
 use serde_json::{json, Value};
 
 use super::envelope::{
-    open_dek, open_under_kek, seal_under_kek_salted, wrap_dek_deterministic, KekContext,
-    KekSuite, Recipient, WrapContext,
+    open_dek, open_under_kek, seal_under_kek_salted, wrap_dek_deterministic, KekContext, KekSuite,
+    Recipient, WrapContext,
 };
 use super::ids::{ConversationId, DeviceId, Epoch, KeyId, MessageId, SessionId, UserId};
 use super::keys::{Dek, Kek, KekVersion};
@@ -104,7 +104,11 @@ fn aes_gcm_open(key: &[u8; 32], nonce: [u8; 12], aad: &[u8], sealed: &[u8]) -> O
     let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key).ok()?);
     let mut buf = sealed.to_vec();
     let len = key
-        .open_in_place(Nonce::assume_unique_for_key(nonce), Aad::from(aad), &mut buf)
+        .open_in_place(
+            Nonce::assume_unique_for_key(nonce),
+            Aad::from(aad),
+            &mut buf,
+        )
         .ok()?
         .len();
     buf.truncate(len);
@@ -293,7 +297,11 @@ fn message_vectors() -> Value {
     let mut out = Vec::new();
     for (name, plaintext, aad) in [
         ("message/hello", b"hello, world".as_slice(), b"".as_slice()),
-        ("message/with-ad", b"second message".as_slice(), b"header v1".as_slice()),
+        (
+            "message/with-ad",
+            b"second message".as_slice(),
+            b"header v1".as_slice(),
+        ),
     ] {
         let nonce: [u8; 12] = bytes32(&format!("{name}/nonce"))[..12]
             .try_into()
@@ -346,8 +354,13 @@ fn key_set() -> ClientWrappedKeySet {
             user: user(u),
             device: device(d),
             key_id: ek.key_id(),
-            envelope: wrap_dek_deterministic(&dek, &ek, &context, &bytes64(&format!("keyset/eseed/{n}")))
-                .expect("wrap"),
+            envelope: wrap_dek_deterministic(
+                &dek,
+                &ek,
+                &context,
+                &bytes64(&format!("keyset/eseed/{n}")),
+            )
+            .expect("wrap"),
         }
     };
     let escrow_key = decap("xwing/escrow").encapsulation_key().clone();
@@ -472,12 +485,18 @@ fn all_vectors() -> Value {
 // The checks.
 
 fn h(v: &Value, field: &str) -> Vec<u8> {
-    hex::decode(v[field].as_str().unwrap_or_else(|| panic!("{field} is a string")))
-        .unwrap_or_else(|e| panic!("{field} is hex: {e}"))
+    hex::decode(
+        v[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{field} is a string")),
+    )
+    .unwrap_or_else(|e| panic!("{field} is hex: {e}"))
 }
 
 fn h32(v: &Value, field: &str) -> [u8; 32] {
-    h(v, field).try_into().unwrap_or_else(|_| panic!("{field} is 32 bytes"))
+    h(v, field)
+        .try_into()
+        .unwrap_or_else(|_| panic!("{field} is 32 bytes"))
 }
 
 /// The committed vectors (written first, once, under `KEYHOLD_WRITE_VECTORS`).
@@ -497,7 +516,13 @@ fn committed() -> Value {
 fn the_committed_vectors_are_what_the_code_makes() {
     let made = all_vectors();
     let committed = committed();
-    for section in ["xwing", "dek_envelope", "kek_envelope", "message", "signatures"] {
+    for section in [
+        "xwing",
+        "dek_envelope",
+        "kek_envelope",
+        "message",
+        "signatures",
+    ] {
         assert_eq!(
             committed[section], made[section],
             "the {section} vectors differ from what the code makes: a format changed. If that \
@@ -571,7 +596,10 @@ fn kek_envelopes_open_by_the_documented_steps() {
     {
         let envelope = h(v, "envelope");
         let version = u32::from_be_bytes(envelope[1..5].try_into().expect("4 bytes"));
-        assert_eq!(u64::from(version), v["kek_version"].as_u64().expect("version"));
+        assert_eq!(
+            u64::from(version),
+            v["kek_version"].as_u64().expect("version")
+        );
         assert_eq!(envelope[5..37], h(v, "salt"));
         let key = kek_envelope_key(&h32(v, "kek"), &envelope[5..37]);
         assert_eq!(key, h32(v, "envelope_key"));
@@ -580,7 +608,9 @@ fn kek_envelopes_open_by_the_documented_steps() {
         assert_eq!(payload, h(v, "payload"));
         let kek = Kek::from_bytes(KekVersion(version), h32(v, "kek"));
         assert_eq!(
-            open_under_kek(&kek, &envelope, context).expect("open").as_slice(),
+            open_under_kek(&kek, &envelope, context)
+                .expect("open")
+                .as_slice(),
             h(v, "payload").as_slice()
         );
     }
@@ -599,8 +629,14 @@ fn messages_open_by_the_documented_steps() {
         assert_eq!(plain, h(v, "plaintext"));
         let dek = Dek::from_bytes(h32(v, "dek"));
         assert_eq!(
-            open_message(&dek, &context, &nonce, &h(v, "ciphertext"), &h(v, "associated_data"))
-                .expect("open"),
+            open_message(
+                &dek,
+                &context,
+                &nonce,
+                &h(v, "ciphertext"),
+                &h(v, "associated_data")
+            )
+            .expect("open"),
             h(v, "plaintext")
         );
     }
