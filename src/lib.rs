@@ -36,10 +36,12 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod auth;
+pub mod backup;
 pub mod client;
 pub mod codec;
 pub mod config;
 pub mod crypto;
+pub mod dbcopy;
 pub mod key_screening;
 pub mod keyfiles;
 pub mod observe;
