@@ -65,7 +65,7 @@ async fn populate(server: &TestServer, messages: usize) -> Fixture {
         client_session,
         Epoch::FIRST,
         &dek,
-        &WrapTarget::devices(&[&w.alice_phone, &w.alice_laptop, &w.bob_phone]),
+        &WrapTarget::devices(&[&w.alice_phone, &w.alice_laptop, &w.bob_phone, &w.bob_laptop]),
         Some(server.escrow_key.encapsulation_key()),
     );
     let signature = w.alice_phone.identity.sign(&set);
@@ -411,7 +411,7 @@ async fn every_read_answers_the_same_over_the_copy() {
 
 /// Runs `keyhold db copy` with a batch of one row and kills it (SIGKILL) once it reports
 /// progress inside the messages table.
-fn copy_killed_mid_messages(from: &str, to: &str) {
+fn copy_killed_mid_messages(from: &str, to: &str) -> Vec<String> {
     let mut child: std::process::Child = keyhold()
         .args(["db", "copy", "--from", from, "--to", to, "--batch-size", "1"])
         .env("KEYHOLD_PROGRESS", "plain")
@@ -432,6 +432,7 @@ fn copy_killed_mid_messages(from: &str, to: &str) {
     }
     let status = child.wait().expect("wait");
     assert!(!status.success(), "the copy was killed, not finished: {seen:?}");
+    seen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -451,7 +452,7 @@ async fn a_killed_copy_resumes_validation_catches_changes_and_rollback_restores(
     // The server keeps running on the source throughout.
     let from = server.db.url.clone();
 
-    copy_killed_mid_messages(&from, &target.url);
+    let seen = copy_killed_mid_messages(&from, &target.url);
     let db = pg(&target.url).await;
     let copied: i64 = db
         .query_one("SELECT count(*) FROM messages", &[])
@@ -460,7 +461,7 @@ async fn a_killed_copy_resumes_validation_catches_changes_and_rollback_restores(
         .get(0);
     assert!(
         copied > 0 && (copied as usize) < MESSAGES,
-        "killed mid-table: {copied} of {MESSAGES} messages copied"
+        "killed mid-table: {copied} of {MESSAGES} messages copied; {seen:?}"
     );
 
     // A fresh copy refuses the half-written target; --resume finishes it.

@@ -195,7 +195,7 @@ pub(crate) async fn run(url: &str) -> Result<(), DbCopyError> {
             None => (*start, false),
         };
         tx.execute(
-            "SELECT setval($1::regclass, $2, $3)",
+            "SELECT setval($1::text::regclass, $2, $3)",
             &[seq, &value, &called],
         )
         .await?;

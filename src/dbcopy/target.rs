@@ -128,7 +128,7 @@ pub(crate) async fn set_sequences(client: &Client, table: &Table) -> Result<(), 
         client
             .execute(
                 &format!(
-                    "SELECT setval($1::regclass, m) FROM (SELECT max({}) AS m FROM {}) x \
+                    "SELECT setval($1::text::regclass, m) FROM (SELECT max({}) AS m FROM {}) x \
                      WHERE m IS NOT NULL",
                     quote(&c.name),
                     quote(&table.name)
