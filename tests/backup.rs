@@ -20,7 +20,7 @@ fn message(session: SessionId, n: usize) -> pb::NewMessage {
         session_id: session.to_string(),
         epoch: 1,
         nonce: vec![3; 12],
-        ciphertext: format!("message {n}").into_bytes(),
+        ciphertext: format!("backup test message {n:08}").into_bytes(),
         associated_data: None,
     }
 }
@@ -83,13 +83,21 @@ async fn a_backup_taken_while_the_server_writes_restores_and_serves() {
     // A writer keeps putting messages (and audit events: escrow reads) during the backup.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (stop, alice, d) = (stop.clone(), alice.clone(), w.alice_phone.clone_for_test());
+        let (stop, alice) = (stop.clone(), alice.clone());
         let staff = server.client(&staff_token).await;
         tokio::spawn(async move {
             let mut n = 10_000;
             let mut rounds = 0;
             while !stop.load(Ordering::Relaxed) || rounds < 3 {
-                put(&alice, &d, (0..20).map(|i| message(session, n + i)).collect()).await;
+                alice
+                    .messages()
+                    .put_messages(pb::PutMessagesRequest {
+                        author_user_id: "alice".into(),
+                        author_device_id: "phone".into(),
+                        messages: (0..20).map(|i| message(session, n + i)).collect(),
+                    })
+                    .await
+                    .expect("put messages during the backup");
                 staff
                     .escrow()
                     .get_escrowed_keys(pb::GetEscrowedKeysRequest {
