@@ -76,7 +76,14 @@ async fn a_backup_taken_while_the_server_writes_restores_and_serves() {
     let session = service_wrapped_session(&w.app, "alice", &["bob"]).await;
     let alice = w.alice_phone.client(&server).await;
     for chunk in 0..5 {
-        put(&alice, &w.alice_phone, (0..100).map(|i| message(session, chunk * 100 + i)).collect()).await;
+        put(
+            &alice,
+            &w.alice_phone,
+            (0..100)
+                .map(|i| message(session, chunk * 100 + i))
+                .collect(),
+        )
+        .await;
     }
     let staff_token = server.token(pb::Role::Staff, "", "").await;
 
@@ -125,7 +132,11 @@ async fn a_backup_taken_while_the_server_writes_restores_and_serves() {
     let rounds = writer.await.expect("writer");
     assert!(out.status.success(), "backup: {}", text(&out.stderr));
     assert!(rounds >= 3);
-    assert!(text(&out.stderr).contains("backup: "), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("backup: "),
+        "{}",
+        text(&out.stderr)
+    );
     // Never overwritten.
     let again = keyhold()
         .args(["backup", "--to", file.to_str().expect("utf-8")])
@@ -133,7 +144,11 @@ async fn a_backup_taken_while_the_server_writes_restores_and_serves() {
         .output()
         .expect("run backup");
     assert!(!again.status.success());
-    assert!(text(&again.stderr).contains("exists"), "{}", text(&again.stderr));
+    assert!(
+        text(&again.stderr).contains("exists"),
+        "{}",
+        text(&again.stderr)
+    );
 
     // Restore into an empty data location; a second restore there is refused.
     let restored_url = format!("sqlite://{}", dir.join("restored/keyhold.db").display());
@@ -147,10 +162,18 @@ async fn a_backup_taken_while_the_server_writes_restores_and_serves() {
     };
     let out = restore(&restored_url);
     assert!(out.status.success(), "restore: {}", text(&out.stderr));
-    assert!(text(&out.stdout).contains("audit chain intact"), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).contains("audit chain intact"),
+        "{}",
+        text(&out.stdout)
+    );
     let refused = restore(&restored_url);
     assert!(!refused.status.success());
-    assert!(text(&refused.stderr).contains("empty data location"), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("empty data location"),
+        "{}",
+        text(&refused.stderr)
+    );
 
     // A server over the restore serves the data: at least the messages before the backup,
     // an intact audit chain, and the tokens of the original.
@@ -179,14 +202,21 @@ async fn restore_refuses_a_damaged_backup_and_backup_refuses_postgres() {
         .output()
         .expect("run restore");
     assert!(!out.status.success());
-    assert!(!dir.join("data/keyhold.db").exists(), "nothing left in place");
+    assert!(
+        !dir.join("data/keyhold.db").exists(),
+        "nothing left in place"
+    );
     let out = keyhold()
         .args(["backup", "--to", dir.join("x").to_str().expect("utf-8")])
         .env("KEYHOLD_DATABASE_URL", "postgres://nobody@127.0.0.1:1/none")
         .output()
         .expect("run backup");
     assert!(!out.status.success());
-    assert!(text(&out.stderr).contains("pg_dump"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("pg_dump"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 const PG_BIN: &str = "/usr/lib/postgresql/15/bin";
@@ -203,7 +233,12 @@ async fn the_readme_pg_dump_recipe_restores_a_database_that_serves() {
     let w = World::new(&server).await;
     let session = service_wrapped_session(&w.app, "alice", &["bob"]).await;
     let alice = w.alice_phone.client(&server).await;
-    put(&alice, &w.alice_phone, (0..50).map(|i| message(session, i)).collect()).await;
+    put(
+        &alice,
+        &w.alice_phone,
+        (0..50).map(|i| message(session, i)).collect(),
+    )
+    .await;
     let staff_token = server.token(pb::Role::Staff, "", "").await;
     let staff = server.client(&staff_token).await;
     staff
@@ -226,7 +261,12 @@ async fn the_readme_pg_dump_recipe_restores_a_database_that_serves() {
         .expect("pg_dump");
     assert!(out.status.success(), "pg_dump: {}", text(&out.stderr));
     let out = std::process::Command::new(format!("{PG_BIN}/pg_restore"))
-        .args(["--no-owner", "--exit-on-error", "--single-transaction", "--dbname"])
+        .args([
+            "--no-owner",
+            "--exit-on-error",
+            "--single-transaction",
+            "--dbname",
+        ])
         .arg(&fresh.url)
         .arg(&dump)
         .output()
@@ -241,7 +281,12 @@ async fn the_readme_pg_dump_recipe_restores_a_database_that_serves() {
     let bob = replica.client(&w.bob_phone.token).await;
     assert_eq!(timeline_len(&bob).await, 50);
     // New writes work on the restore (its sequences came along).
-    put(&replica.client(&w.alice_phone.token).await, &w.alice_phone, vec![message(session, 99)]).await;
+    put(
+        &replica.client(&w.alice_phone.token).await,
+        &w.alice_phone,
+        vec![message(session, 99)],
+    )
+    .await;
     assert_eq!(timeline_len(&bob).await, 51);
     replica.stop().await;
     server.stop().await;

@@ -226,7 +226,9 @@ async fn read_everything(endpoint: &str, f: &Fixture) -> Vec<String> {
     read!(app.key_directory().get_user_keys(pb::GetUserKeysRequest {
         user_ids: vec!["alice".into(), "bob".into(), "carol".into(), "erin".into()],
     }));
-    read!(app.key_directory().get_escrow_key(pb::GetEscrowKeyRequest {}));
+    read!(app
+        .key_directory()
+        .get_escrow_key(pb::GetEscrowKeyRequest {}));
     read!(bob.key_directory().count_prekeys(pb::CountPrekeysRequest {
         user_id: "bob".into(),
         device_id: "phone".into(),
@@ -237,10 +239,12 @@ async fn read_everything(endpoint: &str, f: &Fixture) -> Vec<String> {
             epoch: None,
         }));
     }
-    read!(bob.sessions().sync_session_keys(pb::SyncSessionKeysRequest {
-        cursor: String::new(),
-        page_size: 100,
-    }));
+    read!(bob
+        .sessions()
+        .sync_session_keys(pb::SyncSessionKeysRequest {
+            cursor: String::new(),
+            page_size: 100,
+        }));
     let mut cursor = String::new();
     loop {
         let page = bob
@@ -293,11 +297,15 @@ async fn read_everything(endpoint: &str, f: &Fixture) -> Vec<String> {
             cursor: String::new(),
             page_size: 50,
         }));
-    read!(staff.escrow().list_audit_events(pb::ListAuditEventsRequest {
-        after_seq: 0,
-        page_size: 500,
-    }));
-    read!(staff.escrow().verify_audit_log(pb::VerifyAuditLogRequest {}));
+    read!(staff
+        .escrow()
+        .list_audit_events(pb::ListAuditEventsRequest {
+            after_seq: 0,
+            page_size: 500,
+        }));
+    read!(staff
+        .escrow()
+        .verify_audit_log(pb::VerifyAuditLogRequest {}));
     out
 }
 
@@ -372,7 +380,10 @@ async fn every_read_answers_the_same_over_the_copy() {
         "idempotency_records",
     ] {
         let t = table(&r, name);
-        assert!(t["rows"].as_u64().expect("rows") > 0, "{name} has rows: {t}");
+        assert!(
+            t["rows"].as_u64().expect("rows") > 0,
+            "{name} has rows: {t}"
+        );
         assert_eq!(t["source_sha256"], t["target_sha256"], "{name}");
     }
     assert_eq!(table(&r, "messages")["rows"], 121);
@@ -413,7 +424,16 @@ async fn every_read_answers_the_same_over_the_copy() {
 /// progress inside the messages table.
 fn copy_killed_mid_messages(from: &str, to: &str) -> Vec<String> {
     let mut child: std::process::Child = keyhold()
-        .args(["db", "copy", "--from", from, "--to", to, "--batch-size", "1"])
+        .args([
+            "db",
+            "copy",
+            "--from",
+            from,
+            "--to",
+            to,
+            "--batch-size",
+            "1",
+        ])
         .env("KEYHOLD_PROGRESS", "plain")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -431,7 +451,10 @@ fn copy_killed_mid_messages(from: &str, to: &str) -> Vec<String> {
         }
     }
     let status = child.wait().expect("wait");
-    assert!(!status.success(), "the copy was killed, not finished: {seen:?}");
+    assert!(
+        !status.success(),
+        "the copy was killed, not finished: {seen:?}"
+    );
     seen
 }
 
@@ -467,7 +490,11 @@ async fn a_killed_copy_resumes_validation_catches_changes_and_rollback_restores(
     // A fresh copy refuses the half-written target; --resume finishes it.
     let refused = db_copy(&["--from", &from, "--to", &target.url]);
     assert!(!refused.status.success());
-    assert!(text(&refused.stderr).contains("--resume"), "{}", text(&refused.stderr));
+    assert!(
+        text(&refused.stderr).contains("--resume"),
+        "{}",
+        text(&refused.stderr)
+    );
     let dir = common::cli::temp_dir();
     let report_path = dir.join("resumed.json");
     let resumed = db_copy(&[
@@ -481,7 +508,11 @@ async fn a_killed_copy_resumes_validation_catches_changes_and_rollback_restores(
         "--report",
         report_path.to_str().expect("utf-8"),
     ]);
-    assert!(resumed.status.success(), "resume: {}", text(&resumed.stderr));
+    assert!(
+        resumed.status.success(),
+        "resume: {}",
+        text(&resumed.stderr)
+    );
     let r = report(&report_path);
     let m = table(&r, "messages");
     assert_eq!(m["rows"], MESSAGES as u64);
