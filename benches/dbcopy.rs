@@ -14,7 +14,8 @@
 //!
 //! Each is timed wall-clock, and the CPU time (user + system, `/proc`) of this process and of
 //! the PostgreSQL server processes on the machine is taken per row; the PostgreSQL server's
-//! CPU is read as the sum over all `postgres` processes, so run it on a quiet machine.
+//! CPU is read as the sum over all `postgres` processes (the postmaster's count includes its
+//! ended backends), so it includes other clients' load: run it on a quiet machine.
 
 use std::time::Instant;
 
@@ -27,8 +28,9 @@ fn ticks_per_second() -> f64 {
     100.0
 }
 
-/// user + system CPU seconds of a process, from /proc/<pid>/stat.
-fn cpu_of(pid: &str) -> f64 {
+/// user + system CPU seconds of a process, from /proc/<pid>/stat (with `children`, also
+/// those of its exited and reaped children: the postmaster's count the ended backends').
+fn cpu_of(pid: &str, children: bool) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;
     };
@@ -38,7 +40,15 @@ fn cpu_of(pid: &str) -> f64 {
     let f: Vec<&str> = rest.split_whitespace().collect();
     let utime: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
     let stime: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    (utime + stime) / ticks_per_second()
+    let reaped: f64 = if children {
+        f[13..15.min(f.len())]
+            .iter()
+            .filter_map(|v| v.parse::<f64>().ok())
+            .sum()
+    } else {
+        0.0
+    };
+    (utime + stime + reaped) / ticks_per_second()
 }
 
 /// CPU seconds of every `postgres` process.
@@ -52,7 +62,7 @@ fn postgres_cpu() -> f64 {
             }
             let comm = std::fs::read_to_string(format!("/proc/{name}/comm")).unwrap_or_default();
             if comm.trim() == "postgres" {
-                total += cpu_of(&name);
+                total += cpu_of(&name, true);
             }
         }
     }
@@ -66,11 +76,11 @@ struct Measured {
 }
 
 async fn measure<F: std::future::Future<Output = ()>>(f: F) -> Measured {
-    let (c0, p0, t0) = (cpu_of("self"), postgres_cpu(), Instant::now());
+    let (c0, p0, t0) = (cpu_of("self", false), postgres_cpu(), Instant::now());
     f.await;
     Measured {
         seconds: t0.elapsed().as_secs_f64(),
-        own_cpu: cpu_of("self") - c0,
+        own_cpu: cpu_of("self", false) - c0,
         pg_cpu: postgres_cpu() - p0,
     }
 }

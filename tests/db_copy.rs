@@ -28,7 +28,7 @@ fn filler(session: SessionId, n: usize) -> pb::NewMessage {
         epoch: 1,
         nonce: vec![7; 12],
         ciphertext: format!("filler message {n:08}------").into_bytes(),
-        associated_data: (n % 2 == 0).then(|| b"kind=text".to_vec()),
+        associated_data: n.is_multiple_of(2).then(|| b"kind=text".to_vec()),
     }
 }
 

@@ -267,6 +267,8 @@ fn system_roots() -> Result<RootCertStore, String> {
 }
 
 /// A connected PostgreSQL session whose connection task has not been started yet.
+// Made once per connection and consumed at once: boxing the TLS variant saves nothing.
+#[allow(clippy::large_enum_variant)]
 enum Opened {
     Tls(
         tokio_postgres::Client,
