@@ -41,6 +41,8 @@
 
 #[cfg(feature = "server")]
 pub mod auth;
+#[cfg(feature = "server")]
+pub mod backup;
 #[cfg(feature = "device")]
 pub mod client;
 #[cfg(feature = "device")]
@@ -48,6 +50,8 @@ pub mod codec;
 #[cfg(feature = "server")]
 pub mod config;
 pub mod crypto;
+#[cfg(feature = "server")]
+pub mod dbcopy;
 #[cfg(feature = "server")]
 pub mod key_screening;
 #[cfg(feature = "server")]

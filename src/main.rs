@@ -46,6 +46,51 @@ enum Command {
         #[command(subcommand)]
         action: EscrowAction,
     },
+    /// Move the database between backends.
+    Db {
+        #[command(subcommand)]
+        action: DbAction,
+    },
+    /// Back up the SQLite database (--database-url) online, while a server writes.
+    Backup {
+        /// The backup file to write (never overwritten).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Restore a SQLite backup into the empty data location --database-url names.
+    Restore {
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DbAction {
+    /// Copy a SQLite database to PostgreSQL: check, migrate the target, copy, validate, report.
+    Copy {
+        /// The source, sqlite://PATH (opened read-only).
+        #[arg(long, required_unless_present = "rollback")]
+        from: Option<String>,
+        /// The target, postgres://… (empty, unless --resume).
+        #[arg(long, env = "KEYHOLD_DB_COPY_TO", hide_env_values = true)]
+        to: String,
+        /// Go on with an interrupted copy.
+        #[arg(long)]
+        resume: bool,
+        /// Rows per batch; each batch is one target transaction.
+        #[arg(long, default_value_t = keyhold::dbcopy::DEFAULT_BATCH_SIZE)]
+        batch_size: usize,
+        /// Write the JSON report (tables, counts, digests, durations) here.
+        #[arg(long)]
+        report: Option<PathBuf>,
+        /// Only validate a finished copy against the source.
+        #[arg(long, conflicts_with_all = ["resume", "rollback"])]
+        validate_only: bool,
+        /// Remove what a copy wrote to --to, leaving the target as it was before.
+        #[arg(long, conflicts_with = "resume")]
+        rollback: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -204,6 +249,40 @@ async fn main() -> ExitCode {
             }
             Err(e) => Err(e),
         },
+        Command::Db {
+            action:
+                DbAction::Copy {
+                    from,
+                    to,
+                    resume,
+                    batch_size,
+                    report,
+                    validate_only,
+                    rollback,
+                },
+        } => {
+            let options = keyhold::dbcopy::CopyOptions {
+                from,
+                to,
+                resume,
+                batch_size,
+                report,
+                validate_only,
+                rollback,
+            };
+            keyhold::dbcopy::run(&options)
+                .await
+                .map(|_| ())
+                .map_err(Into::into)
+        }
+        Command::Backup { to } => keyhold::backup::backup_command(&settings.database_url, &to)
+            .await
+            .map_err(Into::into),
+        Command::Restore { from } => {
+            keyhold::backup::restore_command(&settings.database_url, &from)
+                .await
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,7 +51,7 @@ pub mod key_packages;
 mod locks;
 pub mod messages;
 mod migrations;
-mod pg_tls;
+pub(crate) mod pg_tls;
 pub mod prekeys;
 pub mod ratchet_states;
 pub(crate) mod schema;

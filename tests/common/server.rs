@@ -208,6 +208,22 @@ impl TestServer {
     }
 }
 
+impl TestServer {
+    /// Starts a server on another database (`url`: a copy or restore of this one's) with this
+    /// server's key files, writing nothing to it first (no migration, no token).
+    pub async fn replica_over(&self, url: &str) -> Replica {
+        let (keys, _warnings) =
+            keyfiles::load_or_generate(&self.key_dir, None, None).expect("load keys");
+        let store = Store::open(url).await.expect("open store");
+        let (endpoint, tx, handle) = serve(store, keys, Limits::default(), None).await;
+        Replica {
+            endpoint,
+            shutdown: Some(tx),
+            handle: Some(handle),
+        }
+    }
+}
+
 impl Replica {
     /// A client of this replica holding `token`.
     pub async fn client(&self, token: &str) -> Client {

@@ -266,9 +266,51 @@ fn system_roots() -> Result<RootCertStore, String> {
     Ok(roots)
 }
 
+/// A connected PostgreSQL session whose connection task has not been started yet.
+// Made once per connection and consumed at once: boxing the TLS variant saves nothing.
+#[allow(clippy::large_enum_variant)]
+enum Opened {
+    Tls(
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, connector::RustlsStream>,
+    ),
+    Plain(
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+}
+
 /// Opens one PostgreSQL connection as `url` says, TLS included. A URL error is
 /// `InvalidConnectionUrl`; a refused server certificate says that TLS verification failed.
 pub(crate) async fn establish(url: &str) -> Result<PgConn, ConnectionError> {
+    match open(url).await? {
+        Opened::Tls(client, connection) => {
+            PgConn::try_from_client_and_connection(client, connection).await
+        }
+        Opened::Plain(client, connection) => {
+            PgConn::try_from_client_and_connection(client, connection).await
+        }
+    }
+}
+
+/// Opens one PostgreSQL connection as [`establish`] does, as a plain `tokio_postgres`
+/// client (its connection task spawned on the runtime): for the row-generic reader and
+/// writer of `keyhold db copy`, which has no Diesel schema for the rows it moves.
+pub(crate) async fn connect_client(url: &str) -> Result<tokio_postgres::Client, ConnectionError> {
+    let log = |e: tokio_postgres::Error| tracing::warn!(error = %e, "PostgreSQL connection ended");
+    Ok(match open(url).await? {
+        Opened::Tls(client, connection) => {
+            tokio::spawn(async move { connection.await.map_err(log) });
+            client
+        }
+        Opened::Plain(client, connection) => {
+            tokio::spawn(async move { connection.await.map_err(log) });
+            client
+        }
+    })
+}
+
+async fn open(url: &str) -> Result<Opened, ConnectionError> {
     let target = PgUrl::parse(url).map_err(ConnectionError::InvalidConnectionUrl)?;
     let mut config: tokio_postgres::Config = target
         .url
@@ -295,9 +337,7 @@ pub(crate) async fn establish(url: &str) -> Result<PgConn, ConnectionError> {
         tokio_postgres::config::SslMode::Require
     });
     match config.connect(connector.clone()).await {
-        Ok((client, connection)) => {
-            PgConn::try_from_client_and_connection(client, connection).await
-        }
+        Ok((client, connection)) => Ok(Opened::Tls(client, connection)),
         Err(e) => match connector.take_failure() {
             Some(failure) if fallback => {
                 tracing::warn!(
@@ -321,13 +361,13 @@ pub(crate) async fn establish(url: &str) -> Result<PgConn, ConnectionError> {
     }
 }
 
-async fn connect_plain(mut config: tokio_postgres::Config) -> Result<PgConn, ConnectionError> {
+async fn connect_plain(mut config: tokio_postgres::Config) -> Result<Opened, ConnectionError> {
     config.ssl_mode(tokio_postgres::config::SslMode::Disable);
     let (client, connection) = config
         .connect(tokio_postgres::NoTls)
         .await
         .map_err(|e| ConnectionError::BadConnection(e.to_string()))?;
-    PgConn::try_from_client_and_connection(client, connection).await
+    Ok(Opened::Plain(client, connection))
 }
 
 #[cfg(test)]
